@@ -1,0 +1,401 @@
+"""The data layer: find a DeepLense dataset, load a split once, cache it, split it, and batch it.
+
+Layout (see ``shared/context/dataset.md``)::
+
+    ROOT/{train,val}/{no,sphere,vort}/<integer>.npy
+
+File names repeat across classes and splits, so an image is identified by (split, class, name).
+Images come back as float32 ``(N, 1, H, W)`` in [0, 1] and labels as int64 ``(N,)`` indexing
+:data:`CLASSES`, whose order is fixed here and never read from the filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .util import DeepLenseError, atomic_path, cache_dir, write_json_atomic
+
+CLASSES: tuple[str, ...] = ("no", "sphere", "vort")
+"""Class names in label order: 0 = no substructure, 1 = CDM subhalos, 2 = vortex (axion-like DM)."""
+
+CLASS_LABELS: dict[str, str] = {"no": "no substructure", "sphere": "subhalos", "vort": "vortex"}
+"""Physics names for legends and tables."""
+
+SPLITS: tuple[str, ...] = ("train", "val")
+CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------- discovery
+def _has_split(d: Path) -> bool:
+    return any((d / s).is_dir() for s in SPLITS)
+
+
+def find_root(path: str | os.PathLike) -> Path:
+    """Resolve the folder that holds ``train/`` and ``val/``.
+
+    Accepts that folder itself, a ``dataset/`` or ``dataset/dataset/`` wrapper above it, or an unzip
+    folder with a ``__MACOSX/`` tree beside the data (that tree and hidden folders are skipped).
+    The search goes at most three levels down, breadth first.
+    """
+    start = Path(path).expanduser()
+    if not start.exists():
+        raise DeepLenseError(f"{start}: no such folder")
+    if not start.is_dir():
+        raise DeepLenseError(f"{start}: not a folder (point --data at the folder holding train/ and val/)")
+    frontier = [start]
+    for _depth in range(4):
+        found = [d for d in frontier if _has_split(d)]
+        if len(found) == 1:
+            root = found[0]
+            missing = [s for s in SPLITS if not (root / s).is_dir()]
+            if missing:
+                raise DeepLenseError(f"{root}: missing '{missing[0]}' folder (expected train/ and val/)")
+            return root.resolve()
+        if len(found) > 1:
+            names = ", ".join(str(d) for d in found)
+            raise DeepLenseError(f"{start}: several datasets found ({names}); point --data at one of them")
+        nxt = []
+        for d in frontier:
+            nxt.extend(
+                sorted(c for c in d.iterdir() if c.is_dir() and c.name != "__MACOSX" and not c.name.startswith("."))
+            )
+        frontier = nxt
+    raise DeepLenseError(f"{start}: no dataset found (expected train/ and val/ folders with no/, sphere/, vort/)")
+
+
+def _numeric_key(p: Path) -> tuple[int, int, str]:
+    stem = p.name[: -len(".npy")]
+    return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
+
+
+def list_files(root: Path, split: str) -> list[tuple[Path, int]]:
+    """All ``(path, label)`` of a split, classes in :data:`CLASSES` order, files sorted numerically.
+
+    AppleDouble ``._*.npy`` files and anything that is not a ``.npy`` file are ignored.
+    """
+    if split not in SPLITS:
+        raise DeepLenseError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DeepLenseError(f"{split_dir}: missing '{split}' folder")
+    out: list[tuple[Path, int]] = []
+    for label, cls in enumerate(CLASSES):
+        d = split_dir / cls
+        if not d.is_dir():
+            raise DeepLenseError(f"{d}: missing class folder '{cls}' (expected {', '.join(CLASSES)})")
+        files = [
+            d / name
+            for name in os.listdir(d)
+            if name.endswith(".npy") and not name.startswith("._") and (d / name).is_file()
+        ]
+        if not files:
+            raise DeepLenseError(f"{d}: class folder has no .npy files")
+        out.extend((p, label) for p in sorted(files, key=_numeric_key))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- one file
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root.parent))
+    except ValueError:
+        return str(path)
+
+
+def read_image(path: str | os.PathLike, *, allow_pickle: bool = False, name: str | None = None) -> np.ndarray:
+    """Read one image file as float32 ``(H, W)``.
+
+    Accepts arrays of shape ``(1, H, W)``, ``(H, W)`` or ``(H, W, 1)``, float32 or float64, and, only
+    when ``allow_pickle`` is true, the object arrays ``[image, label]`` of the DeepLense Model I sets.
+    Raises :class:`DeepLenseError` naming the file for anything else.
+    """
+    path = Path(path)
+    name = name or str(path)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise DeepLenseError(f"{name}: unreadable file ({exc.strerror})") from None
+    if magic != b"\x93NUMPY":
+        raise DeepLenseError(f"{name}: unreadable, not a .npy file (no NumPy header)")
+    try:
+        arr = np.load(path, allow_pickle=allow_pickle)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise DeepLenseError(
+                f"{name}: holds a pickled object array; loading pickles can run code, so pass "
+                f"--allow-pickle (allow_pickle=True) only if you trust this file"
+            ) from None
+        raise DeepLenseError(f"{name}: unreadable or truncated .npy file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated files raise EOFError, OSError, ...
+        raise DeepLenseError(f"{name}: unreadable or truncated .npy file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(arr, np.ndarray):
+        raise DeepLenseError(f"{name}: not a single array (.npz archives are not supported)")
+    if arr.dtype == object:
+        # Model I style [image, label]: the image is the first element.
+        try:
+            arr = np.asarray(arr.reshape(-1)[0] if arr.ndim else arr.item(), dtype=np.float64)
+        except (TypeError, ValueError, IndexError):
+            raise DeepLenseError(f"{name}: object array without a numeric image as its first element") from None
+    if arr.dtype.kind not in "fiu":
+        raise DeepLenseError(f"{name}: unsupported dtype {arr.dtype} (expected float32 or float64)")
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise DeepLenseError(f"{name}: wrong shape {arr.shape} (expected (1,H,W), (H,W) or (H,W,1))")
+    if not np.isfinite(arr).all():
+        raise DeepLenseError(f"{name}: contains NaN or infinite pixels")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise DeepLenseError(f"{name}: pixel values span [{lo:.4g}, {hi:.4g}], expected min-max normalised [0, 1]")
+    return np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------- cache
+def _fingerprint(root: Path, files: list[tuple[Path, int]]) -> tuple[list[str], str]:
+    h = hashlib.sha256()
+    rel = []
+    for p, label in files:
+        st = p.stat()
+        r = str(p.relative_to(root))
+        rel.append(r)
+        h.update(f"{r}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return rel, h.hexdigest()
+
+
+def _cache_paths(root: Path, split: str, allow_pickle: bool) -> dict[str, Path]:
+    key = hashlib.sha256(f"{root}\n{split}\n{int(allow_pickle)}\n{CACHE_FORMAT}".encode()).hexdigest()[:20]
+    base = cache_dir() / f"{split}-{key}"
+    return {"images": base.with_suffix(".images.npy"), "labels": base.with_suffix(".labels.npy"),
+            "manifest": base.with_suffix(".json")}
+
+
+def _try_open_cache(paths: dict[str, Path], fingerprint: str, n: int):
+    try:
+        manifest = json.loads(paths["manifest"].read_text())
+        if manifest.get("fingerprint") != fingerprint or manifest.get("n") != n:
+            return None
+        images = np.load(paths["images"], mmap_mode="r")
+        labels = np.load(paths["labels"])
+    except (OSError, ValueError):
+        return None
+    if images.shape[0] != n or labels.shape != (n,) or images.dtype != np.float32:
+        return None
+    return images, labels.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """What :func:`load_splits` found for one split."""
+
+    root: Path
+    split: str
+    files: tuple[str, ...]
+    fingerprint: str
+    from_cache: bool
+
+
+def load_splits(
+    root: str | os.PathLike,
+    splits: tuple[str, ...] = SPLITS,
+    *,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    info: dict | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Load several splits, validating all of them before any cache file is written.
+
+    Returns ``{split: (images, labels)}``; see :func:`load_split`. If ``info`` is a dict it receives a
+    :class:`SplitInfo` per split.
+    """
+    from tqdm.auto import tqdm
+
+    root = find_root(root)
+    listed = {s: list_files(root, s) for s in splits}  # structure errors first, before any reading
+    out, to_build = {}, []
+    for s in splits:
+        rel, fp = _fingerprint(root, listed[s])
+        paths = _cache_paths(root, s, allow_pickle)
+        hit = _try_open_cache(paths, fp, len(rel))
+        if info is not None:
+            info[s] = SplitInfo(root, s, tuple(rel), fp, hit is not None)
+        if hit is not None:
+            out[s] = hit
+        else:
+            to_build.append((s, rel, fp, paths))
+
+    staged = []  # (tmp images, tmp labels, final paths, manifest) renamed only when every split is valid
+    try:
+        for s, rel, fp, paths in to_build:
+            files = listed[s]
+            first = read_image(files[0][0], allow_pickle=allow_pickle, name=_display(files[0][0], root))
+            h, w = first.shape
+            paths["images"].parent.mkdir(parents=True, exist_ok=True)
+            tmp_img = paths["images"].with_name(paths["images"].name + f".{os.getpid()}.tmp")
+            images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float32, shape=(len(files), 1, h, w))
+            staged.append([tmp_img, None, paths, None])
+            labels = np.fromiter((lab for _, lab in files), dtype=np.int64, count=len(files))
+            bar = tqdm(files, desc=f"caching {s}", unit="img", disable=not progress, leave=False)
+            for i, (p, _lab) in enumerate(bar):
+                name = _display(p, root)
+                img = first if i == 0 else read_image(p, allow_pickle=allow_pickle, name=name)
+                if img.shape != (h, w):
+                    raise DeepLenseError(f"{name}: shape {img.shape} differs from the split's {(h, w)}")
+                images[i, 0] = img
+            images.flush()
+            del images
+            tmp_lab = paths["labels"].with_name(paths["labels"].name + f".{os.getpid()}.tmp.npy")
+            np.save(tmp_lab, labels)
+            staged[-1][1] = tmp_lab
+            staged[-1][3] = {"format": CACHE_FORMAT, "root": str(root), "split": s, "n": len(rel),
+                             "shape": [len(rel), 1, h, w], "classes": list(CLASSES), "fingerprint": fp,
+                             "allow_pickle": allow_pickle, "files": rel}
+    except BaseException:
+        for tmp_img, tmp_lab, _, _ in staged:
+            Path(tmp_img).unlink(missing_ok=True)
+            if tmp_lab:
+                Path(tmp_lab).unlink(missing_ok=True)
+        raise
+    for tmp_img, tmp_lab, paths, manifest in staged:
+        paths["manifest"].unlink(missing_ok=True)  # the manifest is the commit marker: written last
+        os.replace(tmp_img, paths["images"])
+        os.replace(tmp_lab, paths["labels"])
+        write_json_atomic(paths["manifest"], manifest)
+        out[manifest["split"]] = _try_open_cache(paths, manifest["fingerprint"], manifest["n"])
+    return {s: out[s] for s in splits}
+
+
+def load_split(
+    root: str | os.PathLike, split: str, *, allow_pickle: bool = False, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split as ``(images, labels)``.
+
+    Returns
+    -------
+    images : float32 array ``(N, 1, H, W)`` in [0, 1], memory-mapped from the on-disk cache
+        (``$DEEPLENSE_CACHE``, default ``~/.cache/deeplense``); the first call builds the cache, later
+        calls reopen it in about a second unless a file was added, removed, resized or touched.
+    labels : int64 array ``(N,)`` indexing :data:`CLASSES`.
+    """
+    return load_splits(root, (split,), allow_pickle=allow_pickle, progress=progress)[split]
+
+
+def dataset_fingerprint(root: str | os.PathLike) -> str:
+    """A short hash of file names, sizes and modification times of both splits (for provenance)."""
+    root = find_root(root)
+    h = hashlib.sha256()
+    for s in SPLITS:
+        h.update(_fingerprint(root, list_files(root, s))[1].encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- split
+def split_holdout(labels: np.ndarray, fraction: float = 0.1, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the official ``val`` split into a model-selection part and a held-out test part.
+
+    Each class gives ``round(fraction * n_class)`` images (half rounds up) to the test part. The draw
+    depends only on the labels and the seed.
+
+    Returns
+    -------
+    selection_idx, test_idx : sorted int64 arrays indexing ``labels``, disjoint, together covering all.
+    """
+    labels = np.asarray(labels)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E1EC7]))
+    test = []
+    for c in range(len(CLASSES)):
+        idx = np.flatnonzero(labels == c)
+        k = int(np.floor(fraction * len(idx) + 0.5))
+        test.append(idx[rng.permutation(len(idx))[:k]])
+    test_idx = np.sort(np.concatenate(test)).astype(np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[test_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), test_idx
+
+
+# --------------------------------------------------------------------------------------------- transforms
+def preprocess(x, image_size: int = 224, *, crop: int | None = None, resize_then_crop: int | None = None,
+               channels: int = 3):
+    """Turn a batch of images into model input, on whatever device ``x`` lives.
+
+    Parameters
+    ----------
+    x : float tensor ``(B, 1, H, W)`` in [0, 1]
+    image_size : side of the output in pixels.
+    crop : if given, first keep the central ``crop`` x ``crop`` native pixels (the Einstein ring sits
+        about 28 px from the centre, the rest is sky).
+    resize_then_crop : if given, resize to this side and then crop the central ``image_size`` (the
+        reference solution's Resize(256) + CenterCrop(224)).
+    channels : 3 replicates the grey image (the ImageNet stem), 1 keeps it (a folded stem).
+
+    Returns
+    -------
+    float tensor ``(B, channels, image_size, image_size)`` in [-1, 1].
+    """
+    import torch.nn.functional as F
+
+    if crop is not None and crop < x.shape[-1]:
+        o = (x.shape[-1] - crop) // 2
+        x = x[..., o : o + crop, o : o + crop]
+    side = resize_then_crop or image_size
+    fresh = False  # whether x is a new tensor we may modify in place (saves a 6 MB allocation per batch)
+    if x.shape[-1] != side or x.shape[-2] != side:
+        fresh = True
+        # Antialiasing matters only when shrinking; when enlarging it gives the same pixels (to 1e-5),
+        # three times slower.
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=side < x.shape[-1],
+                          align_corners=False)
+    if resize_then_crop:
+        o = (side - image_size) // 2
+        x = x[..., o : o + image_size, o : o + image_size]
+    x = x.mul_(2.0).sub_(1.0) if fresh else x.mul(2.0).sub_(1.0)
+    return x.expand(-1, channels, -1, -1) if channels != x.shape[1] else x
+
+
+def d4_transform(x, k: int):
+    """Apply element ``k`` (0..7) of the dihedral group D4 to the last two axes of ``x``.
+
+    ``k % 4`` quarter turns, preceded by a horizontal flip when ``k >= 4``. Exact: pixels are permuted.
+    """
+    import torch
+
+    if k >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+
+
+def augment(x, mode: str, generator=None):
+    """Random training augmentation of a batch ``(B, C, H, W)``.
+
+    ``mode``: ``"d4"`` draws one of the 8 flips/rotations per image, ``"hflip"`` flips half the images
+    horizontally (the reference solution), ``"none"`` returns ``x`` unchanged.
+    """
+    import torch
+
+    if mode == "none":
+        return x
+    n = x.shape[0]
+    if mode == "hflip":
+        flip = torch.rand(n, generator=generator) < 0.5
+        out = x.clone()
+        out[flip.to(x.device)] = torch.flip(x[flip.to(x.device)], dims=(-1,))
+        return out
+    if mode != "d4":
+        raise ValueError(f"unknown augmentation {mode!r}")
+    ks = torch.randint(0, 8, (n,), generator=generator)
+    out = torch.empty_like(x)
+    for k in range(8):
+        sel = (ks == k).nonzero().flatten().to(x.device)
+        if sel.numel():
+            out[sel] = d4_transform(x[sel], k)
+    return out

@@ -1,0 +1,86 @@
+"""Small shared helpers: the user-error type, atomic writes, device choice and provenance."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DeepLenseError(Exception):
+    """A user mistake (bad input file, missing folder, wrong checkpoint).
+
+    The CLI prints its message on one line and exits with status 2, without a traceback.
+    The message always names the offending file or folder.
+    """
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
+
+    Readers never see a half-written file: either the old file (or none) or the complete new one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that determine results, as plain strings."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("numpy", "torch", "torchvision", "sklearn", "lenstronomy", "deeplense"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            try:
+                mod = __import__(name)
+            except Exception:  # noqa: BLE001 - a missing optional package is simply not recorded
+                continue
+        out[name] = str(getattr(mod, "__version__", "unknown"))
+    return out
+
+
+def pick_device(requested: str | None = None):
+    """Return a ``torch.device``: the requested one, else CUDA, then Apple MPS, then CPU."""
+    import torch
+
+    if requested and requested != "auto":
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DeepLenseError(f"--device {requested}: CUDA is not available on this machine")
+        if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DeepLenseError(f"--device {requested}: Apple MPS is not available on this machine")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cache_dir() -> Path:
+    """Where derived data lives: ``$DEEPLENSE_CACHE``, default ``~/.cache/deeplense``."""
+    env = os.environ.get("DEEPLENSE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "deeplense"

@@ -1,0 +1,37 @@
+# Two commands do all of the set-up: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-full study clean-cache help
+
+help:
+	@echo "make demo   - set up .venv, then run the notebook (simulated data unless DEEPLENSE_DATA is set)"
+	@echo "make test   - set up .venv, then ruff and pytest"
+	@echo "make bench  - quick benchmarks (see benchmarks/README.md)"
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m deeplense demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check Common_Task tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+bench-full: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --full

@@ -1,0 +1,131 @@
+"""Data-layer benchmarks, measured side by side in one run.
+
+- ``dataset_open``: first load of a dataset (reads every ``.npy``, builds the cache) against the second
+  load (reopens the memory-mapped cache). Goal: reopen under 2 s and at least 50x faster.
+- ``data_pipeline``: images/s of turning cached arrays into model-ready training batches (224 px,
+  [-1, 1], D4 augmentation) against the reference solution's per-sample pipeline (``np.load`` per file,
+  uint8, PIL, Resize(256), CenterCrop(224), flip, ToTensor, Normalize; DataLoader with 2 workers).
+  Goal: at least 10x on CPU.
+
+Usage: ``python benchmarks/bench_data.py`` (quick: 3,750 files) or ``--full`` (37,500 files, about 7 GB
+of float64 files written to a temporary folder, deleted afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import write_dataset  # noqa: E402  (the same realistic files the tests use)
+
+from deeplense.data import augment, load_split, preprocess  # noqa: E402
+
+
+def make_dataset(root: Path, n_total: int) -> Path:
+    """Write ``n_total`` float64 (1,150,150) files, 80/20 train/val, by copying a small set of templates."""
+    templates = write_dataset(root / "_tmpl", 4, 0)
+    per_class_train = int(n_total * 0.8) // 3
+    per_class_val = n_total // 3 - per_class_train
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        for cls in ("no", "sphere", "vort"):
+            d = root / "dataset" / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            srcs = sorted((templates / "train" / cls).glob("*.npy"))
+            for i in range(1, n + 1):
+                shutil.copyfile(srcs[i % len(srcs)], d / f"{i}.npy")
+    shutil.rmtree(templates)
+    return root / "dataset"
+
+
+def bench_dataset_open(data: Path) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    load_split(data, "train")
+    load_split(data, "val")
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    a, _ = load_split(data, "train", progress=False)
+    b, _ = load_split(data, "val", progress=False)
+    second = time.perf_counter() - t0
+    assert a.shape[0] + b.shape[0] > 0
+    return first, second
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """The reference solution's per-sample pipeline, reproduced to measure it."""
+
+    def __init__(self, files):
+        from torchvision import transforms
+
+        self.files = files
+        self.tf = transforms.Compose([
+            transforms.Resize(256), transforms.CenterCrop(224), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        x = np.load(self.files[i]).reshape(150, 150)
+        img = Image.fromarray((x * 255).astype(np.uint8), mode="L").convert("RGB")
+        return self.tf(img), 0
+
+
+def bench_pipeline(data: Path, n_images: int, batch: int = 32) -> tuple[float, float]:
+    files = sorted((data / "train").rglob("*.npy"))[:n_images]
+    loader = torch.utils.data.DataLoader(ReferenceDataset(files), batch_size=batch, num_workers=2, shuffle=True)
+    t0 = time.perf_counter()
+    seen = 0
+    for x, _ in loader:
+        seen += x.shape[0]
+    ref = seen / (time.perf_counter() - t0)
+
+    images, _ = load_split(data, "train", progress=False)
+    images = np.ascontiguousarray(images[:n_images])
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(images), generator=gen).numpy()
+    t0 = time.perf_counter()
+    seen = 0
+    for s in range(0, len(perm), batch):
+        idx = np.sort(perm[s : s + batch])
+        x = torch.from_numpy(images[idx])
+        x = preprocess(augment(x, "d4", generator=gen), 224)
+        seen += x.shape[0]
+    ours = seen / (time.perf_counter() - t0)
+    return ref, ours
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="37,500 files (the official set's size)")
+    p.add_argument("--n", type=int, default=None, help="number of files (default 3,750; 37,500 with --full)")
+    args = p.parse_args(argv)
+    n = args.n or (37_500 if args.full else 3_750)
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="deeplense-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ["DEEPLENSE_CACHE"] = str(tmp / "cache")
+        t0 = time.perf_counter()
+        data = make_dataset(tmp, n)
+        print(f"# wrote {n} float64 files in {time.perf_counter() - t0:.1f} s", flush=True)
+        first, second = bench_dataset_open(data)
+        print(f"dataset_open: {second:.2f} s reopen for {n} images, ratio {first / second:.1f} vs first load "
+              f"{first:.1f} s (goal >= 50; reopen goal <= 2 s)")
+        ref, ours = bench_pipeline(data, min(1024, n))
+        print(f"data_pipeline: {ours:.0f} img/s at 224 px with D4, ratio {ours / ref:.1f} vs reference PIL "
+              f"pipeline {ref:.0f} img/s (goal >= 10)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

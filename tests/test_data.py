@@ -1,0 +1,283 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_dataset
+from deeplense.cli import main
+from deeplense.data import (
+    CLASSES,
+    augment,
+    d4_transform,
+    find_root,
+    load_split,
+    load_splits,
+    preprocess,
+    split_holdout,
+)
+from deeplense.util import DeepLenseError, cache_dir
+
+
+def test_classes_fixed_order():
+    assert CLASSES == ("no", "sphere", "vort")
+
+
+def test_load_split_shapes_dtypes_and_range(tiny_dataset):
+    images, labels = load_split(tiny_dataset, "train")
+    assert images.shape == (12, 1, 150, 150) and images.dtype == np.float32
+    assert labels.dtype == np.int64 and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert images.min() == 0.0 and images.max() == 1.0
+    ref = np.load(tiny_dataset / "train" / "sphere" / "1.npy")
+    np.testing.assert_array_equal(images[4, 0], ref[0].astype(np.float32))
+    val_images, val_labels = load_split(tiny_dataset, "val")
+    assert val_images.shape == (30, 1, 150, 150) and np.bincount(val_labels).tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("wrap", ["plain", "dataset", "dataset/dataset", "macosx"])
+def test_find_root_from_any_wrapper(tmp_path, wrap):
+    if wrap == "plain":
+        data = write_dataset(tmp_path / "d", 2, 2)
+        point = data
+    elif wrap == "dataset":
+        data = write_dataset(tmp_path / "dataset", 2, 2)
+        point = tmp_path
+    elif wrap == "dataset/dataset":
+        data = write_dataset(tmp_path / "dataset" / "dataset", 2, 2)
+        point = tmp_path / "dataset"
+    else:  # an unzipped archive: dataset/ plus a __MACOSX/ tree with AppleDouble files of the same layout
+        data = write_dataset(tmp_path / "dataset", 2, 2)
+        for p in data.rglob("*.npy"):
+            twin = tmp_path / "__MACOSX" / p.relative_to(tmp_path).parent / ("._" + p.name)
+            twin.parent.mkdir(parents=True, exist_ok=True)
+            twin.write_bytes(b"\x00\x05\x16\x07AppleDouble")
+        point = tmp_path
+    assert find_root(point) == data.resolve()
+    images, _ = load_split(point, "val")
+    assert images.shape[0] == 6
+
+
+def test_ignores_appledouble_and_other_files_and_sorts_numerically(tmp_path):
+    data = write_dataset(tmp_path / "d", 2, 12)
+    cls_dir = data / "val" / "no"
+    (cls_dir / "._3.npy").write_bytes(b"\x00\x05\x16\x07 not an array")
+    (cls_dir / "notes.txt").write_text("hello")
+    (cls_dir / ".DS_Store").write_bytes(b"junk")
+    images, labels = load_split(data, "val")
+    assert images.shape[0] == 36
+    # numeric order: 1, 2, ..., 10, 11, 12 (not 1, 10, 11, 12, 2, ...)
+    for pos, name in ((1, "2.npy"), (9, "10.npy"), (11, "12.npy")):
+        np.testing.assert_array_equal(images[pos, 0], np.load(cls_dir / name)[0].astype(np.float32))
+
+
+@pytest.mark.parametrize("variant", ["hw", "hw1", "float32"])
+def test_accepts_shape_and_dtype_variants(tmp_path, variant):
+    data = write_dataset(tmp_path / "d", 2, 2)
+    for p in data.rglob("*.npy"):
+        a = np.load(p)
+        a = {"hw": a[0], "hw1": a[0][:, :, None], "float32": a.astype(np.float32)}[variant]
+        np.save(p, a)
+    images, _ = load_split(data, "train")
+    assert images.shape == (6, 1, 150, 150) and images.dtype == np.float32
+
+
+def _make_object_array(path: Path, img: np.ndarray, label: float = 1e-23) -> None:
+    obj = np.empty(2, dtype=object)
+    obj[0], obj[1] = img, label
+    np.save(path, obj, allow_pickle=True)
+
+
+def test_object_arrays_need_opt_in(tmp_path):
+    data = write_dataset(tmp_path / "d", 2, 2)
+    target = data / "train" / "vort" / "2.npy"
+    img = np.load(target)[0]
+    _make_object_array(target, img)
+    with pytest.raises(DeepLenseError, match=r"train/vort/2\.npy.*allow-pickle"):
+        load_split(data, "train")
+    images, _ = load_split(data, "train", allow_pickle=True)
+    np.testing.assert_array_equal(images[5, 0], img.astype(np.float32))
+
+
+def test_cache_reopens_and_invalidates(tiny_dataset):
+    info: dict = {}
+    a = load_splits(tiny_dataset, ("train",), info=info)["train"][0]
+    assert not info["train"].from_cache
+    assert isinstance(a, np.memmap)
+    info = {}
+    b = load_splits(tiny_dataset, ("train",), info=info)["train"][0]
+    assert info["train"].from_cache
+    np.testing.assert_array_equal(a, b)
+    # the cache lives in $DEEPLENSE_CACHE, never inside the dataset
+    assert not any(p.name.endswith((".json", ".tmp")) for p in tiny_dataset.rglob("*"))
+    assert any(cache_dir().glob("train-*.images.npy"))
+    # change one file: the cache must notice and return the new content
+    p = tiny_dataset / "train" / "no" / "3.npy"
+    new = np.zeros((1, 150, 150))
+    new[0, 0, 0] = 1.0
+    np.save(p, new)
+    os.utime(p, ns=(1, 1))
+    info = {}
+    c = load_splits(tiny_dataset, ("train",), info=info)["train"][0]
+    assert not info["train"].from_cache
+    assert c[2, 0, 0, 0] == 1.0 and c[2].sum() == 1.0
+    # add a file: also invalidates
+    shutil.copy(p, tiny_dataset / "train" / "no" / "5.npy")
+    images, labels = load_split(tiny_dataset, "train")
+    assert images.shape[0] == 13
+
+
+def test_split_holdout_properties():
+    labels = np.repeat(np.arange(3), [2500, 2500, 2500])
+    sel, test = split_holdout(labels, 0.1, seed=7)
+    assert sel.dtype == np.int64 and test.dtype == np.int64
+    assert np.all(np.diff(sel) > 0) and np.all(np.diff(test) > 0)
+    assert len(np.intersect1d(sel, test)) == 0 and len(sel) + len(test) == len(labels)
+    assert np.bincount(labels[test]).tolist() == [250, 250, 250]
+    sel2, test2 = split_holdout(labels, 0.1, seed=7)
+    np.testing.assert_array_equal(test, test2)
+    _, test3 = split_holdout(labels, 0.1, seed=8)
+    assert not np.array_equal(test, test3)
+    # unbalanced: each class gives round(fraction * n_class)
+    labels = np.repeat(np.arange(3), [15, 25, 35])
+    _, test = split_holdout(labels, 0.1, seed=0)
+    assert np.bincount(labels[test], minlength=3).tolist() == [2, 3, 4]  # round(1.5)=2, 2.5->3, 3.5->4
+
+
+def test_split_holdout_independent_of_file_order(tmp_path):
+    # The split depends only on the labels and the seed: two datasets with the same counts, whose files
+    # were written in different orders, give the same indices.
+    a = write_dataset(tmp_path / "a", 1, 10, seed=1)
+    b = write_dataset(tmp_path / "b", 1, 10, seed=2)
+    for p in sorted((b / "val" / "no").glob("*.npy"), reverse=True):
+        os.utime(p)
+    la = load_split(a, "val")[1]
+    lb = load_split(b, "val")[1]
+    np.testing.assert_array_equal(split_holdout(la, seed=3)[1], split_holdout(lb, seed=3)[1])
+
+
+def test_preprocess_shapes_and_range():
+    x = torch.rand(4, 1, 150, 150)
+    x[:, :, 0, 0] = 0.0
+    x[:, :, 1, 1] = 1.0
+    y = preprocess(x, 224)
+    assert y.shape == (4, 3, 224, 224) and y.dtype == torch.float32
+    assert y.min() >= -1.0 - 1e-5 and y.max() <= 1.0 + 1e-5
+    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 0], y[:, 2])
+    assert preprocess(x, 150).shape == (4, 3, 150, 150)
+    torch.testing.assert_close(preprocess(x, 150, channels=1), x * 2 - 1)
+    assert preprocess(x, 224, resize_then_crop=256).shape == (4, 3, 224, 224)
+    assert preprocess(x, 64, crop=96).shape == (4, 3, 64, 64)
+    torch.testing.assert_close(preprocess(x, 96, crop=96, channels=1), x[..., 27:123, 27:123] * 2 - 1)
+
+
+def test_d4_augmentation_is_exact_and_covers_the_group():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    seen = {tuple(d4_transform(x, k).flatten().tolist()) for k in range(8)}
+    assert len(seen) == 8  # 8 distinct symmetries of an asymmetric image
+    batch = x.repeat(400, 1, 1, 1)
+    out = augment(batch, "d4", generator=torch.Generator().manual_seed(0))
+    got = {tuple(o.flatten().tolist()) for o in out}
+    assert got == seen
+    out = augment(batch, "hflip", generator=torch.Generator().manual_seed(0))
+    assert {tuple(o.flatten().tolist()) for o in out} == {
+        tuple(x.flatten().tolist()), tuple(torch.flip(x, dims=(-1,)).flatten().tolist())}
+    assert torch.equal(augment(batch, "none"), batch)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_inspect_prints_root_counts_shape_range(tiny_dataset, capsys):
+    assert main(["inspect", "--data", str(tiny_dataset.parent)]) == 0
+    out = capsys.readouterr().out
+    assert f"dataset root: {tiny_dataset.resolve()}" in out
+    assert "train: 12 images (no=4, sphere=4, vort=4); array (12, 1, 150, 150) float32; values [0, 1]" in out
+    assert "val: 30 images (no=10, sphere=10, vort=10)" in out
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "deeplense", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("inspect", "simulate", "train", "evaluate", "predict", "report"):
+        assert cmd in out.stdout
+    out = subprocess.run([sys.executable, "-m", "deeplense", "inspect", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "--allow-pickle" in out.stdout
+
+
+def _break(data: Path, kind: str) -> str:
+    """Damage a valid dataset; return the text the error must contain."""
+    if kind == "missing_val":
+        shutil.rmtree(data / "val")
+        return "missing 'val' folder"
+    if kind == "missing_train":
+        shutil.rmtree(data / "train")
+        return "missing 'train' folder"
+    if kind == "missing_class":
+        shutil.rmtree(data / "val" / "sphere")
+        return "val/sphere: missing class folder"
+    if kind == "empty_class":
+        for p in (data / "train" / "vort").glob("*.npy"):
+            p.unlink()
+        return "train/vort: class folder has no .npy files"
+    if kind == "truncated":
+        p = data / "val" / "vort" / "7.npy"
+        p.write_bytes(p.read_bytes()[:1000])
+        return "val/vort/7.npy: unreadable or truncated"
+    if kind == "garbage":
+        (data / "train" / "no" / "2.npy").write_bytes(b"this is not numpy")
+        return "train/no/2.npy: unreadable"
+    if kind == "wrong_shape":
+        np.save(data / "val" / "sphere" / "3.npy", np.zeros((3, 150, 150)))
+        return "val/sphere/3.npy: wrong shape (3, 150, 150)"
+    if kind == "mixed_size":
+        np.save(data / "val" / "sphere" / "3.npy", np.zeros((1, 64, 64)))
+        return "val/sphere/3.npy: shape (64, 64) differs"
+    if kind == "nan":
+        a = np.load(data / "val" / "no" / "4.npy")
+        a[0, 5, 5] = np.nan
+        np.save(data / "val" / "no" / "4.npy", a)
+        return "val/no/4.npy: contains NaN or infinite"
+    if kind == "inf":
+        a = np.load(data / "train" / "sphere" / "1.npy")
+        a[0, 5, 5] = np.inf
+        np.save(data / "train" / "sphere" / "1.npy", a)
+        return "train/sphere/1.npy: contains NaN or infinite"
+    if kind == "pickle":
+        _make_object_array(data / "val" / "vort" / "9.npy", np.zeros((150, 150)))
+        return "val/vort/9.npy: holds a pickled object array"
+    raise AssertionError(kind)
+
+
+BAD = ["missing_val", "missing_train", "missing_class", "empty_class", "truncated", "garbage", "wrong_shape",
+       "mixed_size", "nan", "inf", "pickle"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_one_line_error_exit_2_nothing_written(tiny_dataset, kind):
+    expected = _break(tiny_dataset, kind)
+    before = sorted(p.relative_to(tiny_dataset) for p in tiny_dataset.rglob("*"))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "deeplense", "inspect", "--data", str(tiny_dataset)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr
+    # progress bars may precede it; the error itself is one line, the last one
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    # nothing written: no cache files (inspect validates both splits first), dataset untouched
+    assert not [p for p in cache_dir().rglob("*") if p.is_file()]
+    assert sorted(p.relative_to(tiny_dataset) for p in tiny_dataset.rglob("*")) == before
+
+
+def test_not_a_dataset(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", "--data", str(tmp_path / "empty")]) == 2
+    assert "no dataset found" in capsys.readouterr().err
+    assert main(["inspect", "--data", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
