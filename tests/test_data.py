@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_dataset
 from deeplense.cli import main
 from deeplense.data import (

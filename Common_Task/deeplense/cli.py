@@ -34,7 +34,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_simulate(args) -> int:
     from .simulate import PRESETS, SimulationConfig, parse_shard, simulate_dataset
 
-    cfg = SimulationConfig.preset(args.preset) if args.preset in PRESETS else None
+    cfg = SimulationConfig.from_preset(args.preset) if args.preset in PRESETS else None
     if cfg is None:
         raise DeepLenseError(f"--preset {args.preset}: unknown (choose from {', '.join(PRESETS)})")
     if args.distance_convention:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import DeepLenseError, atomic_path, cache_dir, write_json_atomic
+from .util import DeepLenseError, cache_dir, write_json_atomic
 
 CLASSES: tuple[str, ...] = ("no", "sphere", "vort")
 """Class names in label order: 0 = no substructure, 1 = CDM subhalos, 2 = vortex (axion-like DM)."""

@@ -1,0 +1,155 @@
+"""Publication figures, saved as PNG (300 dpi) and PDF with pinned metadata so re-drawing gives the same bytes.
+
+Colours are the Okabe-Ito palette (safe for the common colour-vision deficiencies). Legends use the
+physics names of the classes: no substructure, subhalos, vortex.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import CLASS_LABELS, CLASSES
+
+CLASS_COLORS = {"no": "#0072B2", "sphere": "#D55E00", "vort": "#009E73"}
+AVERAGE_COLORS = {"macro": "#E69F00", "micro": "#CC79A7"}
+FORMATS = ("png", "pdf")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "deeplense", "pdf.fonttype": 42, "font.size": 10})
+    return plt
+
+
+def save_figure(fig, stem: str | Path, formats=FORMATS) -> list[Path]:
+    """Save ``fig`` as ``stem.png`` (300 dpi) and ``stem.pdf``, atomically, with no dates in the metadata."""
+    from .util import atomic_path
+
+    stem = Path(stem)
+    out = []
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        meta = {"Software": None} if fmt == "png" else {"CreationDate": None, "ModDate": None, "Producer": None,
+                                                        "Creator": None}
+        with atomic_path(path, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=300, metadata=meta, bbox_inches="tight")
+        out.append(path)
+    _plt().close(fig)
+    return out
+
+
+def _square_roc_axes(ax, title: str) -> None:
+    ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="chance (AUC = 0.500)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.005)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", frameon=False)
+    ax.grid(alpha=0.3)
+
+
+def roc_classwise(labels, probabilities, stem, *, title="One-vs-rest ROC per class") -> list[Path]:
+    """One ROC curve per class (one-vs-rest) with its AUC to 3 decimals."""
+    from .metrics import roc_curves
+
+    plt = _plt()
+    curves = roc_curves(labels, probabilities)
+    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    for cls in CLASSES:
+        c = curves["per_class"][cls]
+        if c is None:
+            continue
+        ax.plot(c["fpr"], c["tpr"], color=CLASS_COLORS[cls], lw=1.8,
+                label=f"{CLASS_LABELS[cls]} ({cls}), AUC = {c['auc']:.3f}")
+    _square_roc_axes(ax, title)
+    return save_figure(fig, stem)
+
+
+def roc_average(labels, probabilities, stem, *, title="Averaged ROC") -> list[Path]:
+    """Macro average (mean of the per-class curves on a common FPR grid; AUC = mean of per-class AUCs)
+    and micro average (all one-vs-rest decisions pooled)."""
+    from .metrics import roc_curves
+
+    plt = _plt()
+    curves = roc_curves(labels, probabilities)
+    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    for kind, name in (("macro", "macro average (mean over classes)"), ("micro", "micro average (pooled)")):
+        c = curves[kind]
+        if c is not None:
+            ax.plot(c["fpr"], c["tpr"], color=AVERAGE_COLORS[kind], lw=1.8, ls="-" if kind == "macro" else ":",
+                    label=f"{name}, AUC = {c['auc']:.3f}")
+    _square_roc_axes(ax, title)
+    return save_figure(fig, stem)
+
+
+def confusion(confusion_matrix, stem, *, title="Confusion matrix (held-out test)") -> list[Path]:
+    """Confusion matrix with counts and row-normalised fractions."""
+    plt = _plt()
+    cm = np.asarray(confusion_matrix, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(4.4, 4.0))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    names = [CLASS_LABELS[c] for c in CLASSES]
+    ax.set_xticks(range(len(CLASSES)), names, rotation=20)
+    ax.set_yticks(range(len(CLASSES)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{frac[i, j]:.1%}", ha="center", va="center",
+                    color="white" if frac[i, j] > 0.6 else "black", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    ax.set_title(title)
+    return save_figure(fig, stem)
+
+
+def training_curves(history: list[dict], stem, *, title="Training") -> list[Path]:
+    """Training and validation loss, and validation macro AUC and accuracy, per epoch."""
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", color="#0072B2", label="train")
+    a1.plot(ep, [h["val_loss"] for h in history], "s-", color="#D55E00", label="validation (selection part)")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("cross-entropy loss")
+    a1.legend(frameon=False)
+    a1.grid(alpha=0.3)
+    a2.plot(ep, [h["val_macro_auc"] for h in history], "o-", color="#E69F00", label="macro AUC")
+    a2.plot(ep, [h["val_accuracy"] for h in history], "s-", color="#009E73", label="accuracy")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("validation metric")
+    a2.set_ylim(0, 1.01)
+    a2.legend(frameon=False, loc="lower right")
+    a2.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, stem)
+
+
+def examples_grid(images, labels, stem, *, per_class: int = 4, title="Example images per class") -> list[Path]:
+    """A grid of the first ``per_class`` images of each class; ``images`` is ``(N, 1, H, W)`` in [0, 1]."""
+    plt = _plt()
+    labels = np.asarray(labels)
+    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(1.9 * per_class, 2.0 * len(CLASSES)),
+                             squeeze=False)
+    for r, cls in enumerate(CLASSES):
+        idx = np.flatnonzero(labels == r)[:per_class]
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(idx):
+                ax.imshow(np.asarray(images[idx[c]])[0], cmap="inferno", vmin=0, vmax=1, origin="lower")
+            if c == 0:
+                ax.set_ylabel(f"{CLASS_LABELS[cls]}\n({cls})")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, stem)

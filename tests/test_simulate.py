@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import csv
+import filecmp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deeplense.cli import main
+from deeplense.data import CLASSES, load_split
+from deeplense.simulate import (
+    ImageParameters,
+    SimulationConfig,
+    draw_parameters,
+    einstein_radius_arcsec,
+    image_statistics,
+    lens_kwargs,
+    lens_model_list,
+    render_noise_free,
+    simulate_dataset,
+    simulate_image,
+    source_kwargs,
+)
+
+CFG = SimulationConfig()
+
+
+def test_einstein_radius_conventions():
+    assert einstein_radius_arcsec(1e12, CFG) == pytest.approx(1.2815, abs=1e-4)
+    ang = CFG.replace(distance_convention="angular")
+    assert einstein_radius_arcsec(1e12, ang) == pytest.approx(1.6645, abs=1e-4)
+    # theta_E ∝ sqrt(M)
+    assert einstein_radius_arcsec(4e12, CFG) == pytest.approx(2 * einstein_radius_arcsec(1e12, CFG))
+
+
+def _radial_profile(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
+    rb = np.round(r).astype(int)
+    counts = np.bincount(rb.ravel())
+    return np.bincount(rb.ravel(), img.ravel()) / np.maximum(counts, 1)
+
+
+@pytest.mark.parametrize("convention", ["deeplense", "angular"])
+def test_einstein_ring_radius_matches_sie(convention):
+    cfg = CFG.replace(distance_convention=convention, source_R_sersic_arcsec=0.1, source_n_sersic=1.0)
+    p = ImageParameters("val", "no", 1, 0.0, 0.0, 1e4, np.zeros(0), np.zeros(0), np.zeros(0))
+    img = render_noise_free(cfg, p)
+    peak_px = float(np.argmax(_radial_profile(img)[:70]))
+    expected_px = einstein_radius_arcsec(cfg.lens_mass_msun, cfg) / cfg.pixel_scale_arcsec
+    assert abs(peak_px - expected_px) <= 1.0, (peak_px, expected_px)
+
+
+def _masses_from_lens(cfg, kw):
+    k = einstein_radius_arcsec(1.0, cfg)
+    return np.array([(d["theta_E"] / k) ** 2 for d in kw[2:]])
+
+
+def test_sphere_subhalos_count_range_and_slope():
+    masses = []
+    for i in range(1, 81):
+        p = draw_parameters(CFG, 0, "train", "sphere", i)
+        kw = lens_kwargs(CFG, p)
+        assert lens_model_list(CFG, "sphere").count("POINT_MASS") == 25 and len(kw) == 27
+        m = _masses_from_lens(CFG, kw)
+        np.testing.assert_allclose(m, p.subhalo_masses, rtol=1e-9)
+        assert m.min() >= 1e6 and m.max() <= 1e10
+        r = np.hypot(p.subhalo_x, p.subhalo_y)
+        assert r.min() >= 0.25 and r.max() <= 2.0
+        masses.append(m)
+    masses = np.concatenate(masses)  # 2,000 draws
+    # dN/dm ∝ m^-0.9: the CDF is (m^0.1 - lo^0.1) / (hi^0.1 - lo^0.1); compare quantiles
+    a, lo, hi = 0.1, 1e6, 1e10
+    for q in (0.25, 0.5, 0.75):
+        expected = (lo**a + q * (hi**a - lo**a)) ** (1 / a)
+        assert np.quantile(masses, q) == pytest.approx(expected, rel=0.15)
+    # a flat log-slope (-1) or steeper (-1.9) would fail the median test above: guard the test itself
+    steeper_median = (lo**-0.9 + 0.5 * (hi**-0.9 - lo**-0.9)) ** (1 / -0.9)
+    assert abs(np.median(masses) - steeper_median) / steeper_median > 1
+
+
+def test_vortex_line_mass_and_length():
+    for i in range(1, 41):
+        p = draw_parameters(CFG, 3, "val", "vort", i)
+        kw = lens_kwargs(CFG, p)
+        assert len(kw) == 102
+        m = _masses_from_lens(CFG, kw)
+        assert m.sum() == pytest.approx(3e10, rel=1e-9)
+        xy = np.array([[d["center_x"], d["center_y"]] for d in kw[2:]])
+        assert np.allclose(xy.mean(axis=0), 0, atol=1e-12)  # through the centre
+        half = np.hypot(*xy.T).max()
+        assert half == pytest.approx(p.vortex_half_length)
+        assert 0.03 - 1e-12 <= half <= 3.0 + 1e-12
+        # collinear: all points on the line at the drawn angle
+        d = np.array([np.cos(p.vortex_angle), np.sin(p.vortex_angle)])
+        assert np.allclose(xy[:, 0] * d[1] - xy[:, 1] * d[0], 0, atol=1e-12)
+        assert p.vortex_half_length == pytest.approx(0.06 / (2 * p.axion_mass_ev / 1e-22))
+
+
+def test_noise_free_image_equals_independent_lenstronomy_build():
+    from lenstronomy.Data.imaging_data import ImageData
+    from lenstronomy.Data.psf import PSF
+    from lenstronomy.ImSim.image_model import ImageModel
+    from lenstronomy.LensModel.lens_model import LensModel
+    from lenstronomy.LightModel.light_model import LightModel
+    from lenstronomy.SimulationAPI import sim_api  # noqa: F401  (import check: the package is complete)
+    from lenstronomy.Util import simulation_util
+
+    for cls in CLASSES:
+        p = draw_parameters(CFG, 5, "train", cls, 2)
+        ours = render_noise_free(CFG, p)
+        kw_data = simulation_util.data_configure_simple(150, 0.05, exposure_time=1.0, background_rms=0.01)
+        data = ImageData(**kw_data)
+        psf = PSF(psf_type="GAUSSIAN", fwhm=0.087, truncation=3, pixel_size=0.05)
+        ref_model = ImageModel(data, psf, lens_model_class=LensModel(lens_model_list(CFG, cls)),
+                               source_model_class=LightModel(["SERSIC_ELLIPSE"]),
+                               kwargs_numerics={"supersampling_factor": 1})
+        ref = ref_model.image(lens_kwargs(CFG, p), source_kwargs(CFG, p))
+        assert ours.shape == (150, 150)
+        np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+        assert ours.max() > 0.1  # a real ring, not an empty frame
+
+
+def test_images_are_normalised_float32_and_deterministic():
+    a, pa = simulate_image(CFG, 11, "train", "sphere", 4)
+    b, _ = simulate_image(CFG, 11, "train", "sphere", 4)
+    c, _ = simulate_image(CFG, 12, "train", "sphere", 4)
+    assert a.shape == (1, 150, 150) and a.dtype == np.float32
+    assert a.min() == 0.0 and a.max() == 1.0
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_common_task_preset_statistics():
+    imgs = np.stack([simulate_image(CFG, 1, "val", c, i)[0] for c in CLASSES for i in range(1, 9)])  # 24
+    s = image_statistics(imgs)
+    assert 0.11 <= s["frac_gt_0.1"] <= 0.21, s
+    assert s["corner_std"] <= 0.008, s
+    assert 22 <= s["peak_radius_px"] <= 32, s
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.npy"))}
+
+
+def test_dataset_workers_shards_and_resume(tmp_path):
+    kw = dict(train_per_class=3, val_per_class=2, seed=4, progress=False)
+    simulate_dataset(tmp_path / "one", workers=1, **kw)
+    simulate_dataset(tmp_path / "two", workers=2, **kw)
+    one, two = _tree_bytes(tmp_path / "one"), _tree_bytes(tmp_path / "two")
+    assert len(one) == 15 and one == two
+    assert filecmp.cmp(tmp_path / "one" / "manifest.csv", tmp_path / "two" / "manifest.csv", shallow=False)
+    # shards into one folder give the unsharded set byte for byte
+    for k in range(3):
+        r = simulate_dataset(tmp_path / "sh", workers=1, shard=(k, 3), **kw)
+        assert Path(r["manifest"]).name == f"manifest.shard-{k}-of-3.csv"
+    assert _tree_bytes(tmp_path / "sh") == one
+    rows = []
+    for k in range(3):
+        with open(tmp_path / "sh" / f"manifest.shard-{k}-of-3.csv") as fh:
+            rows += list(csv.DictReader(fh))
+    assert len(rows) == 15
+    # resume: finished files are not rewritten, missing ones are completed
+    d = tmp_path / "one"
+    keep = d / "train" / "no" / "1.npy"
+    os.utime(keep, ns=(10**9, 10**9))
+    (d / "val" / "vort" / "2.npy").unlink()
+    (d / "train" / "sphere" / "3.npy").unlink()
+    r = simulate_dataset(d, workers=1, **kw)
+    assert r["written"] == 2 and r["skipped"] == 13
+    assert keep.stat().st_mtime_ns == 10**9
+    assert _tree_bytes(d) == one
+    assert not list(d.rglob("*.tmp"))
+
+
+def test_manifest_content(tmp_path):
+    simulate_dataset(tmp_path, train_per_class=2, val_per_class=1, seed=0, progress=False)
+    with open(tmp_path / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["split"], r["class"], r["index"]) for r in rows] == [
+        (s, c, str(i)) for s, n in (("train", 2), ("val", 1)) for c in CLASSES for i in range(1, n + 1)]
+    for r in rows:
+        assert (tmp_path / r["path"]).is_file()
+        assert abs(float(r["source_x_arcsec"])) <= 0.35
+        if r["class"] == "sphere":
+            assert r["n_subhalos"] == "25" and 1e6 <= float(r["subhalo_mass_min_msun"])
+            assert float(r["subhalo_mass_max_msun"]) <= 1e10
+        if r["class"] == "vort":
+            assert r["vortex_n_points"] == "100" and float(r["vortex_mass_total_msun"]) == 3e10
+            assert 0.03 <= float(r["vortex_half_length_arcsec"]) <= 3.0
+            p = draw_parameters(CFG, 0, r["split"], "vort", int(r["index"]))
+            assert float(r["vortex_half_length_arcsec"]) == p.vortex_half_length
+
+
+def test_generated_set_loads_through_data_layer(tmp_path):
+    simulate_dataset(tmp_path / "sim", train_per_class=2, val_per_class=2, seed=0, progress=False)
+    images, labels = load_split(tmp_path / "sim", "train")
+    assert images.shape == (6, 1, 150, 150) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    np.testing.assert_array_equal(images[2], np.load(tmp_path / "sim" / "train" / "sphere" / "1.npy"))
+
+
+def test_refuses_to_mix_seeds_in_one_folder(tmp_path, capsys):
+    simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False)
+    assert main(["simulate", "--out", str(tmp_path), "--train-per-class", "1", "--val-per-class", "1",
+                 "--seed", "1"]) == 2
+    assert "another seed or config" in capsys.readouterr().err
+
+
+def test_cli_simulate_and_bad_shard(tmp_path, capsys):
+    assert main(["simulate", "--out", str(tmp_path / "s"), "--train-per-class", "1", "--val-per-class", "1",
+                 "--shard", "5/2"]) == 2
+    assert "0 <= K < N" in capsys.readouterr().err
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    out = subprocess.run([sys.executable, "-m", "deeplense", "simulate", "--help"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    assert "--shard K/N" in out and "--preset" in out
+
+
+def test_examples_figure(tmp_path):
+    from deeplense.plots import examples_grid
+
+    imgs = np.stack([simulate_image(CFG, 0, "val", c, i)[0] for c in CLASSES for i in (1, 2)])
+    labels = np.repeat(np.arange(3), 2)
+    paths = examples_grid(imgs, labels, tmp_path / "ex", per_class=2)
+    first = [p.read_bytes() for p in paths]
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(len(b) > 10_000 for b in first)
+    paths = examples_grid(imgs, labels, tmp_path / "ex", per_class=2)
+    assert [p.read_bytes() for p in paths] == first  # byte-stable
