@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_dataset  # noqa: E402  (the same realistic files the tests use)
+
 from deeplense.data import augment, load_split, preprocess  # noqa: E402
 
 

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from lenstronomy.Util import image_util
+
 from deeplense.data import CLASSES
 from deeplense.simulate import (
     SimulationConfig,
@@ -29,7 +31,6 @@ from deeplense.simulate import (
     simulate_image,
     source_kwargs,
 )
-from lenstronomy.Util import image_util
 
 
 def per_class(cfg: SimulationConfig, n: int) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_dataset
+
 from deeplense.cli import main
 from deeplense.data import (
     CLASSES,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from deeplense.cli import main
 from deeplense.data import CLASSES, load_split
 from deeplense.simulate import (

@@ -216,7 +216,7 @@ def load_splits(
     Returns ``{split: (images, labels)}``; see :func:`load_split`. If ``info`` is a dict it receives a
     :class:`SplitInfo` per split.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     root = find_root(root)
     listed = {s: list_files(root, s) for s in splits}  # structure errors first, before any reading

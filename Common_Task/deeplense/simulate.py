@@ -378,7 +378,7 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
     """
     import multiprocessing as mp
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     config = config or SimulationConfig()
     if train_per_class < 1 or val_per_class < 1:
@@ -464,3 +464,21 @@ def image_statistics(images: np.ndarray) -> dict[str, float]:
         "corner_std": float(np.median(corners.reshape(n, 4, -1).std(axis=2))),
         "peak_radius_px": float(np.median(peaks)),
     }
+
+
+DEMO_TRAIN_PER_CLASS = 1000
+DEMO_VAL_PER_CLASS = 300
+
+
+def default_simulated_dataset(seed: int = 0, train_per_class: int = DEMO_TRAIN_PER_CLASS,
+                              val_per_class: int = DEMO_VAL_PER_CLASS, workers: int | None = None,
+                              progress: bool = True) -> Path:
+    """The simulated ``common_task`` set used when no dataset is given, generated once into
+    ``$DEEPLENSE_CACHE/simulated/...`` (resumable; a finished set is reused)."""
+    from .util import cache_dir
+
+    out = cache_dir() / "simulated" / f"common_task-seed{seed}-train{train_per_class}-val{val_per_class}"
+    if not (out / "manifest.csv").exists():
+        simulate_dataset(out, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed,
+                         workers=workers or max(1, os.cpu_count() or 1), progress=progress)
+    return out

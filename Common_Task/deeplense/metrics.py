@@ -1,0 +1,138 @@
+"""Classification metrics from scikit-learn, on softmax probabilities, with bootstrap intervals.
+
+Definitions (peers use "average AUC" inconsistently, so we say which):
+
+- per-class AUC: one-vs-rest ROC AUC of class c's probability for "is class c";
+- macro AUC: the unweighted mean of the per-class AUCs (``roc_auc_score(multi_class="ovr",
+  average="macro")``);
+- micro AUC: the AUC of all one-vs-rest decisions pooled (``average="micro"`` on the one-hot labels).
+
+An AUC that is undefined because a class is absent is ``None`` (``null`` in JSON).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .data import CLASSES
+
+
+def _check(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    k = len(CLASSES)
+    if p.ndim != 2 or p.shape[1] != k or y.shape != (p.shape[0],):
+        raise ValueError(f"expected labels (N,) and probabilities (N, {k}), got {y.shape} and {p.shape}")
+    return y, p
+
+
+def _aucs(y: np.ndarray, p: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import label_binarize
+
+    k = len(CLASSES)
+    present = np.bincount(y, minlength=k) > 0
+    onehot = label_binarize(y, classes=list(range(k)))
+    per_class = {}
+    for c, name in enumerate(CLASSES):
+        ok = bool(present[c]) and bool((y != c).any())
+        per_class[name] = float(roc_auc_score(onehot[:, c], p[:, c])) if ok else None
+    if present.all():
+        macro = float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(k))))
+        micro = float(roc_auc_score(onehot, p, average="micro"))
+    else:
+        macro = micro = None
+    return {"macro": macro, "micro": micro, "per_class": per_class}
+
+
+def compute_metrics(labels, probabilities, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Accuracy, AUCs (macro, micro, per class), confusion matrix, and bootstrap 95% intervals.
+
+    Parameters
+    ----------
+    labels : int array ``(N,)`` indexing :data:`CLASSES`.
+    probabilities : float array ``(N, 3)``, softmax rows in :data:`CLASSES` order.
+    n_bootstrap : resamples (with replacement, size N) for the percentile intervals; resamples that
+        miss a class are skipped and counted in ``ci.skipped``.
+    seed : seed of the resampling.
+
+    Returns
+    -------
+    dict with ``n``, ``accuracy``, ``auc`` (``macro``, ``micro``, ``per_class``), ``confusion_matrix``
+    (rows true, columns predicted) and ``ci`` (``accuracy``, ``macro_auc``, ``micro_auc``,
+    ``per_class_auc``: ``[low, high]``; plus ``n_bootstrap``, ``skipped``, ``level``).
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    y, p = _check(labels, probabilities)
+    pred = p.argmax(axis=1)
+    k = len(CLASSES)
+    out = {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)) if len(y) else None,
+        "auc": _aucs(y, p),
+        "confusion_matrix": confusion_matrix(y, pred, labels=list(range(k))).tolist(),
+    }
+    rng = np.random.default_rng(seed)
+    samples = {"accuracy": [], "macro_auc": [], "micro_auc": [], **{f"auc_{c}": [] for c in CLASSES}}
+    skipped = 0
+    for _ in range(n_bootstrap if len(y) else 0):
+        idx = rng.integers(0, len(y), len(y))
+        yb = y[idx]
+        if np.bincount(yb, minlength=k).min() == 0:
+            skipped += 1
+            continue
+        a = _aucs(yb, p[idx])
+        samples["accuracy"].append(float((pred[idx] == yb).mean()))
+        samples["macro_auc"].append(a["macro"])
+        samples["micro_auc"].append(a["micro"])
+        for c in CLASSES:
+            samples[f"auc_{c}"].append(a["per_class"][c])
+
+    def interval(v):
+        return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None
+
+    out["ci"] = {
+        "level": 0.95, "method": "percentile bootstrap", "n_bootstrap": int(n_bootstrap), "skipped": int(skipped),
+        "seed": int(seed),
+        "accuracy": interval(samples["accuracy"]),
+        "macro_auc": interval(samples["macro_auc"]),
+        "micro_auc": interval(samples["micro_auc"]),
+        "per_class_auc": {c: interval(samples[f"auc_{c}"]) for c in CLASSES},
+    }
+    return out
+
+
+def quick_metrics(labels, probabilities) -> dict:
+    """Accuracy, macro and per-class AUC without intervals (for per-epoch validation)."""
+    y, p = _check(labels, probabilities)
+    a = _aucs(y, p)
+    return {"accuracy": float((p.argmax(1) == y).mean()), "macro_auc": a["macro"], "micro_auc": a["micro"],
+            "per_class_auc": a["per_class"]}
+
+
+def roc_curves(labels, probabilities, grid_points: int | None = None) -> dict:
+    """ROC curves: ``per_class`` (one-vs-rest), ``micro`` (pooled) and ``macro`` (per-class TPRs averaged
+    on the common FPR grid formed by all per-class FPR values), each ``{"fpr", "tpr", "auc"}`` or None."""
+    from sklearn.metrics import roc_curve
+    from sklearn.preprocessing import label_binarize
+
+    y, p = _check(labels, probabilities)
+    k = len(CLASSES)
+    aucs = _aucs(y, p)
+    onehot = label_binarize(y, classes=list(range(k)))
+    per_class = {}
+    for c, name in enumerate(CLASSES):
+        if aucs["per_class"][name] is None:
+            per_class[name] = None
+            continue
+        fpr, tpr, _ = roc_curve(onehot[:, c], p[:, c])
+        per_class[name] = {"fpr": fpr, "tpr": tpr, "auc": aucs["per_class"][name]}
+    out = {"per_class": per_class, "micro": None, "macro": None}
+    if aucs["micro"] is not None:
+        fpr, tpr, _ = roc_curve(onehot.ravel(), p.ravel())
+        out["micro"] = {"fpr": fpr, "tpr": tpr, "auc": aucs["micro"]}
+        grid = np.unique(np.concatenate([v["fpr"] for v in per_class.values()]))
+        mean_tpr = np.mean([np.interp(grid, v["fpr"], v["tpr"]) for v in per_class.values()], axis=0)
+        out["macro"] = {"fpr": grid, "tpr": mean_tpr, "auc": aucs["macro"]}
+    return out

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+from sklearn.preprocessing import label_binarize
+
+from deeplense.metrics import compute_metrics, quick_metrics, roc_curves
+
+
+def _random(n=300, seed=0, signal=1.0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), y] += signal
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, p.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_sklearn(seed):
+    y, p = _random(seed=seed)
+    m = compute_metrics(y, p, n_bootstrap=50, seed=seed)
+    p64 = p.astype(np.float64)
+    assert m["n"] == len(y)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)), abs=1e-9)
+    assert m["auc"]["macro"] == pytest.approx(roc_auc_score(y, p64, multi_class="ovr", average="macro"), abs=1e-9)
+    onehot = label_binarize(y, classes=[0, 1, 2])
+    assert m["auc"]["micro"] == pytest.approx(roc_auc_score(onehot.ravel(), p64.ravel()), abs=1e-9)
+    for c, name in enumerate(("no", "sphere", "vort")):
+        assert m["auc"]["per_class"][name] == pytest.approx(roc_auc_score(y == c, p64[:, c]), abs=1e-9)
+    assert m["confusion_matrix"] == confusion_matrix(y, p.argmax(1)).tolist()
+    q = quick_metrics(y, p)
+    assert q["macro_auc"] == m["auc"]["macro"] and q["accuracy"] == m["accuracy"]
+
+
+def test_bootstrap_intervals_contain_point_estimates_and_are_seeded():
+    y, p = _random(n=400, seed=5)
+    m = compute_metrics(y, p, n_bootstrap=200, seed=1)
+    ci = m["ci"]
+    assert ci["accuracy"][0] <= m["accuracy"] <= ci["accuracy"][1]
+    assert ci["macro_auc"][0] <= m["auc"]["macro"] <= ci["macro_auc"][1]
+    assert ci["micro_auc"][0] <= m["auc"]["micro"] <= ci["micro_auc"][1]
+    for c, v in m["auc"]["per_class"].items():
+        assert ci["per_class_auc"][c][0] <= v <= ci["per_class_auc"][c][1]
+    assert ci["macro_auc"][1] - ci["macro_auc"][0] > 0.005  # a real interval, not a point
+    assert compute_metrics(y, p, n_bootstrap=200, seed=1)["ci"] == ci
+    assert compute_metrics(y, p, n_bootstrap=200, seed=2)["ci"] != ci
+
+
+def test_absent_class_gives_null_auc_and_skipped_resamples():
+    y, p = _random(n=60, seed=3)
+    y[y == 2] = 0
+    m = compute_metrics(y, p, n_bootstrap=20, seed=0)
+    assert m["auc"]["per_class"]["vort"] is None and m["auc"]["macro"] is None and m["auc"]["micro"] is None
+    assert m["auc"]["per_class"]["no"] is not None
+    assert m["ci"]["skipped"] == 20 and m["ci"]["macro_auc"] is None
+    # a rare class: some resamples miss it and are counted
+    y, p = _random(n=40, seed=4)
+    y[:] = 0
+    y[:2] = 1
+    y[2:4] = 2
+    m = compute_metrics(y, p, n_bootstrap=100, seed=0)
+    assert 0 < m["ci"]["skipped"] < 100
+
+
+def test_roc_curves():
+    y, p = _random(n=500, seed=7)
+    c = roc_curves(y, p)
+    for name, curve in c["per_class"].items():
+        assert curve["fpr"][0] == 0 and curve["fpr"][-1] == 1 and curve["tpr"][-1] == 1
+        assert curve["auc"] == pytest.approx(np.trapezoid(curve["tpr"], curve["fpr"]), abs=1e-9), name
+    assert c["micro"]["auc"] == pytest.approx(np.trapezoid(c["micro"]["tpr"], c["micro"]["fpr"]), abs=1e-9)
+    # the macro curve is the mean of the per-class curves on the union grid: its area is the mean AUC
+    assert c["macro"]["auc"] == pytest.approx(np.trapezoid(c["macro"]["tpr"], c["macro"]["fpr"]), abs=2e-3)

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+import urllib.error
+
+import pytest
+import torch
+from torchvision.models import resnet34
+
+import deeplense.model as model_mod
+from deeplense.model import RESNET34_FILE, build_model, hub_checkpoint_path
+from deeplense.util import DeepLenseError
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: the torchvision download raises as it does on an offline node."""
+
+    def fail():
+        raise urllib.error.URLError("offline (test)")
+
+    monkeypatch.setattr(model_mod, "_download_imagenet", fail)
+
+
+def _plant(path, seed=1):
+    torch.manual_seed(seed)
+    sd = resnet34(weights=None).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return sd
+
+
+def test_head_shape():
+    model, info = build_model("none")
+    assert model.fc.out_features == 3 and model.fc.in_features == 512
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    assert info["pretrained"] is False and info["source"] == "random"
+
+
+def test_imagenet_from_planted_torch_hub_cache(offline, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    cached = hub_checkpoint_path()
+    assert cached == tmp_path / "th" / "hub" / "checkpoints" / RESNET34_FILE
+    sd = _plant(cached)
+    model, info = build_model("imagenet")
+    assert info["pretrained"] and info["source"] == "imagenet"
+    torch.testing.assert_close(model.conv1.weight, sd["conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.layer4[2].bn2.running_var, sd["layer4.2.bn2.running_var"], rtol=0, atol=0)
+    assert model.fc.out_features == 3
+    model, info = build_model("auto")
+    assert info["pretrained"] and info["warning"] is None
+
+
+def test_imagenet_unavailable_names_the_cache_path(offline):
+    with pytest.raises(DeepLenseError) as exc:
+        build_model("imagenet")
+    last = str(exc.value).splitlines()[-1]
+    assert str(hub_checkpoint_path()) in last
+
+
+def test_auto_falls_back_loudly(offline):
+    with pytest.warns(UserWarning, match="RANDOM initial weights"):
+        model, info = build_model("auto")
+    assert info["pretrained"] is False and "RANDOM" in info["warning"]
+    assert str(hub_checkpoint_path()) in info["warning"]
+
+
+def test_explicit_file(tmp_path):
+    sd = _plant(tmp_path / "my_weights.pth", seed=3)
+    model, info = build_model(str(tmp_path / "my_weights.pth"))
+    assert info["pretrained"] and info["source"].endswith("my_weights.pth")
+    torch.testing.assert_close(model.conv1.weight, sd["conv1.weight"], rtol=0, atol=0)
+
+
+def test_explicit_file_named_like_torchvision_must_match_hash(tmp_path):
+    path = tmp_path / RESNET34_FILE
+    _plant(path)
+    assert not hashlib.sha256(path.read_bytes()).hexdigest().startswith("b627a593")
+    with pytest.raises(DeepLenseError, match="sha256"):
+        build_model(str(path))
+
+
+def test_wrong_files(tmp_path):
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(DeepLenseError, match="text.pth: not a loadable state dict"):
+        build_model(str(tmp_path / "text.pth"))
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "keys.pth")
+    with pytest.raises(DeepLenseError, match="keys.pth: not ImageNet ResNet34 weights"):
+        build_model(str(tmp_path / "keys.pth"))
+    with pytest.raises(DeepLenseError, match="not found"):
+        build_model(str(tmp_path / "missing.pth"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/nonexistent-deeplense-test",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"x": _Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(DeepLenseError, match="evil.pth: not a loadable state dict"):
+        build_model(str(tmp_path / "evil.pth"))
