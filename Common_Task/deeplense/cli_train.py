@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .util import DeepLenseError
@@ -75,10 +74,25 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .notebook import run_notebook
+    import os
+    import time
 
-    out = run_notebook(output_dir=args.out)
-    print(f"executed notebook: {out}")
+    from .notebook import REPO, _cpu_name, run_notebook, update_readme
+
+    out_dir = Path(args.out or os.environ.get("DEEPLENSE_OUTPUT") or REPO / "demo_output").resolve()
+    t0 = time.time()
+    nb = run_notebook(output_dir=out_dir)
+    minutes = (time.time() - t0) / 60
+    print(f"executed notebook: {nb} ({minutes:.1f} min)")
+    if args.no_readme:
+        return 0
+    import torch
+
+    hw = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    extra = (f"Produced by `make demo` (`python -m deeplense demo`, {minutes:.0f} min) on {hw}; "
+             f"numbers copied from `demo_output/metrics.json` by `deeplense.notebook.update_readme`.\n\n")
+    update_readme(out_dir / "metrics.json", extra=extra)
+    print(f"updated the results table in {REPO / 'README.md'}")
     return 0
 
 
@@ -138,14 +152,8 @@ def add_commands(sub, add_common) -> None:
                        description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place. "
                                    "Uses $DEEPLENSE_DATA (or ./dataset) if present, else a simulated set.")
     p.add_argument("--out", metavar="DIR", help="output folder for the run (default demo_output/)")
+    p.add_argument("--no-readme", action="store_true", help="do not copy the results table into README.md")
     p.set_defaults(func=_cmd_demo)
 
 
-def read_history(run: Path) -> list[dict]:
-    p = Path(run) / "history.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-
-
-__all__ = ["add_commands", "read_history", "DeepLenseError"]
+__all__ = ["add_commands", "DeepLenseError"]

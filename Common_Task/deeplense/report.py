@@ -1,4 +1,7 @@
-"""Redraw every figure of a run from its saved files, without the model."""
+"""Redraw every figure of a run from its saved files, without the model.
+
+The notebook draws its figures through the same two functions, so ``report`` reproduces them byte for byte.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,30 @@ from . import plots
 from .util import DeepLenseError
 
 
-def report(run: str | Path, figures: str | Path | None = None) -> list[Path]:
-    """Draw ``roc_classwise``, ``roc_average``, ``confusion_matrix`` and (if ``history.jsonl`` exists)
-    ``training_curves`` from ``RUN/metrics.json``, ``RUN/predictions.npz`` and ``RUN/history.jsonl``."""
+def _read_history(run: Path) -> list[dict]:
+    p = run / "history.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def draw_training(run: str | Path, figures: str | Path) -> list[Path]:
+    """``training_curves`` from ``RUN/history.jsonl`` (and the recipe name from ``RUN/config.json``)."""
+    run = Path(run)
+    history = _read_history(run)
+    if not history:
+        return []
+    try:
+        recipe = json.loads((run / "config.json").read_text())["config"]["recipe"]
+    except (OSError, ValueError, KeyError):
+        recipe = "?"
+    Path(figures).mkdir(parents=True, exist_ok=True)
+    return plots.training_curves(history, Path(figures) / "training_curves", title=f"Training ({recipe} recipe)")
+
+
+def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
+    """``roc_classwise``, ``roc_average`` and ``confusion_matrix`` from ``RUN/metrics.json`` and
+    ``RUN/predictions.npz``."""
     run = Path(run)
     mpath, ppath = run / "metrics.json", run / "predictions.npz"
     for p in (mpath, ppath):
@@ -26,18 +50,19 @@ def report(run: str | Path, figures: str | Path | None = None) -> list[Path]:
             labels, probs = z["labels"], z["probabilities"]
     except (ValueError, KeyError, OSError) as exc:
         raise DeepLenseError(f"{run}: unreadable metrics.json or predictions.npz ({exc})") from None
-    out = Path(figures) if figures else run / "figures"
+    out = Path(figures)
     out.mkdir(parents=True, exist_ok=True)
-    split = metrics.get("provenance", {}).get("split_description", "")
-    n = metrics.get("n", len(labels))
-    written = []
-    written += plots.roc_classwise(labels, probs, out / "roc_classwise", title=f"ROC per class ({split}, n={n})")
-    written += plots.roc_average(labels, probs, out / "roc_average", title=f"Averaged ROC ({split}, n={n})")
+    split = metrics.get("provenance", {}).get("split", "test")
+    what = f"{'held-out test' if split == 'test' else 'selection part of val'}, n={metrics.get('n', len(labels))}"
+    written = plots.roc_classwise(labels, probs, out / "roc_classwise", title=f"ROC per class ({what})")
+    written += plots.roc_average(labels, probs, out / "roc_average", title=f"Averaged ROC ({what})")
     written += plots.confusion(metrics["confusion_matrix"], out / "confusion_matrix",
-                               title=f"Confusion matrix ({split})")
-    from .cli_train import read_history
-
-    history = read_history(run)
-    if history:
-        written += plots.training_curves(history, out / "training_curves")
+                               title=f"Confusion matrix ({what})")
     return written
+
+
+def report(run: str | Path, figures: str | Path | None = None) -> list[Path]:
+    """Draw every figure of ``RUN`` into ``figures`` (default ``RUN/figures``); return the files written."""
+    run = Path(run)
+    out = Path(figures) if figures else run / "figures"
+    return draw_evaluation(run, out) + draw_training(run, out)

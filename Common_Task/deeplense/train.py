@@ -286,7 +286,10 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
         opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)
     per_rank = len(x_train) // world
-    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    # the last partial batch is kept unless it holds a single image (BatchNorm cannot train on one)
+    steps_per_epoch = per_rank // config.batch_size + (1 if per_rank % config.batch_size >= 2 else 0)
+    if steps_per_epoch == 0:
+        raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
     if config.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
     else:

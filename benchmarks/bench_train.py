@@ -1,0 +1,198 @@
+"""Training and inference benchmarks, measured side by side in one run.
+
+- ``train_step``: training images/s (model + data pipeline: gather from the cached array, D4 augmentation,
+  resize, [-1, 1], forward, backward, AdamW step) against the model alone fed from a tensor already in
+  memory, at 224 and 150 px. Goal: the pipeline costs under 5% of step time (ratio >= 0.95).
+- ``input_stem``: ResNet34 with a 1-channel first convolution (the RGB kernels summed) against 3 replicated
+  channels: outputs must match to 1e-5 (asserted); forward speed ratio; and a few SGD and AdamW steps in
+  float64 with the folded kernel's learning rate x3 and weight decay /3, compared with the 3-channel model.
+- ``inference``: ``predict`` images/s without and with 8-way TTA (``torch.inference_mode``), and with
+  ``torch.compile`` (``--full`` only on CPU: compiling takes minutes) with its compile time.
+- ``memory``: peak RSS of a training step at batch 32, 224 and 150 px (each in a fresh process).
+
+Usage: ``python benchmarks/bench_train.py`` (quick) or ``--full``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deeplense.data import augment, preprocess
+from deeplense.model import build_model
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("none")[0]
+
+
+def train_step(size: int, batch: int, steps: int) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    cached = rng.random((batch * (steps + 1), 1, 150, 150), dtype=np.float32)  # stands in for the mmap cache
+    labels = torch.from_numpy(rng.integers(0, 3, len(cached)))
+    gen = torch.Generator().manual_seed(0)
+
+    def run(pipeline: bool) -> float:
+        model = _model().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        fixed = preprocess(torch.from_numpy(cached[:batch]), size).contiguous()
+        t0 = 0.0
+        for s in range(steps + 1):  # the first step warms up
+            if s == 1:
+                t0 = time.perf_counter()
+            if pipeline:
+                idx = torch.randperm(len(cached), generator=gen)[:batch].sort().values
+                x = preprocess(augment(torch.from_numpy(cached[idx.numpy()]), "d4", generator=gen), size)
+                y = labels[idx]
+            else:
+                x, y = fixed, labels[:batch]
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return batch * steps / (time.perf_counter() - t0)
+
+    alone = run(False)
+    full = run(True)
+    return full, alone
+
+
+def fold_stem(model):
+    """A copy of ``model`` whose first convolution takes 1 channel: the RGB kernels summed."""
+    folded = copy.deepcopy(model)
+    w = model.conv1.weight.detach()
+    folded.conv1 = torch.nn.Conv2d(1, w.shape[0], kernel_size=7, stride=2, padding=3, bias=False,
+                                   dtype=w.dtype)
+    with torch.no_grad():
+        folded.conv1.weight.copy_(w.sum(dim=1, keepdim=True))
+    return folded
+
+
+def input_stem(size: int, batch: int) -> None:
+    model = _model().eval()
+    folded = fold_stem(model).eval()
+    x1 = torch.rand(batch, 1, size, size) * 2 - 1
+    x3 = x1.expand(-1, 3, -1, -1).contiguous()
+    with torch.inference_mode():
+        a, b = model(x3), folded(x1)
+        err = float((a - b).abs().max())
+        assert err < 1e-5, f"folded stem differs by {err}"
+        ts = {}
+        for name, m, x in (("3ch", model, x3), ("1ch", folded, x1)):
+            m(x)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                m(x)
+            ts[name] = (time.perf_counter() - t0) / 3
+    print(f"input_stem: max |logit difference| {err:.2e} (asserted < 1e-5), forward ratio "
+          f"{ts['3ch'] / ts['1ch']:.3f} vs 3 replicated channels at {size} px (folded is faster if > 1)", flush=True)
+
+    # training equivalence in float64: the folded kernel needs lr x3 and weight decay /3
+    for opt_name in ("sgd", "adamw"):
+        torch.manual_seed(1)
+        m3 = build_model("none")[0].double().train()
+        m1 = fold_stem(m3).train()
+        xs = [torch.rand(4, 1, 64, 64, dtype=torch.float64) for _ in range(3)]
+        ys = [torch.randint(0, 3, (4,)) for _ in range(3)]
+
+        def make(m, stem_scale, opt_name=opt_name):
+            stem = [m.conv1.weight]
+            rest = [p for n, p in m.named_parameters() if n != "conv1.weight"]
+            lr, wd = 1e-3, 0.05
+            groups = [{"params": rest}, {"params": stem, "lr": lr * stem_scale, "weight_decay": wd / stem_scale}]
+            if opt_name == "sgd":
+                return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd)
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, eps=1e-12)
+
+        o3, o1 = make(m3, 1.0), make(m1, 3.0)
+        for x, y in zip(xs, ys, strict=True):
+            for m, o, inp in ((m3, o3, x.expand(-1, 3, -1, -1)), (m1, o1, x)):
+                o.zero_grad()
+                F.cross_entropy(m(inp), y).backward()
+                o.step()
+        diff = float((m3.conv1.weight.sum(1, keepdim=True) - m1.conv1.weight).abs().max())
+        out_diff = float((m3(xs[0].expand(-1, 3, -1, -1)) - m1(xs[0])).abs().max())
+        print(f"input_stem_training_{opt_name}: after 3 steps in float64, max |folded - summed RGB kernel| "
+              f"{diff:.1e}, max |logit difference| {out_diff:.1e} (lr x3, weight decay /3 on the folded kernel)",
+              flush=True)
+
+
+def inference(size: int, n: int, compile_too: bool) -> None:
+    from deeplense.train import TrainConfig, predict_proba
+
+    model = _model().eval()
+    cfg = TrainConfig(image_size=size, eval_batch_size=32)
+    x = torch.rand(n, 1, 150, 150)
+    dev = torch.device("cpu")
+    predict_proba(model, x[:32], cfg, dev)
+    res = {}
+    for tta in (False, True):
+        t0 = time.perf_counter()
+        predict_proba(model, x if not tta else x[: max(32, n // 8)], cfg, dev, tta=tta)
+        res[tta] = (n if not tta else max(32, n // 8)) / (time.perf_counter() - t0)
+    print(f"inference: {res[False]:.1f} img/s at {size} px (inference_mode, eval), 8-way TTA {res[True]:.1f} img/s, "
+          f"ratio {res[False] / res[True]:.2f} vs TTA (expected about 8)", flush=True)
+    if not compile_too:
+        print("inference_compile: skipped at quick scale (compiling ResNet34 on CPU takes minutes; use --full)")
+        return
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    predict_proba(compiled, x[:32], cfg, dev)
+    ctime = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    predict_proba(compiled, x, cfg, dev)
+    rate = n / (time.perf_counter() - t0)
+    print(f"inference_compile: {rate:.1f} img/s with torch.compile, ratio {rate / res[False]:.2f} vs eager "
+          f"(compile time {ctime:.0f} s)", flush=True)
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys, torch, torch.nn.functional as F
+from deeplense.model import build_model
+from deeplense.data import preprocess, augment
+size = int(sys.argv[1])
+m = build_model("none")[0].train(); opt = torch.optim.AdamW(m.parameters(), 1e-4)
+x = torch.rand(32, 1, 150, 150); y = torch.randint(0, 3, (32,))
+for _ in range(2):
+    loss = F.cross_entropy(m(preprocess(augment(x, "d4"), size)), y); opt.zero_grad(); loss.backward(); opt.step()
+print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def memory() -> None:
+    for size in (224, 150):
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(size)], capture_output=True, text=True,
+                             check=True).stdout
+        mb = json.loads(out.strip().splitlines()[-1])["maxrss_mb"]
+        print(f"memory_train_{size}px: {mb / 1024:.2f} GB peak RSS, batch 32, AdamW (goal <= 8 GB)", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="more steps; also time torch.compile")
+    args = p.parse_args(argv)
+    steps = 6 if args.full else 2
+    rates = {}
+    for size in (224, 150):
+        full, alone = train_step(size, 32, steps)
+        rates[size] = full
+        print(f"train_step_{size}px: {full:.1f} img/s with the data pipeline, ratio {full / alone:.3f} vs model alone "
+              f"{alone:.1f} img/s (goal >= 0.95)", flush=True)
+    print(f"train_step_150_vs_224: ratio {rates[150] / rates[224]:.2f} (150 px speed / 224 px speed)")
+    input_stem(224, 16)
+    inference(150, 256 if args.full else 96, compile_too=args.full)
+    memory()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
