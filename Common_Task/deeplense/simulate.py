@@ -467,7 +467,7 @@ def image_statistics(images: np.ndarray) -> dict[str, float]:
 
 
 DEMO_TRAIN_PER_CLASS = 1000
-DEMO_VAL_PER_CLASS = 300
+DEMO_VAL_PER_CLASS = 500
 
 
 def default_simulated_dataset(seed: int = 0, train_per_class: int = DEMO_TRAIN_PER_CLASS,
