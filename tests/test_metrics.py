@@ -36,7 +36,7 @@ def test_metrics_equal_sklearn(seed):
 
 def test_bootstrap_intervals_contain_point_estimates_and_are_seeded():
     y, p = _random(n=400, seed=5)
-    m = compute_metrics(y, p, n_bootstrap=200, seed=1)
+    m = compute_metrics(y, p, n_bootstrap=100, seed=1)
     ci = m["ci"]
     assert ci["accuracy"][0] <= m["accuracy"] <= ci["accuracy"][1]
     assert ci["macro_auc"][0] <= m["auc"]["macro"] <= ci["macro_auc"][1]
@@ -44,8 +44,8 @@ def test_bootstrap_intervals_contain_point_estimates_and_are_seeded():
     for c, v in m["auc"]["per_class"].items():
         assert ci["per_class_auc"][c][0] <= v <= ci["per_class_auc"][c][1]
     assert ci["macro_auc"][1] - ci["macro_auc"][0] > 0.005  # a real interval, not a point
-    assert compute_metrics(y, p, n_bootstrap=200, seed=1)["ci"] == ci
-    assert compute_metrics(y, p, n_bootstrap=200, seed=2)["ci"] != ci
+    assert compute_metrics(y, p, n_bootstrap=100, seed=1)["ci"] == ci
+    assert compute_metrics(y, p, n_bootstrap=100, seed=2)["ci"] != ci
 
 
 def test_absent_class_gives_null_auc_and_skipped_resamples():

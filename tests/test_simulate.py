@@ -210,6 +210,13 @@ def test_refuses_to_mix_seeds_in_one_folder(tmp_path, capsys):
     assert "another seed or config" in capsys.readouterr().err
 
 
+def test_cli_simulate_with_figure(tmp_path, capsys):
+    assert main(["simulate", "--out", str(tmp_path / "s"), "--train-per-class", "1", "--val-per-class", "2",
+                 "--workers", "1", "--figure", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig.png").stat().st_size > 20_000 and (tmp_path / "fig.pdf").is_file()
+    assert len(list((tmp_path / "s").rglob("*.npy"))) == 9 and (tmp_path / "s" / "manifest.csv").is_file()
+
+
 def test_cli_simulate_and_bad_shard(tmp_path, capsys):
     assert main(["simulate", "--out", str(tmp_path / "s"), "--train-per-class", "1", "--val-per-class", "1",
                  "--shard", "5/2"]) == 2

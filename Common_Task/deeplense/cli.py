@@ -6,6 +6,7 @@ User mistakes (a bad file, a missing folder) end with a one-line ``error: ...`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .util import DeepLenseError
@@ -44,6 +45,21 @@ def _cmd_simulate(args) -> int:
                            seed=args.seed, workers=args.workers, config=cfg, shard=shard)
     print(f"wrote {out['written']} images ({out['skipped']} already present) to {args.out}; "
           f"manifest {out['manifest']}")
+    if args.figure:
+        import numpy as np
+
+        from .data import CLASSES, read_image
+        from .plots import examples_grid
+
+        n = min(4, args.val_per_class)
+        files = [f"{args.out}/val/{c}/{i}.npy" for c in CLASSES for i in range(1, n + 1)]
+        if not all(os.path.exists(f) for f in files):
+            raise DeepLenseError(f"--figure: the first {n} val images per class are not all in {args.out} "
+                                 f"(a sharded run? draw it after all shards finish)")
+        images = np.stack([read_image(f)[None] for f in files])
+        for path in examples_grid(images, np.repeat(np.arange(len(CLASSES)), n), args.figure, per_class=n,
+                                  title=f"Simulated examples ({cfg.preset} preset, seed {args.seed})"):
+            print(f"wrote {path}")
     return 0
 
 
@@ -84,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distance-convention", choices=["deeplense", "angular"], default=None,
                    help="Einstein radius from luminosity distances with D_ls = D_s - D_l (deeplense, the "
                         "DeepLenseSim convention, default) or from angular-diameter distances (angular)")
+    p.add_argument("--figure", metavar="STEM",
+                   help="also draw the first 4 val images per class to STEM.png and STEM.pdf")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="write only images whose position in (split, class, index) order is K mod N")
     p.set_defaults(func=_cmd_simulate)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import DeepLenseError, cache_dir, write_json_atomic
+from .util import DeepLenseError, cache_dir, progress_bar, write_json_atomic
 
 CLASSES: tuple[str, ...] = ("no", "sphere", "vort")
 """Class names in label order: 0 = no substructure, 1 = CDM subhalos, 2 = vortex (axion-like DM)."""
@@ -216,8 +216,6 @@ def load_splits(
     Returns ``{split: (images, labels)}``; see :func:`load_split`. If ``info`` is a dict it receives a
     :class:`SplitInfo` per split.
     """
-    from tqdm import tqdm
-
     root = find_root(root)
     listed = {s: list_files(root, s) for s in splits}  # structure errors first, before any reading
     out, to_build = {}, []
@@ -243,7 +241,7 @@ def load_splits(
             images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float32, shape=(len(files), 1, h, w))
             staged.append([tmp_img, None, paths, None])
             labels = np.fromiter((lab for _, lab in files), dtype=np.int64, count=len(files))
-            bar = tqdm(files, desc=f"caching {s}", unit="img", disable=not progress, leave=False)
+            bar = progress_bar(files, desc=f"caching {s}", unit="img", disable=not progress, leave=False)
             for i, (p, _lab) in enumerate(bar):
                 name = _display(p, root)
                 img = first if i == 0 else read_image(p, allow_pickle=allow_pickle, name=name)

@@ -154,8 +154,21 @@ def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | No
         old.setdefault("DEEPLENSE_OUTPUT", os.environ.get("DEEPLENSE_OUTPUT"))
         os.environ["DEEPLENSE_OUTPUT"] = str(Path(output_dir).resolve())
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    import sys
+    import time
+
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    t0 = time.time()
+
+    def on_start(cell, cell_index):
+        if cell.cell_type == "code":
+            k = code_cells.index(cell) + 1
+            first = next((ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")), "")
+            print(f"[{time.time() - t0:6.0f} s] cell {k}/{len(code_cells)}: {first[:70]}", file=sys.stderr,
+                  flush=True)
+
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", on_cell_start=on_start, coalesce_streams=True,
                        resources={"metadata": {"path": str(notebook.parent)}}).execute()
     finally:
         for k, v in old.items():

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import CLASSES, SPLITS
-from .util import DeepLenseError, write_json_atomic, write_text_atomic
+from .util import DeepLenseError, progress_bar, write_json_atomic, write_text_atomic
 
 PRESETS = ("common_task", "model_i")
 DISTANCE_CONVENTIONS = ("deeplense", "angular")
@@ -378,8 +378,6 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
     """
     import multiprocessing as mp
 
-    from tqdm import tqdm
-
     config = config or SimulationConfig()
     if train_per_class < 1 or val_per_class < 1:
         raise DeepLenseError("--train-per-class and --val-per-class must be at least 1")
@@ -411,7 +409,7 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
         order = [t for pos, t in enumerate(order) if pos % shard[1] == shard[0]]
     tasks = [(config, int(seed), str(out), s, c, i) for s, c, i in order]
     written = 0
-    bar = tqdm(total=len(tasks), desc="simulating", unit="img", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc="simulating", unit="img", disable=not progress)
     if workers == 1:
         for t in tasks:
             written += _work(t)

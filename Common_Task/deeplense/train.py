@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from .data import CLASSES, augment, d4_transform, dataset_fingerprint, load_splits, preprocess, split_holdout
-from .util import DeepLenseError, atomic_path, pick_device, versions, write_json_atomic, write_text_atomic
+from .util import (
+    DeepLenseError,
+    atomic_path,
+    pick_device,
+    progress_bar,
+    versions,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -155,13 +163,11 @@ def predict_proba(model, x: torch.Tensor, config: TrainConfig, device: torch.dev
     The model runs in ``eval()`` mode; with ``tta`` the probabilities are averaged over the 8 D4
     symmetries. Softmax is computed in float32 even under autocast.
     """
-    from tqdm import tqdm
-
     model.eval()
     fn = input_fn(config)
     bs = batch_size or config.eval_batch_size
     out = []
-    for s in tqdm(range(0, len(x), bs), desc=desc, unit="batch", disable=not progress, leave=False):
+    for s in progress_bar(range(0, len(x), bs), desc=desc, unit="batch", disable=not progress, leave=False):
         xb = fn(x[s : s + bs].to(device, non_blocking=True))
         if device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -213,8 +219,6 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
     ``stop_after_epoch`` ends this call early (the schedule still spans ``config.epochs``), for staged jobs
     on time-limited queues: resume later to continue.
     """
-    from tqdm import tqdm
-
     from .model import build_model
 
     world, rank, local_rank = _dist_info()
@@ -326,7 +330,7 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
         perm = torch.randperm(len(x_train), generator=gen)[rank * per_rank : (rank + 1) * per_rank]
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="step",
+        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not (progress and main_proc), leave=False)
         for step in bar:
             idx = perm[step * config.batch_size : (step + 1) * config.batch_size]

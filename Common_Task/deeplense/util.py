@@ -84,3 +84,14 @@ def cache_dir() -> Path:
     """Where derived data lives: ``$DEEPLENSE_CACHE``, default ``~/.cache/deeplense``."""
     env = os.environ.get("DEEPLENSE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "deeplense"
+
+
+def progress_bar(iterable=None, *, disable: bool = False, **kwargs):
+    """A tqdm progress bar. Off when ``$TQDM_DISABLE`` is set; when stderr is not a terminal (a notebook
+    being executed, a log file) it redraws at most every 30 s so stored outputs stay small."""
+    from tqdm import tqdm
+
+    disable = disable or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    if not getattr(sys.stderr, "isatty", lambda: False)():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(iterable, disable=disable, **kwargs)
