@@ -43,7 +43,7 @@ def train_step(size: int, batch: int, steps: int) -> tuple[float, float]:
 
     def run(pipeline: bool) -> float:
         model = _model().train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as in training
         fixed = preprocess(torch.from_numpy(cached[:batch]), size).contiguous()
         t0 = 0.0
         for s in range(steps + 1):  # the first step warms up
@@ -64,6 +64,23 @@ def train_step(size: int, batch: int, steps: int) -> tuple[float, float]:
     alone = run(False)
     full = run(True)
     return full, alone
+
+
+def optimizer_step() -> None:
+    """AdamW's step alone over ResNet34's 21.3 M parameters: fused kernel against the foreach one."""
+    t = {}
+    for mode in ("foreach", "fused", "foreach", "fused"):
+        model = _model()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **{mode: True})
+        opt.step()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            opt.step()
+        t[mode] = min(t.get(mode, 1e9), (time.perf_counter() - t0) / 5)
+    print(f"optimizer_step: {t['fused'] * 1e3:.0f} ms per AdamW step (fused), ratio {t['foreach'] / t['fused']:.2f} "
+          f"vs foreach {t['foreach'] * 1e3:.0f} ms (fused is used in training on CPU and CUDA)", flush=True)
 
 
 def fold_stem(model):
@@ -188,6 +205,7 @@ def main(argv=None) -> int:
         print(f"train_step_{size}px: {full:.1f} img/s with the data pipeline, ratio {full / alone:.3f} vs model alone "
               f"{alone:.1f} img/s (goal >= 0.95)", flush=True)
     print(f"train_step_150_vs_224: ratio {rates[150] / rates[224]:.2f} (150 px speed / 224 px speed)")
+    optimizer_step()
     input_stem(224, 16)
     inference(150, 256 if args.full else 96, compile_too=args.full)
     memory()

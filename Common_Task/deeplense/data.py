@@ -89,11 +89,8 @@ def list_files(root: Path, split: str) -> list[tuple[Path, int]]:
         d = split_dir / cls
         if not d.is_dir():
             raise DeepLenseError(f"{d}: missing class folder '{cls}' (expected {', '.join(CLASSES)})")
-        files = [
-            d / name
-            for name in os.listdir(d)
-            if name.endswith(".npy") and not name.startswith("._") and (d / name).is_file()
-        ]
+        with os.scandir(d) as it:  # DirEntry.is_file() needs no extra system call on most filesystems
+            files = [d / e.name for e in it if e.name.endswith(".npy") and not e.name.startswith("._") and e.is_file()]
         if not files:
             raise DeepLenseError(f"{d}: class folder has no .npy files")
         out.extend((p, label) for p in sorted(files, key=_numeric_key))
@@ -163,9 +160,10 @@ def read_image(path: str | os.PathLike, *, allow_pickle: bool = False, name: str
 def _fingerprint(root: Path, files: list[tuple[Path, int]]) -> tuple[list[str], str]:
     h = hashlib.sha256()
     rel = []
+    skip = len(str(root)) + 1
     for p, label in files:
-        st = p.stat()
-        r = str(p.relative_to(root))
+        st = os.stat(p)
+        r = str(p)[skip:]  # relative to root (string slicing: Path.relative_to costs ~10 us per file)
         rel.append(r)
         h.update(f"{r}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return rel, h.hexdigest()

