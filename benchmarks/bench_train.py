@@ -175,7 +175,7 @@ def inference(size: int, n: int, compile_too: bool) -> None:
 
 
 MEMORY_CHILD = r"""
-import json, resource, sys, torch, torch.nn.functional as F
+import json, sys, torch, torch.nn.functional as F
 from deeplense.model import build_model
 from deeplense.data import preprocess, augment
 size = int(sys.argv[1])
@@ -183,7 +183,10 @@ m = build_model("none")[0].train(); opt = torch.optim.AdamW(m.parameters(), 1e-4
 x = torch.rand(32, 1, 150, 150); y = torch.randint(0, 3, (32,))
 for _ in range(2):
     loss = F.cross_entropy(m(preprocess(augment(x, "d4"), size)), y); opt.zero_grad(); loss.backward(); opt.step()
-print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of a large parent reports the
+# parent's peak
+hwm_kb = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+print(json.dumps({"maxrss_mb": hwm_kb / 1024}))
 """
 
 
