@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = SimulationConfig()
     per_class(cfg, 60 if args.full else 20)
-    workers(cfg, 100 if args.full else 40)
+    workers(cfg, 300 if args.full else 100)  # enough work that spawning the pool does not dominate
     statistics(30 if args.full else 10)
     return 0
 
