@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from deeplense.data import CLASSES
-from deeplense.evaluate import evaluate
+from deeplense.evaluate import evaluate, load_checkpoint
 from deeplense.simulate import simulate_dataset
 from deeplense.train import recipe, train
 from deeplense.util import versions, write_json_atomic
@@ -70,7 +70,9 @@ def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int 
     if not (ev / "metrics.json").exists():
         t0 = time.time()
         if (run / "last.pt").exists():
-            train(None, data, None, resume=run)
+            ck = load_checkpoint(run / "last.pt")
+            if ck["epoch"] < ck["config"]["epochs"]:  # interrupted: continue; finished (default_tta): reuse
+                train(None, data, None, resume=run)
         else:
             train(arm_config(arm, full, seed, epochs), data, run)
         evaluate(run / "best.pt", data, ev, split="test", tta=arm == "default_tta")
