@@ -14,8 +14,11 @@ from conftest import write_dataset
 from deeplense.cli import main
 from deeplense.data import (
     CLASSES,
+    SPLITS,
     augment,
+    combine_fingerprints,
     d4_transform,
+    dataset_fingerprint,
     find_root,
     load_split,
     load_splits,
@@ -112,6 +115,9 @@ def test_cache_reopens_and_invalidates(tiny_dataset):
     info = {}
     b = load_splits(tiny_dataset, ("train",), info=info)["train"][0]
     assert info["train"].from_cache
+    both: dict = {}
+    load_splits(tiny_dataset, SPLITS, info=both)
+    assert combine_fingerprints([both[s].fingerprint for s in SPLITS]) == dataset_fingerprint(tiny_dataset)
     np.testing.assert_array_equal(a, b)
     # the cache lives in $DEEPLENSE_CACHE, never inside the dataset
     assert not any(p.name.endswith((".json", ".tmp")) for p in tiny_dataset.rglob("*"))

@@ -132,7 +132,7 @@ def read_image(path: str | os.PathLike, *, allow_pickle: bool = False, name: str
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
             raise DeepLenseError(
                 f"{name}: holds a pickled object array; loading pickles can run code, so pass "
-                f"--allow-pickle (allow_pickle=True) only if you trust this file"
+                f"--allow-pickle (or allow_pickle in Python) only if you trust this file"
             ) from None
         raise DeepLenseError(f"{name}: unreadable or truncated .npy file ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - truncated files raise EOFError, OSError, ...
@@ -292,9 +292,14 @@ def load_split(
 def dataset_fingerprint(root: str | os.PathLike) -> str:
     """A short hash of file names, sizes and modification times of both splits (for provenance)."""
     root = find_root(root)
+    return combine_fingerprints([_fingerprint(root, list_files(root, s))[1] for s in SPLITS])
+
+
+def combine_fingerprints(split_fingerprints: list[str]) -> str:
+    """The dataset fingerprint from the per-split ones (``SplitInfo.fingerprint``, in :data:`SPLITS` order)."""
     h = hashlib.sha256()
-    for s in SPLITS:
-        h.update(_fingerprint(root, list_files(root, s))[1].encode())
+    for fp in split_fingerprints:
+        h.update(fp.encode())
     return h.hexdigest()[:16]
 
 

@@ -22,7 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import CLASSES, augment, d4_transform, dataset_fingerprint, load_splits, preprocess, split_holdout
+from .data import (
+    CLASSES,
+    SPLITS,
+    augment,
+    combine_fingerprints,
+    d4_transform,
+    load_splits,
+    preprocess,
+    split_holdout,
+)
 from .util import (
     DeepLenseError,
     atomic_path,
@@ -254,7 +263,8 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
         raise DeepLenseError("train: no dataset given")
 
     # ---- data: train, and the selection part of val (the held-out test part is never loaded here)
-    loaded = load_splits(data, ("train", "val"), allow_pickle=allow_pickle, progress=progress and main_proc)
+    info: dict = {}
+    loaded = load_splits(data, SPLITS, allow_pickle=allow_pickle, progress=progress and main_proc, info=info)
     tr_images, tr_labels = loaded["train"]
     va_images, va_labels = loaded["val"]
     sel_idx, _test_idx = split_holdout(va_labels, config.holdout_fraction, seed=config.seed)
@@ -266,7 +276,8 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
     y_sel = va_labels[sel_idx]
     if dev.type == "cuda":
         x_train, x_sel = x_train.pin_memory(), x_sel.pin_memory()
-    data_info = {"root": str(Path(data).resolve()), "fingerprint": dataset_fingerprint(data),
+    data_info = {"root": str(Path(data).resolve()),
+                 "fingerprint": combine_fingerprints([info[s].fingerprint for s in SPLITS]),
                  "n_train": int(len(tr_idx)), "n_selection": int(len(sel_idx)),
                  "n_heldout_test_untouched": int(len(_test_idx))}
 
