@@ -138,6 +138,17 @@ def test_cache_reopens_and_invalidates(tiny_dataset):
     assert images.shape[0] == 13
 
 
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    from deeplense.util import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
 def test_split_holdout_properties():
     labels = np.repeat(np.arange(3), [2500, 2500, 2500])
     sel, test = split_holdout(labels, 0.1, seed=7)
