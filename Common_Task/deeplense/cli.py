@@ -33,11 +33,9 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from .simulate import PRESETS, SimulationConfig, parse_shard, simulate_dataset
+    from .simulate import SimulationConfig, parse_shard, simulate_dataset
 
-    cfg = SimulationConfig.from_preset(args.preset) if args.preset in PRESETS else None
-    if cfg is None:
-        raise DeepLenseError(f"--preset {args.preset}: unknown (choose from {', '.join(PRESETS)})")
+    cfg = SimulationConfig.from_preset(args.preset)  # an unknown preset raises a DeepLenseError
     if args.distance_convention:
         cfg = cfg.replace(distance_convention=args.distance_convention)
     shard = parse_shard(args.shard)

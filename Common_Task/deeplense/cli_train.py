@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .util import DeepLenseError
-
 
 def _data_or_simulated(args) -> str:
     if args.data:
@@ -156,4 +154,4 @@ def add_commands(sub, add_common) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-__all__ = ["add_commands", "DeepLenseError"]
+__all__ = ["add_commands"]

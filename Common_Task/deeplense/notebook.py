@@ -87,7 +87,7 @@ def resolve(params: dict, *, typed_defaults: dict | None = None) -> dict:
                        ("SIM_TRAIN_PER_CLASS", "sim_train_per_class"), ("SIM_VAL_PER_CLASS", "sim_val_per_class")):
         if p[key] is None:
             p[key] = getattr(scale, field)
-    if p["CROP"] is None and "CROP" not in {k for k, v in ENV.items() if v in os.environ}:
+    if p["CROP"] is None and ENV["CROP"] not in os.environ:  # DEEPLENSE_CROP=none means no crop
         p["CROP"] = scale.crop
     p["RECIPE"] = p["RECIPE"] or "default"
     p["WEIGHTS"] = p["WEIGHTS"] or "auto"

@@ -20,7 +20,7 @@ import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -104,7 +104,6 @@ class SimulationConfig:
     vortex_mass_msun: float = 3e10
     log10_axion_mass_ev: tuple[float, float] = (-24.0, -22.0)
     vortex_length_scale_arcsec: float = 0.06
-    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_preset(cls, name: str = "common_task") -> SimulationConfig:
@@ -123,9 +122,7 @@ class SimulationConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------- physics

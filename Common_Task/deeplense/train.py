@@ -228,6 +228,7 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
     ``stop_after_epoch`` ends this call early (the schedule still spans ``config.epochs``), for staged jobs
     on time-limited queues: resume later to continue.
     """
+    from .metrics import quick_metrics
     from .model import build_model
 
     world, rank, local_rank = _dist_info()
@@ -375,8 +376,6 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
             loss_sum, seen = float(stats[0]), int(stats[1])
 
         probs = predict_proba(model, x_sel, config, dev, progress=False)
-        from .metrics import quick_metrics
-
         m = quick_metrics(y_sel, probs)
         val_loss = float(-np.log(np.clip(probs[np.arange(len(y_sel)), y_sel], 1e-12, None)).mean())
         rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
@@ -393,7 +392,7 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
             f"{rec['train_images_per_s']:.1f} img/s" + (" *best*" if improved else ""))
         if main_proc:
             payload = {"model": model.state_dict(), "config": asdict(config), "classes": list(CLASSES),
-                       "epoch": epoch, "metrics": {k: v for k, v in rec.items()}, "best_metric": best_metric,
+                       "epoch": epoch, "metrics": dict(rec), "best_metric": best_metric,
                        "best_epoch": best_epoch, "weights": weights_info, "data": data_info,
                        "versions": provenance["versions"], "device": str(dev), "format": "deeplense-checkpoint-1"}
             if improved:
