@@ -26,6 +26,7 @@ def test_metrics_equal_sklearn(seed):
     assert m["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)), abs=1e-9)
     assert m["auc"]["macro"] == pytest.approx(roc_auc_score(y, p64, multi_class="ovr", average="macro"), abs=1e-9)
     onehot = label_binarize(y, classes=[0, 1, 2])
+    assert m["auc"]["micro"] == pytest.approx(roc_auc_score(onehot, p64, average="micro"), abs=1e-9)
     assert m["auc"]["micro"] == pytest.approx(roc_auc_score(onehot.ravel(), p64.ravel()), abs=1e-9)
     for c, name in enumerate(("no", "sphere", "vort")):
         assert m["auc"]["per_class"][name] == pytest.approx(roc_auc_score(y == c, p64[:, c]), abs=1e-9)
@@ -73,3 +74,15 @@ def test_roc_curves():
     assert c["micro"]["auc"] == pytest.approx(np.trapezoid(c["micro"]["tpr"], c["micro"]["fpr"]), abs=1e-9)
     # the macro curve is the mean of the per-class curves on the union grid: its area is the mean AUC
     assert c["macro"]["auc"] == pytest.approx(np.trapezoid(c["macro"]["tpr"], c["macro"]["fpr"]), abs=2e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bootstrap_resample_aucs_equal_sklearn_with_ties(seed):
+    from deeplense.metrics import _aucs, _resample_aucs
+
+    y, p = _random(seed=seed)
+    p = np.round(p.astype(np.float64), 2)  # many ties, which both must count one half
+    per_class, micro = _resample_aucs(y, p)
+    ref = _aucs(y, p)
+    assert per_class == pytest.approx([ref["per_class"][c] for c in ("no", "sphere", "vort")], abs=1e-12)
+    assert micro == pytest.approx(ref["micro"], abs=1e-12)
