@@ -12,7 +12,7 @@ Arms (``--arms`` picks a subset):
 - ``default_tta``: ``default``'s checkpoints evaluated with 8-way D4 test-time averaging;
 - ``default_150px``: ``default`` on the whole native 150 px image (no crop, no resize).
 
-Quick scale (the default, for a 2-core CPU; about 2 hours with 2 seeds): 1,000 train and 1,000 val images per
+Quick scale (the default, for a 2-core CPU; about 2 hours with 2 seeds): 800 train and 1,000 val images per
 class (a 300-image held-out test), 5 epochs, random initial weights (ImageNet weights are used instead when
 the torch hub cache holds them), input = the central 96 px shrunk to 64 px (the reference arm: the whole image
 resized to 73 px, centre 64 px, the reference's 256 -> 224 geometry scaled). ``--full``: 10,000 / 2,500 per
@@ -20,7 +20,7 @@ class at the recipes' own settings (224 px, 20 epochs), for a GPU.
 
 Writes ``OUT/study.json``, ``OUT/study_auc.png|pdf`` (macro AUC per arm with error bars) and
 ``OUT/study_roc.png|pdf`` (class-wise ROC of the best arm against the reference); ``--readme`` copies the
-table into README.md. Interrupted? Run the same command again: finished runs are kept.
+table into README.md and the two figures into images/. Interrupted? Run the same command again: finished runs are kept.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +107,24 @@ def summarise(per_seed: list[dict]) -> dict:
             "train_seconds": {"mean": float(np.mean([m["train_seconds"] for m in per_seed]))},
             "train_images_per_s": {"mean": float(np.mean([m["train_images_per_s"] for m in per_seed]))},
             "pretrained": bool(per_seed[0]["provenance"]["pretrained"]),
+            "tta": bool(per_seed[0]["provenance"]["tta"]),
+            "device": per_seed[0]["provenance"]["device"],
             "config": per_seed[0]["provenance"]["config"]}
+
+
+def describe(arm: dict) -> str:
+    """The arm's recipe in a few words: optimiser, augmentation, input geometry, TTA."""
+    c = arm["config"]
+    size = c["image_size"]
+    if c.get("crop"):
+        geometry = f"central {c['crop']} px → {size} px"
+    elif c.get("resize_then_crop"):
+        geometry = f"resize {c['resize_then_crop']} px, centre {size} px"
+    else:
+        geometry = f"whole image at {size} px"
+    aug = {"d4": "D4", "hflip": "h-flips", "none": "no aug."}.get(c["augmentation"], c["augmentation"])
+    opt = f"{'AdamW' if c['optimizer'] == 'adamw' else c['optimizer'].upper()} {c['lr']:g}"
+    return f"{opt}, {aug}, {geometry}" + (", D4 TTA" if arm.get("tta") else "")
 
 
 def table(study: dict) -> str:
@@ -112,8 +132,9 @@ def table(study: dict) -> str:
     lines = [f"Scale: {s['description']}; hardware: {s['hardware']}; command: `{s['command']}`. "
              f"Mean ± std over {s['seeds']} seeds; [95% bootstrap interval, averaged over seeds]; held-out test "
              f"n = {s['n_test']} per seed. Initial weights: {s['weights']}.", "",
-             "| arm | macro AUC | micro AUC | accuracy | AUC no | AUC sphere | AUC vort | train time | img/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| arm | recipe | macro AUC | micro AUC | accuracy | AUC no | AUC sphere | AUC vort | train time | "
+             "train img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, a in study["arms"].items():
         t = a["test"]
 
@@ -122,7 +143,7 @@ def table(study: dict) -> str:
                                                     (f" [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d["ci95"] else ""))
 
         pc = t["per_class_auc"]
-        lines.append(f"| `{arm}` | {f(t['macro_auc'])} | {f(t['micro_auc'])} | {f(t['accuracy'])} | "
+        lines.append(f"| `{arm}` | {describe(a)} | {f(t['macro_auc'])} | {f(t['micro_auc'])} | {f(t['accuracy'])} | "
                      f"{pc['no']['mean']:.3f} | {pc['sphere']['mean']:.3f} | {pc['vort']['mean']:.3f} | "
                      f"{a['train_seconds']['mean'] / 60:.1f} min | {a['train_images_per_s']['mean']:.1f} |")
     return "\n".join(lines)
@@ -142,11 +163,13 @@ def figures(study: dict, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.set_title("Ablation on simulated data")
     plots.save_figure(fig, out / "study_auc")
-    best = max((a for a in arms if a != "reference"), key=lambda a: study["arms"][a]["test"]["macro_auc"]["mean"])
-    fig, axes = plt.subplots(1, 2, figsize=(9.2, 4.6))
+    others = [a for a in arms if a != "reference"] or arms
+    best = max(others, key=lambda a: study["arms"][a]["test"]["macro_auc"]["mean"])
+    shown = ("reference", best) if "reference" in arms and best != "reference" else (best,)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 4.6), squeeze=False)
     from deeplense.metrics import roc_curves
 
-    for ax, arm in zip(axes, ("reference", best), strict=True):
+    for ax, arm in zip(axes[0], shown, strict=True):
         z = np.load(out / "eval" / f"{arm}-seed{study['scale']['seed_list'][0]}" / "predictions.npz")
         curves = roc_curves(z["labels"], z["probabilities"])
         for c in CLASSES:
@@ -157,23 +180,41 @@ def figures(study: dict, out: Path) -> None:
     plots.save_figure(fig, out / "study_roc")
 
 
+def write_readme(study: dict, out: Path, repo: Path) -> None:
+    """Copy the table between the README's study markers and the two figures into ``repo/images``."""
+    from deeplense.util import DeepLenseError, atomic_path, write_text_atomic
+
+    readme = repo / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- study:start -->", "<!-- study:end -->"
+    if start not in text or end not in text:
+        raise DeepLenseError(f"{readme}: no {start} ... {end} section to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    write_text_atomic(readme, head + start + "\n" + table(study) + "\n" + end + tail)
+    for name in ("study_auc.png", "study_auc.pdf", "study_roc.png", "study_roc.pdf"):
+        with atomic_path(repo / "images" / name) as tmp:
+            shutil.copyfile(out / name, tmp)
+    print(f"updated {readme} and {repo / 'images'}/study_auc.png, study_roc.png")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the full 30,000/7,500 set at the recipes' own settings")
     p.add_argument("--seeds", type=int, default=2, help="seeds per arm (default 2)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
-    p.add_argument("--out", default="study_output", help="output folder (default study_output/)")
+    p.add_argument("--out", default="benchmarks/out/study", help="output folder (default benchmarks/out/study/)")
     p.add_argument("--train-per-class", type=int, help="override the scale's simulated train images per class")
     p.add_argument("--val-per-class", type=int, help="override the scale's simulated val images per class")
     p.add_argument("--epochs", type=int, help="override the scale's epochs (all arms)")
-    p.add_argument("--readme", action="store_true", help="copy the table into README.md")
+    p.add_argument("--readme", action="store_true", help="copy the table into README.md and the figures into images/")
     args = p.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     bad = [a for a in arms if a not in ARMS]
     if bad:
         p.error(f"unknown arm(s) {bad}; choose from {ARMS}")
     out = Path(args.out).resolve()
-    ntr = args.train_per_class or (10_000 if args.full else 1_000)
+    ntr = args.train_per_class or (10_000 if args.full else 800)
     nva = args.val_per_class or (2_500 if args.full else 1_000)
     data = out / "data"
     simulate_dataset(data, train_per_class=ntr, val_per_class=nva, seed=1234, workers=os.cpu_count() or 1)
@@ -190,7 +231,8 @@ def main(argv=None) -> int:
                   "train_per_class": ntr, "val_per_class": nva, "n_test": first["n"], "seeds": len(seeds),
                   "seed_list": seeds, "data_seed": 1234,
                   "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name(),
-                  "command": "python benchmarks/accuracy_study.py" + (" --full" if args.full else ""),
+                  "command": shlex.join(["python", "benchmarks/accuracy_study.py",
+                                         *(sys.argv[1:] if argv is None else argv)]),
                   "weights": "ImageNet" if first["provenance"]["pretrained"] else "random (no ImageNet weights here)",
                   "versions": versions()},
         "arms": {arm: summarise(ms) for arm, ms in results.items()},
@@ -200,15 +242,8 @@ def main(argv=None) -> int:
     print(table(study))
     if args.readme:
         from deeplense.notebook import REPO
-        from deeplense.util import write_text_atomic
 
-        readme = REPO / "README.md"
-        text = readme.read_text()
-        start, end = "<!-- study:start -->", "<!-- study:end -->"
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        write_text_atomic(readme, head + start + "\n" + table(study) + "\n" + end + tail)
-        print(f"updated {readme}")
+        write_readme(study, out, REPO)
     return 0
 
 

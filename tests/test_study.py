@@ -1,0 +1,98 @@
+"""The accuracy study's bookkeeping: study.json in the issue's shape, figures, README copy, reuse of finished runs.
+
+Runs the real script on a few simulated images for one epoch; the numbers mean nothing, the plumbing is checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from deeplense.data import CLASSES
+from deeplense.util import DeepLenseError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("accuracy_study", REPO / "benchmarks" / "accuracy_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Two arms that share two trainings (the TTA arm evaluates the default arm's checkpoints)."""
+    study = _study_module()
+    out = tmp_path_factory.mktemp("study")
+    args = ["--arms", "default,default_tta", "--train-per-class", "4", "--val-per-class", "20",
+            "--epochs", "1", "--seeds", "2", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse per-test isolation is not active yet
+        mp.setenv("DEEPLENSE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        assert study.main(args) == 0
+    return study, out, args
+
+
+def test_study_json_has_the_issue_shape(tiny_study):
+    _, out, args = tiny_study
+    s = json.loads((out / "study.json").read_text())
+    assert s["scale"]["seeds"] == 2 and s["scale"]["n_test"] == 6  # 10% of 60 val images, stratified
+    assert s["scale"]["command"].endswith(" ".join(args[:-1]) + " " + str(out))
+    assert "random" in s["scale"]["weights"] and s["scale"]["versions"]["torch"]
+    assert list(s["arms"]) == ["default", "default_tta"]
+    for arm in s["arms"].values():
+        t = arm["test"]
+        for key in ("macro_auc", "micro_auc", "accuracy"):
+            assert set(t[key]) >= {"mean", "std", "ci95"}
+            assert len(t[key]["per_seed"]) == 2 and 0.0 <= t[key]["mean"] <= 1.0
+            lo, hi = t[key]["ci95"]
+            assert lo <= hi
+        assert set(t["per_class_auc"]) == set(CLASSES)
+        assert arm["train_seconds"]["mean"] > 0 and arm["train_images_per_s"]["mean"] > 0
+        assert arm["device"] == "cpu"
+    assert s["arms"]["default_tta"]["tta"] and not s["arms"]["default"]["tta"]
+    for name in ("study_auc.png", "study_auc.pdf", "study_roc.png", "study_roc.pdf"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_tta_arm_reuses_default_checkpoints_and_rerun_trains_nothing(tiny_study):
+    study, out, args = tiny_study
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["default-seed0", "default-seed1"]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")}
+    assert study.main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")} == stamps
+
+
+def test_readme_gets_the_table_and_images_the_figures(tiny_study, tmp_path):
+    study, out, _ = tiny_study
+    s = json.loads((out / "study.json").read_text())
+    (tmp_path / "README.md").write_text("# x\n\n<!-- study:start -->\nold\n<!-- study:end -->\n\nafter\n")
+    study.write_readme(s, out, tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "old" not in text and text.endswith("<!-- study:end -->\n\nafter\n")
+    assert "| `default_tta` | AdamW 0.001, D4, central 96 px → 64 px, D4 TTA |" in text
+    assert (tmp_path / "images" / "study_roc.png").read_bytes() == (out / "study_roc.png").read_bytes()
+    (tmp_path / "README.md").write_text("# no markers\n")
+    with pytest.raises(DeepLenseError, match="README.md: no <!-- study:start -->"):
+        study.write_readme(s, out, tmp_path)
+
+
+def test_recipe_column_names_each_arms_geometry():
+    from deeplense.train import recipe
+
+    describe = _study_module().describe
+
+    from dataclasses import asdict
+
+    ref = recipe("reference", image_size=64, resize_then_crop=73)
+    assert describe({"config": asdict(ref)}) == "SGD 0.0001, h-flips, resize 73 px, centre 64 px"
+    native = recipe("default", image_size=150)
+    assert describe({"config": asdict(native), "tta": True}) == "AdamW 0.001, D4, whole image at 150 px, D4 TTA"
+    no_aug = recipe("default", image_size=64, crop=96, augmentation="none")
+    assert describe({"config": asdict(no_aug)}) == "AdamW 0.001, no aug., central 96 px → 64 px"
