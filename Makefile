@@ -10,6 +10,7 @@ help:
 	@echo "make demo   - set up .venv, then run the notebook (simulated data unless DEEPLENSE_DATA is set)"
 	@echo "make test   - set up .venv, then ruff and pytest"
 	@echo "make bench  - quick benchmarks (see benchmarks/README.md)"
+	@echo "make study  - the accuracy study (about 2 h on 2 CPU cores); fills README.md's ablation table"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,3 +36,6 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --full
+
+study: $(STAMP)
+	$(BIN)/python benchmarks/accuracy_study.py --readme
