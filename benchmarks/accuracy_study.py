@@ -40,7 +40,7 @@ from deeplense.data import CLASSES
 from deeplense.evaluate import evaluate, load_checkpoint
 from deeplense.simulate import simulate_dataset
 from deeplense.train import recipe, train
-from deeplense.util import versions, write_json_atomic
+from deeplense.util import atomic_path, read_jsonl, replace_section, versions, write_json_atomic
 
 ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px")
 METRIC_KEYS = ("macro_auc", "micro_auc", "accuracy")
@@ -81,7 +81,7 @@ def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int 
         evaluate(run / "best.pt", data, ev, split="test", tta=arm == "default_tta")
         write_json_atomic(ev / "timing.json", {"wall_seconds_this_call": time.time() - t0})
     m = json.loads((ev / "metrics.json").read_text())
-    hist = [json.loads(ln) for ln in (run / "history.jsonl").read_text().splitlines() if ln.strip()]
+    hist = read_jsonl(run / "history.jsonl")
     m["train_seconds"] = float(sum(h["train_seconds"] for h in hist))
     m["train_images_per_s"] = float(np.mean([h["train_images_per_s"] for h in hist]))
     return m
@@ -135,13 +135,13 @@ def table(study: dict) -> str:
              "| arm | recipe | macro AUC | micro AUC | accuracy | AUC no | AUC sphere | AUC vort | train time | "
              "train img/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(d):
+        return "n/a" if d["mean"] is None else (f"{d['mean']:.3f} ± {d['std']:.3f}" +
+                                                (f" [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d["ci95"] else ""))
+
     for arm, a in study["arms"].items():
         t = a["test"]
-
-        def f(d):
-            return "n/a" if d["mean"] is None else (f"{d['mean']:.3f} ± {d['std']:.3f}" +
-                                                    (f" [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d["ci95"] else ""))
-
         pc = t["per_class_auc"]
         lines.append(f"| `{arm}` | {describe(a)} | {f(t['macro_auc'])} | {f(t['micro_auc'])} | {f(t['accuracy'])} | "
                      f"{pc['no']['mean']:.3f} | {pc['sphere']['mean']:.3f} | {pc['vort']['mean']:.3f} | "
@@ -182,16 +182,8 @@ def figures(study: dict, out: Path) -> None:
 
 def write_readme(study: dict, out: Path, repo: Path) -> None:
     """Copy the table between the README's study markers and the two figures into ``repo/images``."""
-    from deeplense.util import DeepLenseError, atomic_path, write_text_atomic
-
     readme = repo / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- study:start -->", "<!-- study:end -->"
-    if start not in text or end not in text:
-        raise DeepLenseError(f"{readme}: no {start} ... {end} section to fill")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    write_text_atomic(readme, head + start + "\n" + table(study) + "\n" + end + tail)
+    replace_section(readme, "<!-- study:start -->", "<!-- study:end -->", table(study))
     for name in ("study_auc.png", "study_auc.pdf", "study_roc.png", "study_roc.pdf"):
         with atomic_path(repo / "images" / name) as tmp:
             shutil.copyfile(out / name, tmp)

@@ -65,11 +65,10 @@ def main(argv=None) -> int:
     table = [f"Machine: {machine()}  ", f"Date: {dt.date.today().isoformat()}; scale: {scale}; "
              f"wall time {elapsed / 60:.1f} min.", "", "| benchmark | result | script |", "|---|---|---|"]
     table += [f"| `{name}` | {text.replace('|', '/')} | `{script}` |" for script, name, text in rows]
+    from deeplense.util import replace_section
+
     readme = HERE / "README.md"
-    text = readme.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(head + START + "\n" + "\n".join(table) + "\n" + END + tail)
+    replace_section(readme, START, END, "\n".join(table))
     print(f"wrote the table into {readme}")
     return 0
 

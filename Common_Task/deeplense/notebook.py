@@ -216,14 +216,7 @@ def results_table(metrics: dict) -> str:
 
 def update_readme(metrics_path: str | Path, readme: str | Path = REPO / "README.md", extra: str = "") -> None:
     """Replace the text between the results markers in README.md with the table from ``metrics_path``."""
-    from .util import DeepLenseError, write_text_atomic
+    from .util import replace_section
 
-    readme = Path(readme)
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise DeepLenseError(f"{readme}: results markers {START} ... {END} not found")
     metrics = json.loads(Path(metrics_path).read_text())
-    block = f"{START}\n{extra}{results_table(metrics)}\n{END}"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    write_text_atomic(readme, head + block + tail)
+    replace_section(readme, START, END, f"{extra}{results_table(metrics)}")

@@ -11,20 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .util import DeepLenseError
-
-
-def _read_history(run: Path) -> list[dict]:
-    p = run / "history.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+from .util import DeepLenseError, read_jsonl
 
 
 def draw_training(run: str | Path, figures: str | Path) -> list[Path]:
     """``training_curves`` from ``RUN/history.jsonl`` (and the recipe name from ``RUN/config.json``)."""
     run = Path(run)
-    history = _read_history(run)
+    history = read_jsonl(run / "history.jsonl")
     if not history:
         return []
     try:

@@ -37,6 +37,7 @@ from .util import (
     atomic_path,
     pick_device,
     progress_bar,
+    read_jsonl,
     versions,
     write_json_atomic,
     write_text_atomic,
@@ -323,9 +324,7 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
         best_metric, best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
-        if (run / "history.jsonl").exists():
-            history = [json.loads(ln) for ln in (run / "history.jsonl").read_text().splitlines() if ln.strip()]
-            history = [h for h in history if h["epoch"] < start_epoch]
+        history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start_epoch]
 
     provenance = {"versions": versions(), "device": str(dev), "world_size": world, "weights": weights_info,
                   "data": data_info, "classes": list(CLASSES)}

@@ -52,6 +52,28 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def replace_section(path: str | os.PathLike, start: str, end: str, body: str) -> None:
+    """Replace the text between the marker lines ``start`` and ``end`` of ``path`` (a README) with ``body``.
+
+    The markers stay, so the next run finds them again; the file is rewritten atomically.
+    """
+    path = Path(path)
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise DeepLenseError(f"{path}: no {start} ... {end} section to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    write_text_atomic(path, f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file (a run's ``history.jsonl``); an empty list if there is no file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the packages that determine results, as plain strings."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
