@@ -4,13 +4,14 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-full study clean-cache help
+.PHONY: demo test lint bench bench-full study mutants clean-cache help
 
 help:
 	@echo "make demo   - set up .venv, then run the notebook (simulated data unless DEEPLENSE_DATA is set)"
 	@echo "make test   - set up .venv, then ruff and pytest"
 	@echo "make bench  - quick benchmarks (see benchmarks/README.md)"
 	@echo "make study  - the accuracy study (about 2 h on 2 CPU cores); fills README.md's ablation table"
+	@echo "make mutants - plant known faults one at a time and check the tests catch each (minutes; not in CI)"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,3 +40,6 @@ bench-full: $(STAMP)
 
 study: $(STAMP)
 	$(BIN)/python benchmarks/accuracy_study.py --readme
+
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py

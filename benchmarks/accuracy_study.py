@@ -66,7 +66,8 @@ def arm_config(arm: str, full: bool, seed: int, epochs: int | None = None):
     return cfgs["default" if arm == "default_tta" else arm].replace(epochs=epochs)
 
 
-def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int | None = None) -> dict:
+def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int | None = None,
+            device: str | None = None) -> dict:
     train_arm = "default" if arm == "default_tta" else arm
     run = out / "runs" / f"{train_arm}-seed{seed}"
     ev = out / "eval" / f"{arm}-seed{seed}"
@@ -75,10 +76,10 @@ def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int 
         if (run / "last.pt").exists():
             ck = load_checkpoint(run / "last.pt")
             if ck["epoch"] < ck["config"]["epochs"]:  # interrupted: continue; finished (default_tta): reuse
-                train(None, data, None, resume=run)
+                train(None, data, None, resume=run, device=device)
         else:
-            train(arm_config(arm, full, seed, epochs), data, run)
-        evaluate(run / "best.pt", data, ev, split="test", tta=arm == "default_tta")
+            train(arm_config(arm, full, seed, epochs), data, run, device=device)
+        evaluate(run / "best.pt", data, ev, split="test", tta=arm == "default_tta", device=device)
         write_json_atomic(ev / "timing.json", {"wall_seconds_this_call": time.time() - t0})
     m = json.loads((ev / "metrics.json").read_text())
     hist = read_jsonl(run / "history.jsonl")
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--val-per-class", type=int, help="override the scale's simulated val images per class")
     p.add_argument("--epochs", type=int, help="override the scale's epochs (all arms)")
     p.add_argument("--readme", action="store_true", help="copy the table into README.md and the figures into images/")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: pick automatically)")
     args = p.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     bad = [a for a in arms if a not in ARMS]
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     data = out / "data"
     simulate_dataset(data, train_per_class=ntr, val_per_class=nva, seed=1234, workers=os.cpu_count() or 1)
     seeds = list(range(args.seeds))
-    results = {arm: [run_one(arm, s, data, out, args.full, args.epochs) for s in seeds] for arm in arms}
+    results = {arm: [run_one(arm, s, data, out, args.full, args.epochs, args.device) for s in seeds] for arm in arms}
     import torch
 
     from deeplense.notebook import _cpu_name
@@ -222,7 +224,8 @@ def main(argv=None) -> int:
                                   f"class, {first['provenance']['config']['epochs']} epochs"),
                   "train_per_class": ntr, "val_per_class": nva, "n_test": first["n"], "seeds": len(seeds),
                   "seed_list": seeds, "data_seed": 1234,
-                  "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name(),
+                  "hardware": (torch.cuda.get_device_name(first["provenance"]["device"])
+                               if first["provenance"]["device"].startswith("cuda") else _cpu_name()),
                   "command": shlex.join(["python", "benchmarks/accuracy_study.py",
                                          *(sys.argv[1:] if argv is None else argv)]),
                   "weights": "ImageNet" if first["provenance"]["pretrained"] else "random (no ImageNet weights here)",

@@ -20,6 +20,7 @@ from deeplense.data import (
     d4_transform,
     dataset_fingerprint,
     find_root,
+    list_files,
     load_split,
     load_splits,
     preprocess,
@@ -166,16 +167,37 @@ def test_split_holdout_properties():
     assert np.bincount(labels[test], minlength=3).tolist() == [2, 3, 4]  # round(1.5)=2, 2.5->3, 3.5->4
 
 
-def test_split_holdout_independent_of_file_order(tmp_path):
-    # The split depends only on the labels and the seed: two datasets with the same counts, whose files
-    # were written in different orders, give the same indices.
-    a = write_dataset(tmp_path / "a", 1, 10, seed=1)
-    b = write_dataset(tmp_path / "b", 1, 10, seed=2)
-    for p in sorted((b / "val" / "no").glob("*.npy"), reverse=True):
-        os.utime(p)
-    la = load_split(a, "val")[1]
-    lb = load_split(b, "val")[1]
-    np.testing.assert_array_equal(split_holdout(la, seed=3)[1], split_holdout(lb, seed=3)[1])
+def test_heldout_files_do_not_depend_on_directory_order(tmp_path, monkeypatch):
+    """The held-out test names the same files whatever order the filesystem lists them in (ext4, NFS and
+    macOS each list a folder in their own order)."""
+    data = write_dataset(tmp_path / "d", 1, 12)
+
+    def held_out_files() -> tuple[set[str], dict[str, int]]:
+        labels = load_split(data, "val", progress=False)[1]
+        files = [p for p, _ in list_files(data, "val")]
+        _, test = split_holdout(labels, 0.25, seed=3)
+        return {files[i] for i in test}, {files[i]: int(labels[i]) for i in test}
+
+    first, labelled = held_out_files()
+    assert len(first) == 9 and all(Path(name).parent.name == CLASSES[lab] for name, lab in labelled.items())
+    real_scandir = os.scandir
+
+    class Shuffled:
+        def __init__(self, path):
+            self._it = real_scandir(path)
+
+        def __enter__(self):
+            entries = list(self._it)
+            np.random.default_rng(len(entries)).shuffle(entries)
+            return iter(entries)
+
+        def __exit__(self, *exc):
+            self._it.close()
+
+    monkeypatch.setattr(os, "scandir", Shuffled)
+    for p in data.rglob("*.npy"):  # and the cache must not hide a re-listing
+        os.utime(p, ns=(2 * 10**9, 2 * 10**9))
+    assert held_out_files()[0] == first
 
 
 def test_preprocess_shapes_and_range():
@@ -263,6 +285,9 @@ def _break(data: Path, kind: str) -> str:
         a[0, 5, 5] = np.inf
         np.save(data / "train" / "sphere" / "1.npy", a)
         return "train/sphere/1.npy: contains NaN or infinite"
+    if kind == "out_of_range":  # raw counts instead of min-max normalised values
+        np.save(data / "train" / "vort" / "2.npy", np.arange(150 * 150, dtype=np.float64).reshape(1, 150, 150) % 256)
+        return "train/vort/2.npy: pixel values span [0, 255], expected min-max normalised [0, 1]"
     if kind == "pickle":
         _make_object_array(data / "val" / "vort" / "9.npy", np.zeros((150, 150)))
         return "val/vort/9.npy: holds a pickled object array"
@@ -270,7 +295,7 @@ def _break(data: Path, kind: str) -> str:
 
 
 BAD = ["missing_val", "missing_train", "missing_class", "empty_class", "truncated", "garbage", "wrong_shape",
-       "mixed_size", "nan", "inf", "pickle"]
+       "mixed_size", "nan", "inf", "out_of_range", "pickle"]
 
 
 @pytest.mark.parametrize("kind", BAD)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import urllib.error
 
 import pytest
@@ -92,12 +91,29 @@ def test_wrong_files(tmp_path):
         build_model(str(tmp_path / "missing.pth"))
 
 
-class _Evil:
+class _TouchOnLoad:
+    """A pickled payload with a visible effect: unpickling it creates a file (and returns a non-tensor)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (shutil.rmtree, ("/nonexistent-deeplense-test",))
+        return (open, (self.marker, "w"))
 
 
-def test_pickled_code_is_refused(tmp_path):
-    torch.save({"x": _Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(DeepLenseError, match="evil.pth: not a loadable state dict"):
-        build_model(str(tmp_path / "evil.pth"))
+@pytest.mark.parametrize("where", ["explicit_file", "torch_hub_cache"])
+def test_pickled_code_is_refused_and_never_run(tmp_path, where, offline):
+    marker = tmp_path / "code-ran"
+    sd = resnet34(weights=None).state_dict()
+    sd["extra"] = _TouchOnLoad(marker)
+    path = tmp_path / "evil.pth" if where == "explicit_file" else hub_checkpoint_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    if where == "explicit_file":
+        with pytest.raises(DeepLenseError, match="evil.pth: not a loadable state dict"):
+            build_model(str(path))
+    else:
+        with pytest.warns(UserWarning, match="RANDOM initial weights"):
+            _, info = build_model("auto")
+        assert info["pretrained"] is False
+    assert not marker.exists(), "loading the weights ran code from the file"

@@ -10,7 +10,7 @@ import torch
 from torchvision.models import resnet34
 
 from deeplense.model import hub_checkpoint_path
-from deeplense.notebook import NOTEBOOK, run_notebook, update_readme
+from deeplense.notebook import NOTEBOOK, results_table, run_notebook, update_readme
 from deeplense.report import report
 
 
@@ -22,7 +22,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
     run, figs = tmp_path / "run", tmp_path / "figures"
     env = {"DEEPLENSE_SCALE": "tiny", "DEEPLENSE_OUTPUT": str(run), "DEEPLENSE_FIGURES": str(figs),
-           "DEEPLENSE_SIM_VAL_PER_CLASS": "20", "TQDM_DISABLE": "1"}
+           "DEEPLENSE_SIM_VAL_PER_CLASS": "20", "DEEPLENSE_DEVICE": "cpu", "TQDM_DISABLE": "1"}
     out = run_notebook(NOTEBOOK, env=env, save_to=tmp_path / "executed.ipynb", timeout=600)
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
@@ -35,6 +35,13 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     # what make demo leaves behind: metrics.json, predictions.npz and every figure
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["provenance"]["pretrained"] is True  # the planted file went through the real loading path
+    # the results the notebook shows are this run's, read from metrics.json, not typed into a cell
+    shown = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "text/markdown" in o.get("data", {})]
+    assert results_table(metrics) in shown
+    said = next(t for t in shown if "Hardest class" in t)
+    for c, v in metrics["auc"]["per_class"].items():
+        assert f"(`{c}`): AUC {v:.3f} [" in said
     assert metrics["n"] == 6
     z = np.load(run / "predictions.npz")
     assert z["probabilities"].shape == (6, 3)

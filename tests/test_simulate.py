@@ -126,13 +126,30 @@ def test_noise_free_image_equals_independent_lenstronomy_build():
         assert ours.max() > 0.1  # a real ring, not an empty frame
 
 
-def test_images_are_normalised_float32_and_deterministic():
-    a, pa = simulate_image(CFG, 11, "train", "sphere", 4)
-    b, _ = simulate_image(CFG, 11, "train", "sphere", 4)
-    c, _ = simulate_image(CFG, 12, "train", "sphere", 4)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_images_are_normalised_float32_and_deterministic(cls):
+    a, pa = simulate_image(CFG, 11, "train", cls, 4)
+    b, pb = simulate_image(CFG, 11, "train", cls, 4)
+    c, pc = simulate_image(CFG, 12, "train", cls, 4)
     assert a.shape == (1, 150, 150) and a.dtype == np.float32
     assert a.min() == 0.0 and a.max() == 1.0
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    assert (pa.source_x, pa.exposure_s) == (pb.source_x, pb.exposure_s) != (pc.source_x, pc.exposure_s)
+    d, _ = simulate_image(CFG, 11, "train", cls, 5)  # the next image of the same seed is another image
+    assert a.tobytes() != d.tobytes()
+
+
+def test_sky_noise_has_the_configured_rms():
+    from deeplense.simulate import add_noise
+
+    rng = np.random.default_rng(0)
+    sky = add_noise(np.zeros((150, 150)), 10**4.2, CFG, rng)  # an empty field: only the sky noise is left
+    assert abs(sky.mean()) < 0.002 and sky.std() == pytest.approx(CFG.background_rms, rel=0.1)
+    quiet = add_noise(np.zeros((150, 150)), 10**4.2, CFG.replace(background_rms=0.0), rng)
+    assert quiet.std() == 0.0
+    # in a simulated image the sky corners carry that noise, scaled by the per-image normalisation
+    img, _ = simulate_image(CFG, 0, "val", "no", 1)
+    assert img[0, :20, :20].std() > 0.002
 
 
 def test_common_task_preset_statistics():

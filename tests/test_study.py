@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import urllib.error
 from pathlib import Path
 
 import pytest
 
+import deeplense.model as model_mod
 from deeplense.data import CLASSES
 from deeplense.util import DeepLenseError
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _offline():
+    raise urllib.error.URLError("offline (test)")
 
 
 def _study_module():
@@ -30,10 +36,11 @@ def tiny_study(tmp_path_factory):
     study = _study_module()
     out = tmp_path_factory.mktemp("study")
     args = ["--arms", "default,default_tta", "--train-per-class", "4", "--val-per-class", "20",
-            "--epochs", "1", "--seeds", "2", "--out", str(out)]
+            "--epochs", "1", "--seeds", "2", "--device", "cpu", "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse per-test isolation is not active yet
         mp.setenv("DEEPLENSE_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        mp.setattr(model_mod, "_download_imagenet", _offline)  # the same path with or without internet
         assert study.main(args) == 0
     return study, out, args
 

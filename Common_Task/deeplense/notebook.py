@@ -22,7 +22,7 @@ ENV = {
     "IMAGE_SIZE": "DEEPLENSE_IMAGE_SIZE", "CROP": "DEEPLENSE_CROP", "BATCH_SIZE": "DEEPLENSE_BATCH_SIZE",
     "WEIGHTS": "DEEPLENSE_WEIGHTS", "SEED": "DEEPLENSE_SEED", "OUTPUT": "DEEPLENSE_OUTPUT",
     "FIGURES": "DEEPLENSE_FIGURES", "SIM_TRAIN_PER_CLASS": "DEEPLENSE_SIM_TRAIN_PER_CLASS",
-    "SIM_VAL_PER_CLASS": "DEEPLENSE_SIM_VAL_PER_CLASS", "SCALE": "DEEPLENSE_SCALE",
+    "SIM_VAL_PER_CLASS": "DEEPLENSE_SIM_VAL_PER_CLASS", "SCALE": "DEEPLENSE_SCALE", "DEVICE": "DEEPLENSE_DEVICE",
 }
 
 
@@ -79,7 +79,7 @@ def resolve(params: dict, *, typed_defaults: dict | None = None) -> dict:
     data = p["DATA"]
     if data is None and (REPO / "dataset").exists():
         data = str(REPO / "dataset")
-    device = pick_device(None)
+    device = pick_device(p["DEVICE"])  # None or "auto": CUDA, then MPS, then CPU
     if p["SCALE"] is None:
         p["SCALE"] = "full" if (device.type == "cuda" and data is not None) else "demo"
     scale = SCALES[p["SCALE"]]

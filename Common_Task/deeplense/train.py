@@ -298,7 +298,7 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None)
     if config.optimizer == "adamw":
-        # the fused kernel: 26 ms instead of 93 ms per ResNet34 step on 2 CPU cores (benchmarks/bench_train.py)
+        # the fused kernel: about 2.5x faster than the foreach one on CPU (optimizer_step in benchmarks/README.md)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                 fused=dev.type in ("cpu", "cuda"))
     else:
@@ -343,12 +343,14 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
         perm = torch.randperm(len(x_train), generator=gen)[rank * per_rank : (rank + 1) * per_rank]
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
+        trained_on = torch.zeros(len(x_train), dtype=torch.int32)  # how often each image was used this epoch
         bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not (progress and main_proc), leave=False)
         for step in bar:
             idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
             xb = x_train[idx].to(dev, non_blocking=True)
             yb = y_train[idx].to(dev, non_blocking=True)
+            trained_on[idx] += 1
             xb = fn(augment(xb, config.augmentation, generator=gen))
             if dev.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -369,10 +371,13 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
         lr_used = opt.param_groups[0]["lr"]
         if config.schedule == "step":
             sched.step()
-        if distributed:
-            stats = torch.tensor([loss_sum, seen], dtype=torch.float64)
+        if distributed:  # reduced on the training device: NCCL reduces only CUDA tensors
+            stats = torch.tensor([loss_sum, seen], dtype=torch.float64, device=dev)
             torch.distributed.all_reduce(stats)
             loss_sum, seen = float(stats[0]), int(stats[1])
+            counts = trained_on.to(dev)
+            torch.distributed.all_reduce(counts)  # every rank's share: together they cover each image once
+            trained_on = counts.cpu()
 
         probs = predict_proba(model, x_sel, config, dev, progress=False)
         m = quick_metrics(y_sel, probs)
@@ -380,6 +385,7 @@ def train(config: TrainConfig, data: str | os.PathLike | None, out: str | os.Pat
         rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
                "val_accuracy": m["accuracy"], "val_macro_auc": m["macro_auc"], "val_micro_auc": m["micro_auc"],
                "val_per_class_auc": m["per_class_auc"], "lr": lr_used,
+               "train_images": seen, "train_images_distinct": int((trained_on > 0).sum()),
                "train_images_per_s": seen / train_time, "train_seconds": train_time}
         history.append(rec)
         score = m["accuracy"] if config.select_metric == "accuracy" else (m["macro_auc"] or -1.0)

@@ -1,0 +1,220 @@
+"""Plant known faults one at a time in a temporary copy of the code and check that the tests catch each one.
+
+``make mutants`` (or ``python tests/mutants.py``) copies the package, tests, benchmarks and notebook into a
+temporary folder, checks that the chosen tests pass there unchanged (the baseline), then for each fault below
+applies its source edit, runs only the tests that should catch it, and prints one line per fault:
+
+    KILLED    best_pt_every_epoch          (12 s) by tests/test_train.py::test_best_checkpoint_...
+    SURVIVED  ...                          the tests passed with the fault planted: a hole in the suite
+
+and ``mutants: K of N killed`` last. Exit status 0 only when every fault is killed. Not part of CI (it takes
+minutes). When a bug is found, add its fault here with the test that now catches it, so the list grows.
+
+An edit whose source text is no longer in the file (the code moved) is reported as STALE, not killed: update
+the snippet with the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = ("Common_Task", "tests", "benchmarks", "pyproject.toml", "README.md")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    fault: str  # what a user would suffer
+    file: str
+    old: str  # exact text, present exactly once
+    new: str
+    tests: tuple[str, ...]
+
+
+TRAIN, EVALUATE, METRICS = "Common_Task/deeplense/train.py", "Common_Task/deeplense/evaluate.py", \
+    "Common_Task/deeplense/metrics.py"
+T_TRAIN = "tests/test_train.py::"
+
+MUTANTS = (
+    Mutant("best_pt_every_epoch", "best.pt is overwritten every epoch: the last epoch is evaluated, not the best",
+           TRAIN, '            if improved:\n                _save_checkpoint(run / "best.pt", payload)\n',
+           '            _save_checkpoint(run / "best.pt", payload)\n',
+           (T_TRAIN + "test_best_checkpoint_holds_the_peak_epoch_also_across_resume",)),
+    Mutant("resume_resets_best", "a resumed run forgets its best metric and overwrites best.pt with a worse epoch",
+           TRAIN, '        best_metric, best_epoch = ckpt["best_metric"], ckpt["best_epoch"]\n',
+           "        best_metric, best_epoch = -math.inf, 0\n",
+           (T_TRAIN + "test_best_checkpoint_holds_the_peak_epoch_also_across_resume",)),
+    Mutant("selection_other_seed", "training selects on a val part drawn with another seed: it overlaps the test",
+           TRAIN, "split_holdout(va_labels, config.holdout_fraction, seed=config.seed)",
+           "split_holdout(va_labels, config.holdout_fraction, seed=config.seed + 1)",
+           (T_TRAIN + "test_selection_and_heldout_test_share_no_image",)),
+    Mutant("test_other_seed", "evaluate draws the held-out test with another seed: it overlaps the selection part",
+           EVALUATE, "split_holdout(labels, config.holdout_fraction, seed=config.seed)",
+           "split_holdout(labels, config.holdout_fraction, seed=config.seed + 1)",
+           (T_TRAIN + "test_selection_and_heldout_test_share_no_image",)),
+    Mutant("predict_in_train_mode", "predictions made with the network in training mode (the reference's bug)",
+           TRAIN, "    model.eval()\n    fn = input_fn(config)\n", "    fn = input_fn(config)\n",
+           (T_TRAIN + "test_predictions_use_eval_mode",)),
+    Mutant("tta_ignored_by_cli", "evaluate --tta is accepted and ignored",
+           "Common_Task/deeplense/cli_train.py", "split=args.split, tta=args.tta,", "split=args.split, tta=False,",
+           (T_TRAIN + "test_tta_is_the_mean_over_the_8_symmetries",)),
+    Mutant("tta_ignored_by_engine", "predict_proba(tta=True) averages one view only",
+           TRAIN, "        for k in range(8) if tta else (0,):\n", "        for k in (0,):\n",
+           (T_TRAIN + "test_tta_is_the_mean_over_the_8_symmetries",)),
+    Mutant("bootstrap_constant", "every bootstrap interval is [0, 1]",
+           METRICS, "        return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None\n",
+           "        return [0.0, 1.0] if v else None\n",
+           ("tests/test_metrics.py::test_bootstrap_interval_narrows_as_n_grows",
+            "tests/test_metrics.py::test_bootstrap_intervals_contain_point_estimates_and_are_seeded")),
+    Mutant("bootstrap_ignores_seed", "the bootstrap resamples do not depend on the seed",
+           METRICS, "    rng = np.random.default_rng(seed)\n", "    rng = np.random.default_rng(0)\n",
+           ("tests/test_metrics.py::test_bootstrap_intervals_contain_point_estimates_and_are_seeded",)),
+    Mutant("macro_interval_from_micro", "the macro-AUC interval is built from micro AUCs",
+           METRICS, '        samples["macro_auc"].append(float(np.mean(per_class)))\n',
+           '        samples["macro_auc"].append(micro)\n',
+           ("tests/test_metrics.py::test_macro_interval_is_built_from_per_class_aucs",)),
+    Mutant("training_skips_augmentation", "the training loop never calls the augmentation",
+           TRAIN, "            xb = fn(augment(xb, config.augmentation, generator=gen))\n", "            xb = fn(xb)\n",
+           (T_TRAIN + "test_training_batches_are_d4_augmented",)),
+    Mutant("pixel_range_unchecked", "raw counts (0-255) are silently clipped to [0, 1] instead of refused",
+           "Common_Task/deeplense/data.py", "    if lo < -1e-6 or hi > 1 + 1e-6:\n", "    if False:\n",
+           ("tests/test_data.py::test_bad_input_one_line_error_exit_2_nothing_written[out_of_range]",)),
+    Mutant("listing_unsorted", "files are taken in directory order: the held-out split depends on the filesystem",
+           "Common_Task/deeplense/data.py", "for name in sorted(names, key=_name_key))", "for name in names)",
+           ("tests/test_data.py::test_heldout_files_do_not_depend_on_directory_order",)),
+    Mutant("no_sky_noise", "the simulator forgets the Gaussian sky noise",
+           "Common_Task/deeplense/simulate.py", "    img = img + rng.normal(0.0, config.background_rms, model.shape)\n",
+           "    img = img + 0.0\n",
+           ("tests/test_simulate.py::test_sky_noise_has_the_configured_rms",)),
+    Mutant("sim_seed_ignored_vort", "vort images are the same whatever the seed",
+           "Common_Task/deeplense/simulate.py", "SeedSequence([int(seed), SPLITS.index(split)",
+           'SeedSequence([int(seed) if cls != "vort" else 0, SPLITS.index(split)',
+           ("tests/test_simulate.py::test_images_are_normalised_float32_and_deterministic",)),
+    Mutant("sim_seed_ignored_no", "no-substructure images are the same whatever the seed",
+           "Common_Task/deeplense/simulate.py", "SeedSequence([int(seed), SPLITS.index(split)",
+           'SeedSequence([int(seed) if cls != "no" else 0, SPLITS.index(split)',
+           ("tests/test_simulate.py::test_images_are_normalised_float32_and_deterministic",)),
+    Mutant("checkpoint_unpickled", "checkpoints are loaded with weights_only=False: a checkpoint can run code",
+           EVALUATE, "torch.load(path, map_location=map_location, weights_only=True)",
+           "torch.load(path, map_location=map_location, weights_only=False)",
+           (T_TRAIN + "test_checkpoint_with_code_is_refused_without_running_it",)),
+    Mutant("weights_file_unpickled", "a weights file is loaded with weights_only=False: it can run code",
+           "Common_Task/deeplense/model.py", 'torch.load(path, map_location="cpu", weights_only=True)',
+           'torch.load(path, map_location="cpu", weights_only=False)',
+           ("tests/test_model.py::test_pickled_code_is_refused_and_never_run",)),
+    Mutant("ddp_same_shard", "every DDP rank trains on the same shard of the epoch",
+           TRAIN, "generator=gen)[rank * per_rank : (rank + 1) * per_rank]", "generator=gen)[:per_rank]",
+           (T_TRAIN + "test_ddp_two_gloo_processes",)),
+    Mutant("notebook_hardcoded_table", "the notebook shows a typed results table instead of the run's numbers",
+           "Common_Task/DeepLense_Classification.ipynb", "display(Markdown(nb.results_table(METRICS)))",
+           "display(Markdown('| accuracy | 0.927 [0.887, 0.967] |'))",
+           ("tests/test_notebook.py::test_notebook_executes_and_figures_are_stable",)),
+)
+
+
+def _copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", "out", "*.egg-info")
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dst / name)
+
+
+def _env(root: Path) -> dict:
+    # the copy's package first on the path (the editable install points at the original)
+    return {**os.environ, "PYTHONPATH": str(root / "Common_Task"), "TQDM_DISABLE": "1", "MPLBACKEND": "Agg",
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _pytest(root: Path, tests, timeout: int) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="comma-separated mutant names (default: all)")
+    p.add_argument("--list", action="store_true", help="list the faults and exit")
+    p.add_argument("--no-baseline", action="store_true", help="skip running the tests on the unmutated copy")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per pytest run (default 900)")
+    args = p.parse_args(argv)
+    mutants = MUTANTS
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {m.name for m in MUTANTS})
+        if unknown:
+            print(f"error: unknown mutant(s) {', '.join(unknown)}; see --list", file=sys.stderr)
+            return 2
+        mutants = tuple(m for m in MUTANTS if m.name in names)
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:30s} {m.fault}  [{m.file}]")
+        return 0
+
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="deeplense-mutants-") as tmp:
+        base = Path(tmp) / "base"
+        _copy_tree(base)
+        where = subprocess.run([sys.executable, "-c", "import deeplense; print(deeplense.__file__)"], cwd=base,
+                               env=_env(base), capture_output=True, text=True).stdout.strip()
+        if not where.startswith(str(base)):
+            print(f"error: the copy's package is not the one imported ({where})", file=sys.stderr)
+            return 2
+        if not args.no_baseline:
+            tests = sorted({t for m in mutants for t in m.tests})
+            t0 = time.time()
+            rc, out = _pytest(base, tests, args.timeout * 2)
+            if rc != 0:
+                print(out[-4000:])
+                print(f"error: the tests fail on the unmutated copy (exit {rc}); fix them first", file=sys.stderr)
+                return 2
+            print(f"baseline: {len(tests)} tests pass on the unmutated copy ({time.time() - t0:.0f} s)", flush=True)
+        killed = 0
+        for m in mutants:
+            root = Path(tmp) / m.name
+            shutil.copytree(base, root)
+            path = root / m.file
+            text = path.read_text()
+            if text.count(m.old) != 1:
+                print(f"STALE     {m.name:28s} its source text occurs {text.count(m.old)} times in {m.file}; "
+                      f"update the snippet", flush=True)
+                shutil.rmtree(root)
+                continue
+            path.write_text(text.replace(m.old, m.new))
+            t0 = time.time()
+            rc, out = _pytest(root, m.tests, args.timeout)
+            took = f"({time.time() - t0:3.0f} s)"
+            if rc == 1:
+                killed += 1
+                failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
+                print(f"KILLED    {m.name:28s} {took} by {failed[0] if failed else 'a failing test'}", flush=True)
+            elif rc == 0:
+                print(f"SURVIVED  {m.name:28s} {took} the tests passed with the fault planted: {m.fault}",
+                      flush=True)
+            else:
+                last = out.strip().splitlines()[-1] if out.strip() else ""
+                print(f"ERROR     {m.name:28s} {took} pytest exit {rc}: {last}", flush=True)
+            shutil.rmtree(root)
+    print(f"# {(time.time() - t_start) / 60:.1f} min")
+    print(f"mutants: {killed} of {len(mutants)} killed")
+    return 0 if killed == len(mutants) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
