@@ -4,8 +4,8 @@
   load (reopens the memory-mapped cache). Goal: reopen under 2 s and at least 50x faster.
 - ``data_pipeline``: images/s of turning cached arrays into model-ready training batches (224 px,
   [-1, 1], D4 augmentation) against the reference solution's per-sample pipeline (``np.load`` per file,
-  uint8, PIL, Resize(256), CenterCrop(224), flip, ToTensor, Normalize; DataLoader with 2 workers).
-  Goal: at least 10x on CPU.
+  uint8, PIL, Resize(256), CenterCrop(224), flip, ToTensor, Normalize; DataLoader with 2 workers, started
+  before the timing). Best of 2 alternating timed passes each, after a warm-up pass. Goal: at least 10x on CPU.
 
 Usage: ``python benchmarks/bench_data.py`` (quick: 3,750 files) or ``--full`` (37,500 files, about 7 GB
 of float64 files written to a temporary folder, deleted afterwards).
@@ -81,28 +81,39 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return self.tf(img), 0
 
 
-def bench_pipeline(data: Path, n_images: int, batch: int = 32) -> tuple[float, float]:
-    files = sorted((data / "train").rglob("*.npy"))[:n_images]
-    loader = torch.utils.data.DataLoader(ReferenceDataset(files), batch_size=batch, num_workers=2, shuffle=True)
-    t0 = time.perf_counter()
-    seen = 0
-    for x, _ in loader:
-        seen += x.shape[0]
-    ref = seen / (time.perf_counter() - t0)
+def bench_pipeline(data: Path, n_images: int, batch: int = 32, rounds: int = 2) -> tuple[float, float]:
+    """Images/s of one pass over ``n_images``, best of ``rounds`` timed passes each, after one untimed pass.
 
+    The reference's DataLoader keeps its workers between passes (``persistent_workers``) and the untimed pass
+    starts them: a training run starts them once, so their start-up is not part of the per-epoch cost. The
+    timed passes alternate between the two pipelines, so a busy moment of the shared machine hits both.
+    """
+    files = sorted((data / "train").rglob("*.npy"))[:n_images]
+    loader = torch.utils.data.DataLoader(ReferenceDataset(files), batch_size=batch, num_workers=2, shuffle=True,
+                                         persistent_workers=True)
     images, _ = load_split(data, "train", progress=False)
     images = np.ascontiguousarray(images[:n_images])
     gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(images), generator=gen).numpy()
-    t0 = time.perf_counter()
-    seen = 0
-    for s in range(0, len(perm), batch):
-        idx = np.sort(perm[s : s + batch])
-        x = torch.from_numpy(images[idx])
-        x = preprocess(augment(x, "d4", generator=gen), 224)
-        seen += x.shape[0]
-    ours = seen / (time.perf_counter() - t0)
-    return ref, ours
+
+    def reference_pass() -> int:
+        return sum(x.shape[0] for x, _ in loader)
+
+    def our_pass() -> int:
+        seen = 0
+        perm = torch.randperm(len(images), generator=gen).numpy()
+        for s in range(0, len(perm), batch):
+            idx = np.sort(perm[s : s + batch])
+            seen += preprocess(augment(torch.from_numpy(images[idx]), "d4", generator=gen), 224).shape[0]
+        return seen
+
+    best = {"ref": 0.0, "ours": 0.0}
+    for r in range(rounds + 1):
+        for name, fn in (("ref", reference_pass), ("ours", our_pass)):
+            t0 = time.perf_counter()
+            seen = fn()
+            if r:  # round 0 warms up: workers started, files in the page cache
+                best[name] = max(best[name], seen / (time.perf_counter() - t0))
+    return best["ref"], best["ours"]
 
 
 def main(argv=None) -> int:
@@ -128,7 +139,7 @@ def main(argv=None) -> int:
               f"cache of {n} images (goal <= 8 GB)")
         ref, ours = bench_pipeline(data, min(1024, n))
         print(f"data_pipeline: {ours:.0f} img/s at 224 px with D4, ratio {ours / ref:.1f} vs reference PIL "
-              f"pipeline {ref:.0f} img/s (goal >= 10)")
+              f"pipeline {ref:.0f} img/s with its 2 workers already started (goal >= 10)")
     return 0
 
 
