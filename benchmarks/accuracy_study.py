@@ -36,11 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from deeplense.checkpoint import load_checkpoint
+from deeplense.config import recipe
 from deeplense.data import CLASSES
-from deeplense.evaluate import evaluate, load_checkpoint
+from deeplense.evaluate import evaluate
 from deeplense.simulate import simulate_dataset
-from deeplense.train import recipe, train
-from deeplense.util import atomic_path, read_jsonl, replace_section, versions, write_json_atomic
+from deeplense.train import train
+from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, replace_section, versions, write_json_atomic
 
 ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px")
 METRIC_KEYS = ("macro_auc", "micro_auc", "accuracy")
@@ -63,7 +65,8 @@ def arm_config(arm: str, full: bool, seed: int, epochs: int | None = None):
             "default_no_d4": recipe("default", image_size=64, crop=96, batch_size=32, augmentation="none", **quick),
             "default_150px": recipe("default", image_size=150, batch_size=32, **quick),
         }
-    return cfgs["default" if arm == "default_tta" else arm].replace(epochs=epochs)
+    cfg = cfgs["default" if arm == "default_tta" else arm]
+    return cfg.replace(epochs=epochs) if epochs else cfg
 
 
 def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int | None = None,
@@ -153,11 +156,15 @@ def table(study: dict) -> str:
 def figures(study: dict, out: Path) -> None:
     from deeplense import plots
 
-    plt = plots._plt()
+    with plots.style():
+        _draw_figures(study, out, plots)
+
+
+def _draw_figures(study: dict, out: Path, plots) -> None:
     arms = list(study["arms"])
     means = [study["arms"][a]["test"]["macro_auc"]["mean"] for a in arms]
     stds = [study["arms"][a]["test"]["macro_auc"]["std"] for a in arms]
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    fig, ax = plots.figure(figsize=(6.0, 3.6))
     ax.errorbar(range(len(arms)), means, yerr=stds, fmt="o", color="#0072B2", capsize=4)
     ax.set_xticks(range(len(arms)), arms, rotation=20)
     ax.set_ylabel("held-out macro AUC (mean ± std over seeds)")
@@ -167,7 +174,7 @@ def figures(study: dict, out: Path) -> None:
     others = [a for a in arms if a != "reference"] or arms
     best = max(others, key=lambda a: study["arms"][a]["test"]["macro_auc"]["mean"])
     shown = ("reference", best) if "reference" in arms and best != "reference" else (best,)
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 4.6), squeeze=False)
+    fig, axes = plots.figure(1, len(shown), figsize=(4.6 * len(shown), 4.6), squeeze=False)
     from deeplense.metrics import roc_curves
 
     for ax, arm in zip(axes[0], shown, strict=True):
@@ -177,7 +184,7 @@ def figures(study: dict, out: Path) -> None:
             cc = curves["per_class"][c]
             if cc is not None:
                 ax.plot(cc["fpr"], cc["tpr"], color=plots.CLASS_COLORS[c], label=f"{c}, AUC = {cc['auc']:.3f}")
-        plots._square_roc_axes(ax, f"{arm} (seed {study['scale']['seed_list'][0]})")
+        plots.square_roc_axes(ax, f"{arm} (seed {study['scale']['seed_list'][0]})")
     plots.save_figure(fig, out / "study_roc")
 
 
@@ -214,18 +221,13 @@ def main(argv=None) -> int:
     simulate_dataset(data, train_per_class=ntr, val_per_class=nva, seed=1234, workers=os.cpu_count() or 1)
     seeds = list(range(args.seeds))
     results = {arm: [run_one(arm, s, data, out, args.full, args.epochs, args.device) for s in seeds] for arm in arms}
-    import torch
-
-    from deeplense.notebook import _cpu_name
-
     first = next(iter(results.values()))[0]
     study = {
         "scale": {"description": (f"{'full' if args.full else 'quick'}: {ntr}/{nva} simulated train/val images per "
                                   f"class, {first['provenance']['config']['epochs']} epochs"),
                   "train_per_class": ntr, "val_per_class": nva, "n_test": first["n"], "seeds": len(seeds),
                   "seed_list": seeds, "data_seed": 1234,
-                  "hardware": (torch.cuda.get_device_name(first["provenance"]["device"])
-                               if first["provenance"]["device"].startswith("cuda") else _cpu_name()),
+                  "hardware": hardware_name(first["provenance"]["device"]),
                   "command": shlex.join(["python", "benchmarks/accuracy_study.py",
                                          *(sys.argv[1:] if argv is None else argv)]),
                   "weights": "ImageNet" if first["provenance"]["pretrained"] else "random (no ImageNet weights here)",
@@ -236,8 +238,6 @@ def main(argv=None) -> int:
     figures(study, out)
     print(table(study))
     if args.readme:
-        from deeplense.notebook import REPO
-
         write_readme(study, out, REPO)
     return 0
 

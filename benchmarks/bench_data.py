@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import write_dataset  # noqa: E402  (the same realistic files the tests use)
-
-from deeplense.data import augment, load_split, preprocess  # noqa: E402
+from deeplense.data import augment, load_split, preprocess
+from deeplense.testing import write_dataset  # the same realistic files the tests use
 
 
 def make_dataset(root: Path, n_total: int) -> Path:

@@ -5,7 +5,8 @@
   and ready arguments, plus lenstronomy's own noise functions (``image_util.add_poisson`` twice and
   ``add_background``). Goal: our cost within 15% of lenstronomy's (ratio <= 1.15).
 - ``simulate`` with 1 and 2 worker processes over the same set. Goal: speed-up >= 1.7 on an idle machine.
-- the image statistics of ``shared/context/simulation.md`` for both presets.
+- six image statistics (``deeplense.simulate.image_statistics``) of both presets, beside those of the
+  published common-task images (measured on 8-bit renderings of them).
 
 Usage: ``python benchmarks/bench_simulate.py`` (quick) or ``--full`` (more images per measurement).
 """
@@ -67,7 +68,7 @@ def workers(cfg: SimulationConfig, per_class_n: int) -> None:
 
 
 def statistics(n_per_class: int) -> None:
-    print("# image statistics (median/mean over images; simulation.md: common task 17.9 px FWHM, "
+    print("# image statistics (median/mean over images; the published common-task images: 17.9 px FWHM, "
           "frac>0.1 0.158, frac>0.3 0.058, mean 0.062, corner std 0.003 from 8-bit renderings)")
     for preset in ("common_task", "model_i"):
         cfg = SimulationConfig.from_preset(preset)

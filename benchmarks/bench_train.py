@@ -152,7 +152,8 @@ def input_stem(size: int, batch: int) -> None:
 
 
 def inference(size: int, n: int, compile_too: bool) -> None:
-    from deeplense.train import TrainConfig, predict_proba
+    from deeplense.config import TrainConfig
+    from deeplense.engine import predict_proba
 
     model = _model().eval()
     cfg = TrainConfig(image_size=size, eval_batch_size=32)

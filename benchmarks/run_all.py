@@ -24,18 +24,12 @@ LINE = re.compile(r"^([a-z0-9_.]+): (.*)$")
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
+    from deeplense.util import cpu_name
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{cpu_name()}, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def main(argv=None) -> int:

@@ -20,9 +20,11 @@ from deeplense.data import (
     d4_transform,
     dataset_fingerprint,
     find_root,
+    input_fn,
     list_files,
     load_split,
     load_splits,
+    native_crop,
     preprocess,
     split_holdout,
 )
@@ -211,8 +213,23 @@ def test_preprocess_shapes_and_range():
     assert preprocess(x, 150).shape == (4, 3, 150, 150)
     torch.testing.assert_close(preprocess(x, 150, channels=1), x * 2 - 1)
     assert preprocess(x, 224, resize_then_crop=256).shape == (4, 3, 224, 224)
-    assert preprocess(x, 64, crop=96).shape == (4, 3, 64, 64)
-    torch.testing.assert_close(preprocess(x, 96, crop=96, channels=1), x[..., 27:123, 27:123] * 2 - 1)
+    # the reference geometry: resize to 256, keep the centre 224
+    big = torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", antialias=False, align_corners=False)
+    torch.testing.assert_close(preprocess(x, 224, resize_then_crop=256, channels=1), big[..., 16:240, 16:240] * 2 - 1)
+
+
+def test_native_crop_gathers_in_any_order_and_keeps_the_centre():
+    images = np.random.default_rng(0).random((10, 1, 150, 150), dtype=np.float32)
+    idx = np.array([7, 2, 9])
+    x = native_crop(images, idx, 96)
+    assert x.shape == (3, 1, 96, 96) and x.dtype == torch.float32 and x.is_contiguous()
+    np.testing.assert_array_equal(x.numpy(), images[idx][..., 27:123, 27:123])
+    np.testing.assert_array_equal(native_crop(images, idx, None).numpy(), images[idx])
+    # the model input of a run: crop first (native pixels), then resize to the input side
+    from deeplense.config import recipe
+
+    cfg = recipe("default", image_size=64, crop=96)
+    torch.testing.assert_close(input_fn(cfg)(x), preprocess(x, 64))
 
 
 def test_d4_augmentation_is_exact_and_covers_the_group():

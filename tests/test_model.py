@@ -5,6 +5,7 @@ import urllib.error
 
 import pytest
 import torch
+from conftest import TouchOnLoad
 from torchvision.models import resnet34
 
 import deeplense.model as model_mod
@@ -91,21 +92,11 @@ def test_wrong_files(tmp_path):
         build_model(str(tmp_path / "missing.pth"))
 
 
-class _TouchOnLoad:
-    """A pickled payload with a visible effect: unpickling it creates a file (and returns a non-tensor)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("where", ["explicit_file", "torch_hub_cache"])
 def test_pickled_code_is_refused_and_never_run(tmp_path, where, offline):
     marker = tmp_path / "code-ran"
     sd = resnet34(weights=None).state_dict()
-    sd["extra"] = _TouchOnLoad(marker)
+    sd["extra"] = TouchOnLoad(marker)
     path = tmp_path / "evil.pth" if where == "explicit_file" else hub_checkpoint_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, path)

@@ -6,12 +6,13 @@ import json
 
 import nbformat
 import numpy as np
+import pytest
 import torch
 from torchvision.models import resnet34
 
 from deeplense.model import hub_checkpoint_path
-from deeplense.notebook import NOTEBOOK, results_table, run_notebook, update_readme
-from deeplense.report import report
+from deeplense.notebook import NOTEBOOK, run_notebook
+from deeplense.report import report, results_table, update_readme
 
 
 def test_notebook_executes_and_figures_are_stable(tmp_path):
@@ -68,3 +69,58 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     update_readme(run / "metrics.json", readme)
     text = readme.read_text()
     assert "old" not in text and f"{metrics['accuracy']:.3f}" in text and text.endswith("y\n")
+
+
+def _cell_values(**changes) -> dict:
+    """The parameters cell as shipped, with some values changed."""
+    values = {"DATA": None, "SCALE": None, "RECIPE": "default", "EPOCHS": None, "IMAGE_SIZE": None, "CROP": None,
+              "BATCH_SIZE": None, "WEIGHTS": "auto", "SEED": 0, "DEVICE": None, "OUTPUT": None, "FIGURES": None,
+              "SIM_TRAIN_PER_CLASS": None, "SIM_VAL_PER_CLASS": None, "unrelated": object()}
+    return {**values, **changes}
+
+
+def test_resolve_gives_one_frozen_config_from_cell_environment_and_scale(monkeypatch, tmp_path):
+    import dataclasses
+
+    from deeplense.config import SCALES, TrainConfig
+    from deeplense.notebook import PARAMETERS, resolve
+
+    for name in PARAMETERS:
+        monkeypatch.delenv(f"DEEPLENSE_{name}", raising=False)
+    cfg, spec = resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
+    demo = SCALES["demo"]
+    assert isinstance(cfg, TrainConfig) and (cfg.epochs, cfg.image_size, cfg.crop, cfg.batch_size) == (
+        demo.epochs, demo.image_size, demo.crop, demo.batch_size)
+    assert (spec.scale, spec.device, spec.sim_train_per_class) == ("demo", "cpu", demo.sim_train_per_class)
+    assert spec.data is None and "simulated" in spec.data_kind
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
+    # the cell's values win over the scale, the environment over the cell; strings are cast by the field's type
+    cfg, _ = resolve(_cell_values(SCALE="demo", DEVICE="cpu", EPOCHS=2, IMAGE_SIZE=48))
+    assert (cfg.epochs, cfg.image_size) == (2, 48)
+    monkeypatch.setenv("DEEPLENSE_EPOCHS", "3")
+    monkeypatch.setenv("DEEPLENSE_CROP", "none")  # documented as "no crop"
+    monkeypatch.setenv("DEEPLENSE_SEED", "7")
+    monkeypatch.setenv("DEEPLENSE_OUTPUT", str(tmp_path / "run"))
+    cfg, spec = resolve(_cell_values(SCALE="demo", DEVICE="cpu", EPOCHS=2))
+    assert (cfg.epochs, cfg.crop, cfg.seed) == (3, None, 7) and spec.output == str(tmp_path / "run")
+    monkeypatch.setenv("DEEPLENSE_EPOCHS", "many")
+    with pytest.raises(Exception, match="epochs='many'"):
+        resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
+
+
+def test_fresh_run_folder_removes_a_previous_run_only(tmp_path):
+    from deeplense.notebook import fresh_run_folder
+    from deeplense.util import DeepLenseError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "last.pt").write_bytes(b"x")
+    assert fresh_run_folder(run) == run and not run.exists()
+    other = tmp_path / "my_thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("precious")
+    with pytest.raises(DeepLenseError, match="not a run folder"):
+        fresh_run_folder(other)
+    assert (other / "chapter1.tex").read_text() == "precious"

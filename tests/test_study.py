@@ -91,7 +91,7 @@ def test_readme_gets_the_table_and_images_the_figures(tiny_study, tmp_path):
 
 
 def test_recipe_column_names_each_arms_geometry():
-    from deeplense.train import recipe
+    from deeplense.config import recipe
 
     describe = _study_module().describe
 

@@ -1,12 +1,17 @@
 """The data layer: find a DeepLense dataset, load a split once, cache it, split it, and batch it.
 
-Layout (see ``shared/context/dataset.md``)::
+Layout of the common-task dataset (``dataset.zip`` unpacks to it, sometimes inside a ``dataset/`` wrapper
+and beside a ``__MACOSX/`` tree)::
 
-    ROOT/{train,val}/{no,sphere,vort}/<integer>.npy
+    ROOT/{train,val}/{no,sphere,vort}/<integer>.npy      # train: 10,000 per class; val: 2,500 per class
 
-File names repeat across classes and splits, so an image is identified by (split, class, name).
-Images come back as float32 ``(N, 1, H, W)`` in [0, 1] and labels as int64 ``(N,)`` indexing
-:data:`CLASSES`, whose order is fixed here and never read from the filesystem.
+Each file holds one float64 array ``(1, 150, 150)``, min-max normalised per image to [0, 1]. File names repeat
+across classes and splits, so an image is identified by (split, class, name). Images come back as float32
+``(N, 1, H, W)`` in [0, 1] and labels as int64 ``(N,)`` indexing :data:`CLASSES`, whose order is fixed here and
+never read from the filesystem.
+
+The model's input geometry lives here too (:func:`native_crop`, :func:`preprocess`, :func:`input_fn`): crop,
+resize, [-1, 1], 3 channels.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,8 +207,8 @@ class SplitInfo:
 
     root: Path
     split: str
-    files: tuple[str, ...]
-    fingerprint: str
+    fingerprint: str  # names, labels, sizes and modification times: decides whether the cache is current
+    listing: str  # names and labels in loading order only: what split indices refer to (see listing_fingerprint)
     from_cache: bool
 
 
@@ -227,7 +233,7 @@ def load_splits(
         paths = _cache_paths(root, s, allow_pickle)
         hit = _try_open_cache(paths, fp, len(rel))
         if info is not None:
-            info[s] = SplitInfo(root, s, tuple(rel), fp, hit is not None)
+            info[s] = SplitInfo(root, s, fp, _listing(rel, listed[s]), hit is not None)
         if hit is not None:
             out[s] = hit
         else:
@@ -270,8 +276,20 @@ def load_splits(
         os.replace(tmp_img, paths["images"])
         os.replace(tmp_lab, paths["labels"])
         write_json_atomic(paths["manifest"], manifest)
-        out[manifest["split"]] = _try_open_cache(paths, manifest["fingerprint"], manifest["n"])
+        out[manifest["split"]] = _open_committed(paths, manifest)
     return {s: out[s] for s in splits}
+
+
+def _open_committed(paths: dict[str, Path], manifest: dict):
+    """Open a cache just committed. Another process building the same cache at the same moment (two jobs on one
+    dataset) may be between its own renames, with the same content: wait for it rather than fail."""
+    for _ in range(100):
+        hit = _try_open_cache(paths, manifest["fingerprint"], manifest["n"])
+        if hit is not None:
+            return hit
+        time.sleep(0.1)
+    raise DeepLenseError(f"{paths['manifest']}: the cache kept changing while it was being opened (another process "
+                         f"writing it?); run again")
 
 
 def load_split(
@@ -293,6 +311,24 @@ def dataset_fingerprint(root: str | os.PathLike) -> str:
     """A short hash of file names, sizes and modification times of both splits (for provenance)."""
     root = find_root(root)
     return combine_fingerprints([_fingerprint(root, list_files(root, s))[1] for s in SPLITS])
+
+
+def _listing(rel: list[str], files: list[tuple[str, int]]) -> str:
+    h = hashlib.sha256()
+    for r, (_, label) in zip(rel, files, strict=True):
+        h.update(f"{r}\t{label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def listing_fingerprint(root: str | os.PathLike, split: str) -> str:
+    """A short hash of a split's file names and labels in loading order: what the indices of a split refer to.
+
+    Unlike the cache fingerprint it ignores sizes and modification times, so a copy of the dataset (``cp``,
+    ``rsync``) keeps it, while an added, removed or renamed file changes it.
+    """
+    root = find_root(root)
+    files = list_files(root, split)
+    return _listing([p[len(str(root)) + 1 :] for p, _ in files], files)
 
 
 def combine_fingerprints(split_fingerprints: list[str]) -> str:
@@ -324,22 +360,47 @@ def split_holdout(labels: np.ndarray, fraction: float = 0.1, *, seed: int = 0) -
         k = int(np.floor(fraction * len(idx) + 0.5))
         test.append(idx[rng.permutation(len(idx))[:k]])
     test_idx = np.sort(np.concatenate(test)).astype(np.int64)
-    mask = np.ones(len(labels), dtype=bool)
+    return holdout_from_test(test_idx, len(labels))
+
+
+def holdout_from_test(test_idx, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(selection_idx, test_idx)`` of a ``val`` split of ``n`` images whose test part is ``test_idx`` (sorted,
+    unique, in range: checked); the selection part is everything else."""
+    test_idx = np.asarray(test_idx, dtype=np.int64)
+    if test_idx.ndim != 1 or (test_idx.size and (test_idx.min() < 0 or test_idx.max() >= n)) or \
+            np.any(np.diff(test_idx) <= 0):
+        raise DeepLenseError(f"held-out test indices must be sorted, unique and within the {n} val images")
+    mask = np.ones(n, dtype=bool)
     mask[test_idx] = False
     return np.flatnonzero(mask).astype(np.int64), test_idx
 
 
 # --------------------------------------------------------------------------------------------- transforms
-def preprocess(x, image_size: int = 224, *, crop: int | None = None, resize_then_crop: int | None = None,
-               channels: int = 3):
-    """Turn a batch of images into model input, on whatever device ``x`` lives.
+def native_crop(images: np.ndarray, idx: np.ndarray, crop: int | None):
+    """Gather ``images[idx]`` into a contiguous float32 tensor ``(n, 1, h, w)``, centre-cropped to ``crop``.
+
+    The crop commutes with the D4 augmentation (it is centred and square), so it is done once here, on the
+    native pixels, before any resizing.
+    """
+    import torch
+
+    idx = np.asarray(idx)
+    order = np.argsort(idx, kind="stable")  # memory-mapped reads in file order
+    x = np.empty((len(idx), *images.shape[1:]), dtype=np.float32)
+    x[order] = images[idx[order]]
+    if crop is not None and crop < x.shape[-1]:
+        o = (x.shape[-1] - crop) // 2
+        x = np.ascontiguousarray(x[..., o : o + crop, o : o + crop])
+    return torch.from_numpy(x)
+
+
+def preprocess(x, image_size: int = 224, *, resize_then_crop: int | None = None, channels: int = 3):
+    """Turn a batch of (already cropped) images into model input, on whatever device ``x`` lives.
 
     Parameters
     ----------
     x : float tensor ``(B, 1, H, W)`` in [0, 1]
     image_size : side of the output in pixels.
-    crop : if given, first keep the central ``crop`` x ``crop`` native pixels (the Einstein ring sits
-        about 28 px from the centre, the rest is sky).
     resize_then_crop : if given, resize to this side and then crop the central ``image_size`` (the
         reference solution's Resize(256) + CenterCrop(224)).
     channels : 3 replicates the grey image (the ImageNet stem), 1 keeps it (a folded stem).
@@ -350,9 +411,6 @@ def preprocess(x, image_size: int = 224, *, crop: int | None = None, resize_then
     """
     import torch.nn.functional as F
 
-    if crop is not None and crop < x.shape[-1]:
-        o = (x.shape[-1] - crop) // 2
-        x = x[..., o : o + crop, o : o + crop]
     side = resize_then_crop or image_size
     fresh = False  # whether x is a new tensor we may modify in place (saves a 6 MB allocation per batch)
     if x.shape[-1] != side or x.shape[-2] != side:
@@ -366,6 +424,16 @@ def preprocess(x, image_size: int = 224, *, crop: int | None = None, resize_then
         x = x[..., o : o + image_size, o : o + image_size]
     x = x.mul_(2.0).sub_(1.0) if fresh else x.mul(2.0).sub_(1.0)
     return x.expand(-1, channels, -1, -1) if channels != x.shape[1] else x
+
+
+def input_fn(config):
+    """A run's model-input transform (``config``: a :class:`~deeplense.config.TrainConfig`):
+    ``(B, 1, h, w)`` in [0, 1], already cropped by :func:`native_crop` -> ``(B, 3, S, S)`` in [-1, 1]."""
+
+    def fn(x):
+        return preprocess(x, config.image_size, resize_then_crop=config.resize_then_crop)
+
+    return fn
 
 
 def d4_transform(x, k: int):

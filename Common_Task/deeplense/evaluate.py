@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on the held-out test part of ``val`` (or the selection part), and predict files.
 
 ``evaluate`` writes ``metrics.json`` and ``predictions.npz`` (``labels`` int64 ``(N,)``,
-``probabilities`` float32 ``(N, 3)``); the metrics are computed from exactly those arrays, so every
-figure can be redrawn without the model.
+``probabilities`` float32 ``(N, 3)``, ``val_indices`` int64 ``(N,)``); the metrics are computed from exactly
+those arrays, so every figure can be redrawn without the model.
 """
 
 from __future__ import annotations
@@ -14,41 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .data import CLASSES, _numeric_key, dataset_fingerprint, load_split, read_image, split_holdout
+from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
+from .data import CLASSES, _numeric_key, holdout_from_test, load_splits, native_crop, read_image, split_holdout
+from .engine import predict_proba
 from .metrics import compute_metrics
-from .train import TrainConfig, native_crop, predict_proba
-from .util import DeepLenseError, atomic_path, pick_device, versions, write_json_atomic
+from .util import DeepLenseError, atomic_path, pick_device, versions, write_json_atomic, write_text_atomic
 
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a deeplense checkpoint with ``weights_only=True``; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeepLenseError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise DeepLenseError(f"{path}: not a deeplense checkpoint ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "classes", "epoch"} <= set(ckpt):
-        raise DeepLenseError(f"{path}: not a deeplense checkpoint (expected model, config, classes, epoch)")
-    if list(ckpt["classes"]) != list(CLASSES):
-        raise DeepLenseError(f"{path}: trained for classes {list(ckpt['classes'])}, this version uses "
-                             f"{list(CLASSES)}")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device: torch.device):
-    from .model import build_model
-
-    model, _ = build_model("none")
-    model.load_state_dict(ckpt["model"])
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval()
+SPLIT_NAMES = {"test": "held-out test part of val", "selection": "model-selection part of val"}
 
 
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out: str | os.PathLike, *,
@@ -56,42 +29,57 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
              allow_pickle: bool = False, progress: bool = True) -> dict:
     """Evaluate ``checkpoint`` and write ``out/metrics.json`` and ``out/predictions.npz``.
 
-    ``split="test"``: the held-out part of ``val`` (``split_holdout`` with the seed stored in the
-    checkpoint); ``split="val"``: the model-selection part.
+    ``split="test"``: the held-out part of ``val``, the indices the checkpoint recorded (after checking that
+    ``val`` still lists the same files; checkpoints without them: ``split_holdout`` with the stored seed);
+    ``split="selection"`` (or ``"val"``): the rest of ``val``, the part that chose the checkpoint.
     """
-    if split not in ("test", "val"):
-        raise DeepLenseError(f"--split {split}: expected test or val")
+    split = "selection" if split == "val" else split
+    if split not in SPLIT_NAMES:
+        raise DeepLenseError(f"--split {split}: expected test or selection")
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    config = TrainConfig.from_dict(ckpt["config"])
+    config = config_of(ckpt, checkpoint)
     data = data or ckpt.get("data", {}).get("root")
     if data is None:
         raise DeepLenseError("evaluate: --data is required (the checkpoint does not name its dataset)")
-    images, labels = load_split(data, "val", allow_pickle=allow_pickle, progress=progress)
-    sel_idx, test_idx = split_holdout(labels, config.holdout_fraction, seed=config.seed)
+    info: dict = {}
+    images, labels = load_splits(data, ("val",), allow_pickle=allow_pickle, progress=progress, info=info)["val"]
+    sel_idx, test_idx, checked = _holdout(ckpt, checkpoint, data, labels, info["val"].listing, config)
     idx = test_idx if split == "test" else sel_idx
     model = model_from_checkpoint(ckpt, dev)
     probs = predict_proba(model, native_crop(images, idx, config.crop), config, dev, tta=tta, progress=progress,
                           desc=f"evaluating {split}")
-    y = labels[idx].astype(np.int64)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.npz", suffix=".npz") as tmp:
-        np.savez(tmp, labels=y, probabilities=probs, val_indices=idx.astype(np.int64))
-    saved = np.load(out / "predictions.npz")  # compute metrics from exactly the saved arrays
-    metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap, seed=config.seed)
+        np.savez(tmp, labels=labels[idx].astype(np.int64), probabilities=probs, val_indices=idx.astype(np.int64))
+    with np.load(out / "predictions.npz") as saved:  # compute metrics from exactly the saved arrays
+        metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap, seed=config.seed)
     metrics["provenance"] = {
-        "split": split, "split_description": ("held-out test part of val" if split == "test"
-                                              else "model-selection part of val"),
+        "split": split, "split_description": SPLIT_NAMES[split],
         "holdout_fraction": config.holdout_fraction, "seed": config.seed, "tta": bool(tta),
         "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_epoch": int(ckpt["epoch"]),
-        "recipe": config.recipe, "config": ckpt["config"],
-        "data": {"root": str(Path(data).resolve()), "fingerprint": dataset_fingerprint(data)},
+        "recipe": config.recipe, "config": config.to_dict(),
+        "heldout_check": checked,
+        "data": {"root": str(Path(data).resolve()), "val_fingerprint": info["val"].fingerprint,
+                 "val_listing": info["val"].listing},
         "weights": ckpt.get("weights"), "pretrained": bool((ckpt.get("weights") or {}).get("pretrained")),
         "device": str(dev), "versions": versions(), "trained_with": ckpt.get("versions"),
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _holdout(ckpt: dict, checkpoint, data, labels: np.ndarray, listing: str, config):
+    """``(selection_idx, test_idx, how_checked)`` for the ``val`` split at ``data``."""
+    stored = (ckpt.get("data") or {}).get("heldout_test_indices")
+    if stored is None:  # checkpoints written before the indices were recorded
+        sel, test = split_holdout(labels, config.holdout_fraction, seed=config.seed)
+        return sel, test, "recomputed from the seed (the checkpoint does not record its held-out images)"
+    if ckpt["data"].get("val_listing") != listing:
+        raise DeepLenseError(f"{data}: its val/ is not the one {checkpoint} was trained with (files added, removed "
+                             f"or renamed), so its held-out test images cannot be identified")
+    sel, test = holdout_from_test(stored, len(labels))
+    return sel, test, "the checkpoint's recorded held-out images; val lists the same files as in training"
 
 
 def _expand(paths: list[str]) -> list[Path]:
@@ -116,7 +104,7 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
     ``path,predicted,p_no,p_sphere,p_vort`` to ``output`` (or stdout). Returns the rows."""
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    config = TrainConfig.from_dict(ckpt["config"])
+    config = config_of(ckpt, checkpoint)
     model = model_from_checkpoint(ckpt, dev)
     files = _expand(paths)
     rows = []
@@ -132,8 +120,6 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
     w.writeheader()
     w.writerows(rows)
     if output:
-        from .util import write_text_atomic
-
         write_text_atomic(output, buf.getvalue())
     else:
         sys.stdout.write(buf.getvalue())

@@ -107,3 +107,17 @@ def build_model(weights: str = "auto", num_classes: int = len(CLASSES)) -> tuple
         info.update(source=str(path), pretrained=True)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model, info
+
+
+def describe_weights(weights: str = "auto") -> str:
+    """Where :func:`build_model` will take its initial weights from, said without loading or downloading them."""
+    if weights in ("none", "random", None):
+        return "ResNet34 with a 3-class head; initial weights: random (weights='none')"
+    if weights in ("imagenet", "auto"):
+        cached = hub_checkpoint_path()
+        if cached.is_file():
+            return f"ResNet34 with a 3-class head; initial weights: ImageNet, from the torch hub cache ({cached})"
+        offline = "training stops with an error" if weights == "imagenet" else "it trains from RANDOM initial weights"
+        return (f"ResNet34 with a 3-class head; initial weights: ImageNet, downloaded to {cached} when this machine "
+                f"is online; otherwise {offline} (place the file there to fine-tune from ImageNet offline)")
+    return f"ResNet34 with a 3-class head; initial weights: the ImageNet state dict at {Path(weights).expanduser()}"

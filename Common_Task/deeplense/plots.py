@@ -17,14 +17,36 @@ AVERAGE_COLORS = {"macro": "#E69F00", "micro": "#CC79A7"}
 FORMATS = ("png", "pdf")
 
 
-def _plt():
+STYLE = {"svg.hashsalt": "deeplense", "pdf.fonttype": 42, "font.size": 10}
+"""The rcParams every figure is drawn and saved under (only inside :func:`style`: the caller's are untouched)."""
+
+
+def style():
+    """A context in which figures get this module's look; the caller's backend and rcParams stay as they were."""
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    return matplotlib.rc_context(STYLE)
 
-    plt.rcParams.update({"svg.hashsalt": "deeplense", "pdf.fonttype": 42, "font.size": 10})
-    return plt
+
+def figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(fig, axes)`` like ``plt.subplots``, but outside pyplot: no backend switch, no window, no inline
+    display in a notebook, nothing to close. Draw and save inside :func:`style`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize", None), layout=kwargs.pop("layout", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def styled(fn):
+    """Run a drawing function inside :func:`style`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with style():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def save_figure(fig, stem: str | Path, formats=FORMATS) -> list[Path]:
@@ -33,18 +55,19 @@ def save_figure(fig, stem: str | Path, formats=FORMATS) -> list[Path]:
 
     stem = Path(stem)
     out = []
-    for fmt in formats:
-        path = stem.with_suffix(f".{fmt}")
-        meta = {"Software": None} if fmt == "png" else {"CreationDate": None, "ModDate": None, "Producer": None,
-                                                        "Creator": None}
-        with atomic_path(path, suffix=f".{fmt}") as tmp:
-            fig.savefig(tmp, format=fmt, dpi=300, metadata=meta, bbox_inches="tight")
-        out.append(path)
-    _plt().close(fig)
+    with style():
+        for fmt in formats:
+            path = stem.with_suffix(f".{fmt}")
+            meta = {"Software": None} if fmt == "png" else {"CreationDate": None, "ModDate": None, "Producer": None,
+                                                            "Creator": None}
+            with atomic_path(path, suffix=f".{fmt}") as tmp:
+                fig.savefig(tmp, format=fmt, dpi=300, metadata=meta, bbox_inches="tight")
+            out.append(path)
     return out
 
 
-def _square_roc_axes(ax, title: str) -> None:
+def square_roc_axes(ax, title: str) -> None:
+    """Chance diagonal, unit square with equal aspect, labels, title and legend of a ROC plot."""
     ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="chance (AUC = 0.500)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.005)
@@ -56,47 +79,47 @@ def _square_roc_axes(ax, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
+@styled
 def roc_classwise(labels, probabilities, stem, *, title="One-vs-rest ROC per class") -> list[Path]:
     """One ROC curve per class (one-vs-rest) with its AUC to 3 decimals."""
     from .metrics import roc_curves
 
-    plt = _plt()
     curves = roc_curves(labels, probabilities)
-    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    fig, ax = figure(figsize=(4.6, 4.6))
     for cls in CLASSES:
         c = curves["per_class"][cls]
         if c is None:
             continue
         ax.plot(c["fpr"], c["tpr"], color=CLASS_COLORS[cls], lw=1.8,
                 label=f"{CLASS_LABELS[cls]} ({cls}), AUC = {c['auc']:.3f}")
-    _square_roc_axes(ax, title)
+    square_roc_axes(ax, title)
     return save_figure(fig, stem)
 
 
+@styled
 def roc_average(labels, probabilities, stem, *, title="Averaged ROC") -> list[Path]:
     """Macro average (mean of the per-class curves on a common FPR grid; AUC = mean of per-class AUCs)
     and micro average (all one-vs-rest decisions pooled)."""
     from .metrics import roc_curves
 
-    plt = _plt()
     curves = roc_curves(labels, probabilities)
-    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    fig, ax = figure(figsize=(4.6, 4.6))
     for kind, name in (("macro", "macro average (mean over classes)"), ("micro", "micro average (pooled)")):
         c = curves[kind]
         if c is not None:
             ax.plot(c["fpr"], c["tpr"], color=AVERAGE_COLORS[kind], lw=1.8, ls="-" if kind == "macro" else ":",
                     label=f"{name}, AUC = {c['auc']:.3f}")
-    _square_roc_axes(ax, title)
+    square_roc_axes(ax, title)
     return save_figure(fig, stem)
 
 
+@styled
 def confusion(confusion_matrix, stem, *, title="Confusion matrix (held-out test)") -> list[Path]:
     """Confusion matrix with counts and row-normalised fractions."""
-    plt = _plt()
     cm = np.asarray(confusion_matrix, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(4.4, 4.0))
+    fig, ax = figure(figsize=(4.4, 4.0))
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     names = [CLASS_LABELS[c] for c in CLASSES]
     ax.set_xticks(range(len(CLASSES)), names, rotation=20)
@@ -112,11 +135,11 @@ def confusion(confusion_matrix, stem, *, title="Confusion matrix (held-out test)
     return save_figure(fig, stem)
 
 
+@styled
 def training_curves(history: list[dict], stem, *, title="Training") -> list[Path]:
     """Training and validation loss, and validation macro AUC and accuracy, per epoch."""
-    plt = _plt()
     ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    fig, (a1, a2) = figure(1, 2, figsize=(8.4, 3.4))
     a1.plot(ep, [h["train_loss"] for h in history], "o-", color="#0072B2", label="train")
     a1.plot(ep, [h["val_loss"] for h in history], "s-", color="#D55E00", label="validation (selection part)")
     a1.set_xlabel("epoch")
@@ -134,11 +157,11 @@ def training_curves(history: list[dict], stem, *, title="Training") -> list[Path
     return save_figure(fig, stem)
 
 
+@styled
 def examples_grid(images, labels, stem, *, per_class: int = 4, title="Example images per class") -> list[Path]:
     """A grid of the first ``per_class`` images of each class; ``images`` is ``(N, 1, H, W)`` in [0, 1]."""
-    plt = _plt()
     labels = np.asarray(labels)
-    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(1.9 * per_class, 2.0 * len(CLASSES)),
+    fig, axes = figure(len(CLASSES), per_class, figsize=(1.9 * per_class, 2.0 * len(CLASSES)),
                              squeeze=False)
     for r, cls in enumerate(CLASSES):
         idx = np.flatnonzero(labels == r)[:per_class]

@@ -1,4 +1,5 @@
-"""Redraw every figure of a run from its saved files, without the model.
+"""A run's results as text and figures, from its saved files only: tables for the README, the notebook's
+reading of the curves, and every figure redrawn without the model.
 
 The notebook draws its figures through the same two functions, so ``report`` reproduces them byte for byte.
 """
@@ -11,7 +12,61 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .util import DeepLenseError, read_jsonl
+from .data import CLASS_LABELS
+from .util import REPO, DeepLenseError, read_jsonl, replace_section
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def format_ci(value, interval, digits: int = 3) -> str:
+    """``0.957 [0.925, 0.983]``: a value with its interval (``n/a`` for a missing value; no brackets without an
+    interval)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else \
+        f"{value:.{digits}f}"
+
+
+def results_table(metrics: dict) -> str:
+    """A Markdown table of accuracy and AUCs with 95% intervals, from a ``metrics.json`` dict."""
+    ci = metrics["ci"]
+    prov = metrics.get("provenance", {})
+    rows = [("accuracy", metrics["accuracy"], ci["accuracy"]),
+            ("macro AUC (mean of per-class one-vs-rest)", metrics["auc"]["macro"], ci["macro_auc"]),
+            ("micro AUC (pooled one-vs-rest)", metrics["auc"]["micro"], ci["micro_auc"])]
+    rows += [(f"AUC {CLASS_LABELS[c]} (`{c}`)", v, ci["per_class_auc"][c])
+             for c, v in metrics["auc"]["per_class"].items()]
+    lines = ["| metric | value [95% bootstrap interval] |", "|---|---|"]
+    lines += [f"| {name} | {format_ci(v, c)} |" for name, v, c in rows]
+    cfg = prov.get("config", {})
+    lines += ["", f"Held-out test set: n = {metrics['n']} ({prov.get('split_description', '')}); "
+                  f"recipe `{prov.get('recipe')}`, {cfg.get('epochs')} epochs, input {cfg.get('image_size')} px"
+                  + (f" (central {cfg.get('crop')} px crop)" if cfg.get("crop") else "")
+                  + f", weights: {'ImageNet' if prov.get('pretrained') else 'random initialisation'}; "
+                  f"device {prov.get('device')}; seed {prov.get('seed')}; TTA {'on' if prov.get('tta') else 'off'}."]
+    return "\n".join(lines)
+
+
+def findings(metrics: dict) -> str:
+    """What the curves say, in Markdown: classes from easiest to hardest with their AUCs, the confusions, and how
+    wide the macro-AUC interval is (differences smaller than that are not evidence)."""
+    auc, ci = metrics["auc"]["per_class"], metrics["ci"]["per_class_auc"]
+    order = sorted((c for c in auc if auc[c] is not None), key=lambda c: auc[c], reverse=True)
+    lines = [f"- **{CLASS_LABELS[c]}** (`{c}`): AUC {format_ci(auc[c], ci[c])}" for c in order]
+    if order:
+        lines.append(f"\nHardest class in this run: **{CLASS_LABELS[order[-1]]}**. Confusions (rows true, columns "
+                     f"predicted): {metrics['confusion_matrix']}.")
+    macro_ci = metrics["ci"]["macro_auc"]
+    if macro_ci:
+        lines.append(f"\nThe macro-AUC interval is {macro_ci[1] - macro_ci[0]:.3f} wide with n = {metrics['n']} test "
+                     "images: differences smaller than that between runs are not evidence.")
+    return "\n".join(lines)
+
+
+def update_readme(metrics_path: str | Path, readme: str | Path = REPO / "README.md", extra: str = "") -> None:
+    """Replace the text between the results markers in README.md with the table from ``metrics_path``."""
+    metrics = json.loads(Path(metrics_path).read_text())
+    replace_section(readme, README_START, README_END, f"{extra}{results_table(metrics)}")
 
 
 def draw_training(run: str | Path, figures: str | Path) -> list[Path]:

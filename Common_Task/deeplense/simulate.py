@@ -1,8 +1,8 @@
 """Simulate DeepLense-like strong-lensing images with lenstronomy, in the official dataset layout.
 
-The recipe follows DeepLenseSim's "Model I" (see ``shared/context/simulation.md``): an SIE main lens with
-external shear, a Sersic source, a Gaussian PSF, Poisson and sky noise, and per-image min-max
-normalisation. Substructure:
+The recipe follows DeepLenseSim's "Model I" (the simulator behind the DeepLense datasets, on lenstronomy): an
+SIE main lens with external shear at z = 0.5, a Sersic source at z = 1.0, a Gaussian PSF, Poisson and sky noise,
+and per-image min-max normalisation. Substructure:
 
 - ``no``: none;
 - ``sphere``: 25 point-mass subhalos, masses from dN/dm ∝ m^-0.9 on [1e6, 1e10] Msun;
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import CLASSES, SPLITS
-from .util import DeepLenseError, progress_bar, write_json_atomic, write_text_atomic
+from .util import DeepLenseError, atomic_path, progress_bar, write_json_atomic, write_text_atomic
 
 PRESETS = ("common_task", "model_i")
 DISTANCE_CONVENTIONS = ("deeplense", "angular")
@@ -335,24 +335,14 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _work(task) -> int:
     config, seed, out, split, cls, index = task
     path = Path(out) / split / cls / f"{index}.npy"
     if path.exists():
         return 0
     img, _ = simulate_image(config, seed, split, cls, index)
-    _save_npy_atomic(path, img)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, img, allow_pickle=False)
     return 1
 
 
@@ -431,9 +421,12 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
 
 # ----------------------------------------------------------------------------------------------- statistics
 def image_statistics(images: np.ndarray) -> dict[str, float]:
-    """The five per-image statistics of ``simulation.md``, averaged (median for corners and peak radius).
+    """Six statistics that say whether simulated images look like the common-task ones.
 
-    ``images``: ``(N, 1, H, W)`` or ``(N, H, W)`` in [0, 1].
+    ``ring_fwhm_px`` (median width of the radial profile's peak, px), ``frac_gt_0.1`` and ``frac_gt_0.3``
+    (fraction of pixels above 0.1 and 0.3), ``mean`` (mean pixel value), ``corner_std`` (median standard
+    deviation of the four 20 px corners: the sky noise after normalisation) and ``peak_radius_px`` (median
+    radius of the brightest ring, px). ``images``: ``(N, 1, H, W)`` or ``(N, H, W)`` in [0, 1].
     """
     x = np.asarray(images, dtype=np.float64).reshape(len(images), images.shape[-2], images.shape[-1])
     n, h, w = x.shape

@@ -74,6 +74,48 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+REPO = Path(__file__).resolve().parents[2]
+"""The repository root (README.md, images/, the notebook's folder), for an editable install or a checkout."""
+
+
+def git_commit() -> str:
+    """The checkout's short commit, with ``+uncommitted changes`` when tracked files differ; ``unknown`` outside git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+uncommitted changes" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    """``CPU: <model name> (<n> cores)``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def hardware_name(device=None) -> str:
+    """What ran the work on ``device`` (a ``torch.device`` or its name; None: the one :func:`pick_device`
+    chooses): the GPU's name for CUDA, otherwise the CPU's."""
+    import torch
+
+    dev = torch.device(device) if device is not None else pick_device(None)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "mps":
+        return f"Apple MPS ({cpu_name()})"
+    return cpu_name()
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the packages that determine results, as plain strings."""
     out = {"python": platform.python_version(), "platform": platform.platform()}

@@ -1,0 +1,65 @@
+"""The training config: recipes, casting of overrides, None where a field allows it, the prose description."""
+
+from __future__ import annotations
+
+import pytest
+
+from deeplense.config import RECIPES, TrainConfig, recipe
+
+
+def test_recipes():
+    ref = RECIPES["reference"]
+    assert (ref.optimizer, ref.lr, ref.momentum, ref.schedule, ref.step_size, ref.gamma, ref.batch_size, ref.epochs,
+            ref.augmentation, ref.resize_then_crop, ref.image_size, ref.select_metric) == (
+        "sgd", 1e-4, 0.9, "step", 7, 0.1, 256, 20, "hflip", 256, 224, "accuracy")
+    d = RECIPES["default"]
+    assert (d.optimizer, d.schedule, d.augmentation, d.select_metric) == ("adamw", "cosine", "d4", "macro_auc")
+    with pytest.raises(Exception, match="unknown recipe"):
+        recipe("nope")
+    with pytest.raises(Exception, match="optimizer"):
+        TrainConfig(optimizer="lion")
+
+
+def test_overrides_are_cast_by_field_type():
+    cfg = recipe("default", epochs="3", lr="0.0005", crop="96", seed=2)
+    assert (cfg.epochs, cfg.lr, cfg.crop, cfg.seed) == (3, 5e-4, 96, 2)
+    assert isinstance(cfg.epochs, int) and isinstance(cfg.lr, float)
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+    with pytest.raises(Exception, match="epochs='many' is not a valid int"):
+        recipe("default", epochs="many")
+    with pytest.raises(Exception, match="epochs=2.5 is not a valid int"):
+        recipe("default", epochs=2.5)
+    with pytest.raises(Exception, match="unknown setting"):
+        recipe("default", epoch=3)
+
+
+def test_none_sets_optional_fields_and_is_refused_elsewhere():
+    ref = recipe("reference")
+    assert ref.resize_then_crop == 256
+    assert recipe("reference", resize_then_crop=None).resize_then_crop is None  # no longer silently kept
+    assert recipe("default", crop="none").crop is None and recipe("default", crop=96).replace(crop="").crop is None
+    with pytest.raises(Exception, match="epochs cannot be none"):
+        recipe("default", epochs=None)
+
+
+@pytest.mark.parametrize("bad", [dict(seed=-1), dict(crop=0), dict(limit_per_class=-1), dict(holdout_fraction=1.5),
+                                 dict(image_size=8), dict(batch_size=0)])
+def test_nonsense_is_refused_before_any_work(bad):
+    with pytest.raises(Exception, match="training config"):
+        recipe("default", **bad)
+
+
+def test_round_trip_through_a_dict_ignores_unknown_keys():
+    cfg = recipe("reference", epochs=3, crop=96)
+    assert TrainConfig.from_dict({**cfg.to_dict(), "a_future_field": 1}) == cfg
+
+
+def test_describe_reads_the_values():
+    text = recipe("default", epochs=7, lr=3e-4, image_size=64, crop=96).describe()
+    for part in ("7 epochs", "batch 64", "AdamW (learning rate 0.0003, weight decay 0.05)", "warm-up over 1 epoch",
+                 "cosine", "D4", "central 96 px", "64 px", "selection macro AUC", "seed 0"):
+        assert part in text, part
+    text = recipe("reference").describe()
+    for part in ("SGD (learning rate 0.0001, momentum 0.9", "multiplied by 0.1 every 7 epochs", "horizontal flip",
+                 "resized to 256 px, centre 224 px", "selection accuracy"):
+        assert part in text, part

@@ -1,0 +1,86 @@
+"""The engine's behaviour as the network sees it: eval-mode predictions, TTA, augmented training batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import FAST, quiet
+
+from deeplense.checkpoint import load_checkpoint, model_from_checkpoint
+from deeplense.cli import main
+from deeplense.config import TrainConfig, recipe
+from deeplense.data import d4_transform, load_split, native_crop, preprocess
+from deeplense.engine import predict_proba
+from deeplense.model import build_model
+from deeplense.train import train
+
+
+def test_predictions_use_eval_mode(tmp_path):
+    """Probabilities come from the network in eval mode: per image, whatever the batch, and no state changes."""
+    torch.manual_seed(0)
+    model, _ = build_model("none")
+    with torch.no_grad():  # BatchNorm running statistics unlike any single batch's
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32) * 2 + 0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(6, 1, 32, 32)
+    cfg = TrainConfig(image_size=32, eval_batch_size=6)
+    model.train()  # as the training loop leaves it before validating
+    whole = predict_proba(model, x, cfg, torch.device("cpu"))
+    pairs = predict_proba(model.train(), x, cfg, torch.device("cpu"), batch_size=2)
+    np.testing.assert_allclose(whole, pairs, atol=1e-6)  # an image's probabilities do not depend on its batch
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running statistics untouched
+    with torch.no_grad():
+        eval_mode = torch.softmax(model.eval()(preprocess(x, 32)), 1).numpy()
+        train_mode = torch.softmax(model.train()(preprocess(x, 32)), 1).numpy()
+    np.testing.assert_allclose(whole, eval_mode, atol=1e-6)
+    assert np.abs(train_mode - eval_mode).max() > 1e-3  # the check above can tell the two modes apart
+
+def test_tta_is_the_mean_over_the_8_symmetries(small, tmp_path):
+
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    probs = {}
+    for tta in (False, True):
+        out = tmp_path / f"ev-tta{tta}"
+        assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(small), "--out", str(out),
+                     "--bootstrap", "0", "--device", "cpu", "--split", "val"] + (["--tta"] if tta else [])) == 0
+        probs[tta] = np.load(out / "predictions.npz")["probabilities"]
+    ckpt = load_checkpoint(run / "best.pt")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = model_from_checkpoint(ckpt, torch.device("cpu"))
+    images, _ = load_split(small, "val", progress=False)
+    x = native_crop(images, np.load(tmp_path / "ev-ttaTrue" / "predictions.npz")["val_indices"], cfg.crop)
+    views = np.stack([predict_proba(model, d4_transform(x, k), cfg, torch.device("cpu")) for k in range(8)])
+    np.testing.assert_allclose(probs[True], views.mean(0), atol=1e-5)
+    np.testing.assert_allclose(probs[False], views[0], atol=1e-6)
+    assert np.abs(probs[True] - probs[False]).max() > 1e-4  # the views disagree, so averaging changes something
+
+def test_training_batches_are_d4_augmented(small, tmp_path, monkeypatch):
+    """What the network sees in training: each image once per epoch, most of them flipped or turned."""
+    import deeplense.train as train_mod
+
+    seen = []
+    real = train_mod.build_model
+
+    def spy(*a, **k):
+        model, info = real(*a, **k)
+        model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+        return model, info
+
+    monkeypatch.setattr(train_mod, "build_model", spy)
+    # crop 32 at 32 px: no resize, so the input is exactly the native crop mapped to [-1, 1]
+    cfg = recipe("default", epochs=1, image_size=32, crop=32, batch_size=6, weights="none", warmup_epochs=0.0)
+    train(cfg, small, tmp_path / "run", **quiet())
+    fed = (torch.cat(seen)[:, 0] + 1) / 2  # (18, 32, 32) back in [0, 1]
+    images, _ = load_split(small, "train", progress=False)
+    o = (150 - 32) // 2
+    crops = torch.from_numpy(np.ascontiguousarray(images[:, 0, o : o + 32, o : o + 32]))
+    found = []
+    for f in fed:
+        hits = [(i, k) for i in range(len(crops)) for k in range(8)
+                if torch.allclose(d4_transform(crops[i], k), f, atol=1e-6)]
+        assert len(hits) == 1, "a training input is not an exact D4 transform of one training image"
+        found.append(hits[0])
+    assert sorted(i for i, _ in found) == list(range(len(crops)))  # each image exactly once in the epoch
+    assert sum(k != 0 for _, k in found) >= len(found) // 2  # 7 of 8 are expected to be transformed

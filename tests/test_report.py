@@ -1,0 +1,55 @@
+"""The run's numbers as text: the README table, the notebook's reading of the curves, intervals formatted once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deeplense.metrics import compute_metrics
+from deeplense.report import findings, format_ci, results_table, update_readme
+
+
+def _metrics():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 50)
+    logits = rng.normal(size=(150, 3)) + np.eye(3)[y] * np.array([4.0, 0.8, 1.5])  # sphere the hardest
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = compute_metrics(y, p, n_bootstrap=100, seed=0)
+    m["provenance"] = {"split_description": "held-out test part of val", "recipe": "default", "seed": 0,
+                       "device": "cpu", "tta": False, "pretrained": False,
+                       "config": {"epochs": 5, "image_size": 64, "crop": 96}}
+    return m
+
+
+def test_format_ci():
+    assert format_ci(0.95712, [0.9251, 0.98349]) == "0.957 [0.925, 0.983]"
+    assert format_ci(0.95712, [0.9251, 0.98349], 4) == "0.9571 [0.9251, 0.9835]"
+    assert format_ci(0.5, None) == "0.500" and format_ci(None, [0, 1]) == "n/a"
+
+
+def test_results_table_and_findings_read_the_metrics(tmp_path):
+    m = _metrics()
+    table = results_table(m)
+    assert f"| accuracy | {format_ci(m['accuracy'], m['ci']['accuracy'])} |" in table
+    assert f"| macro AUC (mean of per-class one-vs-rest) | {format_ci(m['auc']['macro'], m['ci']['macro_auc'])} |" \
+        in table
+    assert "n = 150" in table and "5 epochs, input 64 px (central 96 px crop)" in table
+    said = findings(m)
+    auc = m["auc"]["per_class"]
+    assert min(auc, key=auc.get) == "sphere" and "Hardest class in this run: **subhalos**" in said
+    assert said.index("(`no`)") < said.index("(`vort`)") < said.index("(`sphere`)")  # easiest first
+    assert str(m["confusion_matrix"]) in said
+    width = m["ci"]["macro_auc"][1] - m["ci"]["macro_auc"][0]
+    assert f"{width:.3f} wide with n = 150" in said
+
+
+def test_update_readme_fills_only_the_marked_section(tmp_path):
+    import json
+
+    m = _metrics()
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    update_readme(tmp_path / "metrics.json", readme, extra="From a test.\n\n")
+    text = readme.read_text()
+    assert text.startswith("head\n<!-- results:start -->\nFrom a test.\n\n| metric |") and text.endswith("tail\n")
+    assert "old" not in text
