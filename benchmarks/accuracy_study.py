@@ -1,7 +1,10 @@
-"""A controlled accuracy study on the simulated benchmark: which of our choices pay off?
+"""A controlled accuracy study on the simulated benchmark: which of our choices pay off, beyond seed noise?
 
-Same simulated data (``common_task`` preset, fixed seed), same epoch budget, several seeds per arm; the
-official protocol (train on ``train``, select on 90% of ``val``, report on the held-out 10%).
+One simulated set (the ``benchmark`` preset by default, data seed 1234), the same epoch budget for every arm,
+several training seeds per arm, the clean protocol by default (select on 10% of ``train``, train on the rest,
+test on all of ``val``, so the test set is large). Each arm is compared with ``default`` **paired**: per training
+seed on the same data and test images, with a t interval over seeds and a paired bootstrap over test images. An
+arm wins (or loses) only when both 95% intervals exclude 0; otherwise it is within noise.
 
 Arms (``--arms`` picks a subset):
 
@@ -10,17 +13,25 @@ Arms (``--arms`` picks a subset):
 - ``default``: our recipe (AdamW + warm-up + cosine, D4 augmentation, best epoch by macro AUC);
 - ``default_no_d4``: ``default`` without augmentation;
 - ``default_tta``: ``default``'s checkpoints evaluated with 8-way D4 test-time averaging;
-- ``default_150px``: ``default`` on the whole native 150 px image (no crop, no resize).
+- ``default_150px``: ``default`` on the whole native 150 px image (no crop, no resize);
+- ``default_ls``: ``default`` with label smoothing 0.1;
+- ``default_onecycle``: ``default`` with a one-cycle schedule instead of warm-up + cosine;
+- ``resnet18``: ``default`` on torchvision's ResNet18 (11.2 M parameters instead of 21.3 M);
+- ``lensnet``: ``default`` on the small from-scratch network (2.7 M parameters, 1 channel, the native pixels:
+  the central 96 px at the quick scale, the whole 150 px image on a GPU).
 
-Quick scale (the default, for a 2-core CPU; about 2 hours with 2 seeds): 800 train and 1,000 val images per
-class (a 300-image held-out test), 5 epochs, random initial weights (ImageNet weights are used instead when
-the torch hub cache holds them), input = the central 96 px shrunk to 64 px (the reference arm: the whole image
-resized to 73 px, centre 64 px, the reference's 256 -> 224 geometry scaled). ``--full``: 10,000 / 2,500 per
-class at the recipes' own settings (224 px, 20 epochs), for a GPU.
+``--scale quick`` (the default, for a 2-core CPU): 800 train and 1,000 val images per class, 5 epochs, random
+initial weights (ImageNet weights when the torch hub cache holds them), input = the central 96 px shrunk to 64 px
+(the reference arm: the whole image resized to 73 px, centre 64 px, its 256 -> 224 geometry scaled); 4 seeds; every
+arm but ``default_150px`` (4.7x the training time of ``default`` on a CPU) and ``reference`` (from random weights
+its SGD at lr 1e-4 stays at chance in 5 epochs: macro AUC 0.508 ± 0.025 in the earlier common_task study), to
+fit about 2 hours. ``--scale gpu``: 10,000 / 2,500 per class at the recipes' own settings (224 px, or 150 px for
+``default_150px`` and ``lensnet``; 20 epochs), every arm.
 
-Writes ``OUT/study.json``, ``OUT/study_auc.png|pdf`` (macro AUC per arm with error bars) and
-``OUT/study_roc.png|pdf`` (class-wise ROC of the best arm against the reference); ``--readme`` copies the
-table into README.md and the two figures into images/. Interrupted? Run the same command again: finished runs are kept.
+Writes ``OUT/study.json``, ``OUT/study_auc.png|pdf`` (macro AUC per arm, and each arm's paired difference from
+``default``) and ``OUT/study_roc.png|pdf`` (class-wise ROC of the best arm against the reference); ``--readme``
+copies study.json into ``benchmarks/results/``, the table into README.md and the figures into images/.
+Interrupted? Run the same command again: finished runs are kept.
 """
 
 from __future__ import annotations
@@ -40,37 +51,47 @@ from deeplense.checkpoint import load_checkpoint
 from deeplense.config import recipe
 from deeplense.data import CLASSES
 from deeplense.evaluate import evaluate
-from deeplense.simulate import simulate_dataset
+from deeplense.metrics import paired_difference
+from deeplense.simulate import SimulationConfig, simulate_dataset
 from deeplense.train import train
 from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, replace_section, versions, write_json_atomic
 
-ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px")
-METRIC_KEYS = ("macro_auc", "micro_auc", "accuracy")
+ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px", "default_ls", "default_onecycle",
+        "resnet18", "lensnet")
+SCALES = {
+    "quick": {"train_per_class": 800, "val_per_class": 1000, "seeds": 4,
+              "arms": tuple(a for a in ARMS if a not in ("default_150px", "reference"))},
+    "gpu": {"train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
+}
+DATA_SEED = 1234
 
 
-def arm_config(arm: str, full: bool, seed: int, epochs: int | None = None):
-    if full:
-        base = {"seed": seed}
-        cfgs = {
-            "reference": recipe("reference", **base),
-            "default": recipe("default", **base),
-            "default_no_d4": recipe("default", augmentation="none", **base),
-            "default_150px": recipe("default", image_size=150, **base),
-        }
+def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | None = None):
+    """The training config of an arm (``default_tta`` trains as ``default``)."""
+    if scale == "gpu":
+        base = {"seed": seed, "protocol": protocol}
+        default = recipe("default", **base)
+        cfgs = {"reference": recipe("reference", **base), "default": default,
+                "default_150px": default.replace(image_size=150),
+                "lensnet": recipe("default", arch="lensnet", **base)}
     else:
-        quick = {"seed": seed, "epochs": 5}
-        cfgs = {
-            "reference": recipe("reference", image_size=64, resize_then_crop=73, **quick),
-            "default": recipe("default", image_size=64, crop=96, batch_size=32, **quick),
-            "default_no_d4": recipe("default", image_size=64, crop=96, batch_size=32, augmentation="none", **quick),
-            "default_150px": recipe("default", image_size=150, batch_size=32, **quick),
-        }
+        base = {"seed": seed, "epochs": 5, "protocol": protocol}
+        default = recipe("default", image_size=64, crop=96, batch_size=32, **base)
+        cfgs = {"reference": recipe("reference", image_size=64, resize_then_crop=73, **base), "default": default,
+                "default_150px": default.replace(image_size=150, crop=None),
+                "lensnet": recipe("default", arch="lensnet", crop=96, batch_size=32, **base)}
+    cfgs.update({"default_no_d4": default.replace(augmentation="none"),
+                 "default_ls": default.replace(label_smoothing=0.1),
+                 "default_onecycle": default.replace(schedule="onecycle"),
+                 "resnet18": default.replace(arch="resnet18")})
     cfg = cfgs["default" if arm == "default_tta" else arm]
     return cfg.replace(epochs=epochs) if epochs else cfg
 
 
-def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int | None = None,
+def run_one(arm: str, seed: int, data: Path, out: Path, scale: str, protocol: str, epochs: int | None = None,
             device: str | None = None) -> dict:
+    """Train (or reuse) one arm's run for one seed and evaluate it on the test images; return metrics.json plus
+    the training time and speed."""
     train_arm = "default" if arm == "default_tta" else arm
     run = out / "runs" / f"{train_arm}-seed{seed}"
     ev = out / "eval" / f"{arm}-seed{seed}"
@@ -81,7 +102,7 @@ def run_one(arm: str, seed: int, data: Path, out: Path, full: bool, epochs: int 
             if ck["epoch"] < ck["config"]["epochs"]:  # interrupted: continue; finished (default_tta): reuse
                 train(None, data, None, resume=run, device=device)
         else:
-            train(arm_config(arm, full, seed, epochs), data, run, device=device)
+            train(arm_config(arm, scale, seed, protocol, epochs), data, run, device=device)
         evaluate(run / "best.pt", data, ev, split="test", tta=arm == "default_tta", device=device)
         write_json_atomic(ev / "timing.json", {"wall_seconds_this_call": time.time() - t0})
     m = json.loads((ev / "metrics.json").read_text())
@@ -116,8 +137,28 @@ def summarise(per_seed: list[dict]) -> dict:
             "config": per_seed[0]["provenance"]["config"]}
 
 
+def paired(out: Path, arm: str, seeds: list[int], n_bootstrap: int = 1000) -> dict:
+    """``arm`` minus ``default`` in macro AUC, paired by seed and test image (see metrics.paired_difference),
+    with the verdict: ``wins``/``loses`` when both intervals exclude 0, else ``within noise``."""
+    loaded = {}
+    for name in (arm, "default"):
+        for s in seeds:
+            with np.load(out / "eval" / f"{name}-seed{s}" / "predictions.npz") as z:
+                loaded[name, s] = (z["labels"], z["probabilities"], z["val_indices"])
+    same_images = all(np.array_equal(loaded[k][2], loaded[arm, seeds[0]][2]) for k in loaded)
+    labels = loaded[arm, seeds[0]][0]
+    d = paired_difference(labels, [loaded[arm, s][1] for s in seeds], [loaded["default", s][1] for s in seeds],
+                          n_bootstrap=n_bootstrap if same_images else 0, seed=DATA_SEED)
+    if not same_images:  # reference protocol: each seed tests other images, so no bootstrap pairs them
+        d["bootstrap_ci"] = None
+    intervals = [c for c in (d["t_ci"], d["bootstrap_ci"]) if c is not None]
+    d["verdict"] = ("wins" if all(c[0] > 0 for c in intervals) else
+                    "loses" if all(c[1] < 0 for c in intervals) else "within noise")
+    return d
+
+
 def describe(arm: dict) -> str:
-    """The arm's recipe in a few words: optimiser, augmentation, input geometry, TTA."""
+    """The arm's recipe in a few words: optimiser, schedule, augmentation, input geometry, TTA."""
     c = arm["config"]
     size = c["image_size"]
     if c.get("crop"):
@@ -126,29 +167,46 @@ def describe(arm: dict) -> str:
         geometry = f"resize {c['resize_then_crop']} px, centre {size} px"
     else:
         geometry = f"whole image at {size} px"
+    if c.get("arch", "resnet34") == "lensnet":
+        geometry = f"native {c.get('crop') or size} px, 1 channel"
     aug = {"d4": "D4", "hflip": "h-flips", "none": "no aug."}.get(c["augmentation"], c["augmentation"])
     opt = f"{'AdamW' if c['optimizer'] == 'adamw' else c['optimizer'].upper()} {c['lr']:g}"
-    return f"{opt}, {aug}, {geometry}" + (", D4 TTA" if arm.get("tta") else "")
+    extra = (", one-cycle" if c.get("schedule") == "onecycle" else "") + (
+        f", label smoothing {c['label_smoothing']:g}" if c.get("label_smoothing") else "")
+    net = "" if c.get("arch", "resnet34") == "resnet34" else f"{c['arch']}, "
+    return f"{net}{opt}{extra}, {aug}, {geometry}" + (", D4 TTA" if arm.get("tta") else "")
+
+
+def _delta(d: dict | None) -> str:
+    if d is None:
+        return "(baseline)"
+    text = f"{d['mean']:+.4f} [{d['t_ci'][0]:+.4f}, {d['t_ci'][1]:+.4f}]"
+    if d.get("bootstrap_ci"):
+        text += f" {{{d['bootstrap_ci'][0]:+.4f}, {d['bootstrap_ci'][1]:+.4f}}}"
+    return text
 
 
 def table(study: dict) -> str:
     s = study["scale"]
     lines = [f"Scale: {s['description']}; hardware: {s['hardware']}; command: `{s['command']}`. "
-             f"Mean ± std over {s['seeds']} seeds; [95% bootstrap interval, averaged over seeds]; held-out test "
-             f"n = {s['n_test']} per seed. Initial weights: {s['weights']}.", "",
-             "| arm | recipe | macro AUC | micro AUC | accuracy | AUC no | AUC sphere | AUC vort | train time | "
-             "train img/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Mean ± std over {s['seeds']} training seeds (same data); test n = {s['n_test']} images per seed "
+             f"({s['test']}). Δ: the arm minus `default` in macro AUC, paired by seed, with its 95% t interval over "
+             f"seeds [ ] and a 95% paired bootstrap interval over test images {{ }}; an arm wins or loses only when "
+             f"both exclude 0. Initial weights: {s['weights']}.", "",
+             "| arm | recipe | macro AUC | Δ macro AUC vs `default` | verdict | accuracy | AUC no | AUC sphere | "
+             "AUC vort | train time | train img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(d):
-        return "n/a" if d["mean"] is None else (f"{d['mean']:.3f} ± {d['std']:.3f}" +
-                                                (f" [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d["ci95"] else ""))
+        return "n/a" if d["mean"] is None else f"{d['mean']:.4f} ± {d['std']:.4f}"
 
     for arm, a in study["arms"].items():
         t = a["test"]
         pc = t["per_class_auc"]
-        lines.append(f"| `{arm}` | {describe(a)} | {f(t['macro_auc'])} | {f(t['micro_auc'])} | {f(t['accuracy'])} | "
-                     f"{pc['no']['mean']:.3f} | {pc['sphere']['mean']:.3f} | {pc['vort']['mean']:.3f} | "
+        d = a.get("paired_vs_default")
+        lines.append(f"| `{arm}` | {describe(a)} | {f(t['macro_auc'])} | {_delta(d)} | "
+                     f"{d['verdict'] if d else '—'} | {f(t['accuracy'])} | {pc['no']['mean']:.4f} | "
+                     f"{pc['sphere']['mean']:.4f} | {pc['vort']['mean']:.4f} | "
                      f"{a['train_seconds']['mean'] / 60:.1f} min | {a['train_images_per_s']['mean']:.1f} |")
     return "\n".join(lines)
 
@@ -162,17 +220,34 @@ def figures(study: dict, out: Path) -> None:
 
 def _draw_figures(study: dict, out: Path, plots) -> None:
     arms = list(study["arms"])
-    means = [study["arms"][a]["test"]["macro_auc"]["mean"] for a in arms]
-    stds = [study["arms"][a]["test"]["macro_auc"]["std"] for a in arms]
-    fig, ax = plots.figure(figsize=(6.0, 3.6))
-    ax.errorbar(range(len(arms)), means, yerr=stds, fmt="o", color="#0072B2", capsize=4)
-    ax.set_xticks(range(len(arms)), arms, rotation=20)
-    ax.set_ylabel("held-out macro AUC (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.set_title("Ablation on simulated data")
+    fig, (a1, a2) = plots.figure(1, 2, figsize=(10.0, 3.8))
+    for i, arm in enumerate(arms):
+        t = study["arms"][arm]["test"]["macro_auc"]
+        a1.errorbar([i], [t["mean"]], yerr=[t["std"]], fmt="o", color="#0072B2", capsize=4)
+        a1.plot([i] * len(t["per_seed"]), t["per_seed"], ".", color="0.5", ms=4)
+    a1.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+    a1.set_ylabel("test macro AUC (mean ± std, seeds as dots)")
+    a1.grid(alpha=0.3)
+    a1.set_title("Macro AUC per arm")
+    others = [a for a in arms if study["arms"][a].get("paired_vs_default")]
+    colours = {"wins": "#009E73", "loses": "#D55E00", "within noise": "0.4"}
+    for i, arm in enumerate(others):
+        d = study["arms"][arm]["paired_vs_default"]
+        lo, hi = d["t_ci"]
+        a2.errorbar([i], [d["mean"]], yerr=[[d["mean"] - lo], [hi - d["mean"]]], fmt="o", capsize=4,
+                    color=colours[d["verdict"]], label=d["verdict"])
+        a2.plot([i] * len(d["per_seed"]), d["per_seed"], ".", color="0.5", ms=4)
+    a2.axhline(0, color="0.3", lw=1, ls="--")
+    a2.set_xticks(range(len(others)), others, rotation=30, ha="right")
+    a2.set_ylabel("Δ macro AUC vs default (95% t interval)")
+    handles = {h.get_label(): h for h in a2.get_legend_handles_labels()[0]}
+    a2.legend(handles.values(), handles.keys(), frameon=False, fontsize=8)
+    a2.grid(alpha=0.3)
+    a2.set_title("Paired difference from default")
+    fig.tight_layout()
     plots.save_figure(fig, out / "study_auc")
-    others = [a for a in arms if a != "reference"] or arms
-    best = max(others, key=lambda a: study["arms"][a]["test"]["macro_auc"]["mean"])
+    rest = [a for a in arms if a != "reference"] or arms
+    best = max(rest, key=lambda a: study["arms"][a]["test"]["macro_auc"]["mean"])
     shown = ("reference", best) if "reference" in arms and best != "reference" else (best,)
     fig, axes = plots.figure(1, len(shown), figsize=(4.6 * len(shown), 4.6), squeeze=False)
     from deeplense.metrics import roc_curves
@@ -189,51 +264,66 @@ def _draw_figures(study: dict, out: Path, plots) -> None:
 
 
 def write_readme(study: dict, out: Path, repo: Path) -> None:
-    """Copy the table between the README's study markers and the two figures into ``repo/images``."""
+    """Copy study.json to ``repo/benchmarks/results``, the table between the README's study markers and the two
+    figures into ``repo/images``."""
     readme = repo / "README.md"
     replace_section(readme, "<!-- study:start -->", "<!-- study:end -->", table(study))
+    write_json_atomic(repo / "benchmarks" / "results" / "study.json", study)
     for name in ("study_auc.png", "study_auc.pdf", "study_roc.png", "study_roc.pdf"):
         with atomic_path(repo / "images" / name) as tmp:
             shutil.copyfile(out / name, tmp)
-    print(f"updated {readme} and {repo / 'images'}/study_auc.png, study_roc.png")
+    print(f"updated {readme}, {repo / 'benchmarks' / 'results' / 'study.json'} and "
+          f"{repo / 'images'}/study_auc.png, study_roc.png")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="the full 30,000/7,500 set at the recipes' own settings")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per arm (default 2)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--scale", choices=list(SCALES), default="quick", help="quick (2-core CPU, default) or gpu")
+    p.add_argument("--preset", default="benchmark", help="simulation preset (default benchmark)")
+    p.add_argument("--protocol", choices=["clean", "reference"], default="clean", help="default clean")
+    p.add_argument("--seeds", type=int, help="training seeds per arm (default 4)")
+    p.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)} (default: the scale's)")
     p.add_argument("--out", default="benchmarks/out/study", help="output folder (default benchmarks/out/study/)")
     p.add_argument("--train-per-class", type=int, help="override the scale's simulated train images per class")
     p.add_argument("--val-per-class", type=int, help="override the scale's simulated val images per class")
     p.add_argument("--epochs", type=int, help="override the scale's epochs (all arms)")
-    p.add_argument("--readme", action="store_true", help="copy the table into README.md and the figures into images/")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: pick automatically)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
+    p.add_argument("--readme", action="store_true",
+                   help="copy study.json to benchmarks/results/, the table into README.md and the figures into images/")
     args = p.parse_args(argv)
-    arms = [a for a in args.arms.split(",") if a]
+    scale = SCALES[args.scale]
+    arms = [a for a in (args.arms.split(",") if args.arms else scale["arms"]) if a]
     bad = [a for a in arms if a not in ARMS]
     if bad:
         p.error(f"unknown arm(s) {bad}; choose from {ARMS}")
+    if any(a != "default" for a in arms) and "default" not in arms:
+        arms = ["default", *arms]  # every comparison is paired with default
     out = Path(args.out).resolve()
-    ntr = args.train_per_class or (10_000 if args.full else 800)
-    nva = args.val_per_class or (2_500 if args.full else 1_000)
+    ntr = args.train_per_class or scale["train_per_class"]
+    nva = args.val_per_class or scale["val_per_class"]
     data = out / "data"
-    simulate_dataset(data, train_per_class=ntr, val_per_class=nva, seed=1234, workers=os.cpu_count() or 1)
-    seeds = list(range(args.seeds))
-    results = {arm: [run_one(arm, s, data, out, args.full, args.epochs, args.device) for s in seeds] for arm in arms}
+    simulate_dataset(data, train_per_class=ntr, val_per_class=nva, seed=DATA_SEED, workers=os.cpu_count() or 1,
+                     config=SimulationConfig.from_preset(args.preset))
+    seeds = list(range(args.seeds or scale["seeds"]))
+    results = {arm: [run_one(arm, s, data, out, args.scale, args.protocol, args.epochs, args.device) for s in seeds]
+               for arm in arms}
     first = next(iter(results.values()))[0]
     study = {
-        "scale": {"description": (f"{'full' if args.full else 'quick'}: {ntr}/{nva} simulated train/val images per "
-                                  f"class, {first['provenance']['config']['epochs']} epochs"),
-                  "train_per_class": ntr, "val_per_class": nva, "n_test": first["n"], "seeds": len(seeds),
-                  "seed_list": seeds, "data_seed": 1234,
-                  "hardware": hardware_name(first["provenance"]["device"]),
+        "scale": {"description": (f"{args.scale}: `{args.preset}` preset, {ntr}/{nva} simulated train/val images per "
+                                  f"class, {first['provenance']['config']['epochs']} epochs, {args.protocol} protocol"),
+                  "preset": args.preset, "protocol": args.protocol, "train_per_class": ntr, "val_per_class": nva,
+                  "n_test": first["n"], "test": first["provenance"]["split_description"], "seeds": len(seeds),
+                  "seed_list": seeds, "data_seed": DATA_SEED, "hardware": hardware_name(first["provenance"]["device"]),
                   "command": shlex.join(["python", "benchmarks/accuracy_study.py",
                                          *(sys.argv[1:] if argv is None else argv)]),
                   "weights": "ImageNet" if first["provenance"]["pretrained"] else "random (no ImageNet weights here)",
                   "versions": versions()},
         "arms": {arm: summarise(ms) for arm, ms in results.items()},
     }
+    for arm in arms:
+        if arm != "default":
+            study["arms"][arm]["paired_vs_default"] = paired(out, arm, seeds, args.bootstrap)
     write_json_atomic(out / "study.json", study)
     figures(study, out)
     print(table(study))

@@ -38,3 +38,40 @@ def test_checkpoint_with_code_is_refused_without_running_it(small, tmp_path, cap
     assert main(["predict", "--checkpoint", str(tmp_path / "evil.pt"), str(small / "val" / "no")]) == 2
     assert "evil.pt: not a deeplense checkpoint" in capsys.readouterr().err
     assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("head", "weights do not fit a 3-class resnet34"),
+    ("missing_keys", "weights do not fit a 3-class resnet34"),
+    ("string_config", "unusable training config in the checkpoint"),
+    ("bad_value_config", "unusable training config in the checkpoint"),
+])
+def test_loadable_but_unfit_checkpoints_are_one_line(small, tmp_path, capsys, damage, expected):
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    ck = torch.load(run / "best.pt", weights_only=True)
+    if damage == "head":
+        ck["model"]["fc.weight"] = torch.zeros(5, 512)
+        ck["model"]["fc.bias"] = torch.zeros(5)
+    elif damage == "missing_keys":
+        del ck["model"]["layer4.2.bn2.running_var"]
+    elif damage == "string_config":
+        ck["config"] = "lr=0.1"
+    else:
+        ck["config"]["epochs"] = "many"
+    path = tmp_path / f"{damage}.pt"
+    torch.save(ck, path)
+    for argv in (["evaluate", "--checkpoint", str(path), "--data", str(small), "--out", str(tmp_path / "ev")],
+                 ["predict", "--checkpoint", str(path), str(small / "val" / "no" / "1.npy")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {path}: ") and expected in err[0], err
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_refusal_of_pickled_objects_does_not_advise_weights_only_false(small, tmp_path, capsys):
+    torch.save({"model": {}, "config": {}, "classes": ["no", "sphere", "vort"], "epoch": 1,
+                "x": TouchOnLoad(tmp_path / "ran")}, tmp_path / "evil.pt")
+    assert main(["predict", "--checkpoint", str(tmp_path / "evil.pt"), str(small / "val" / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "could run code" in err and "weights_only" not in err and not (tmp_path / "ran").exists()

@@ -340,3 +340,99 @@ def test_not_a_dataset(tmp_path, capsys):
     assert "no dataset found" in capsys.readouterr().err
     assert main(["inspect", "--data", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- hostile but realistic
+def test_dangling_link_and_stray_copy_are_named(tmp_path, capsys):
+    data = write_dataset(tmp_path / "d", 2, 2)
+    link = data / "train" / "no" / "3.npy"
+    link.symlink_to(tmp_path / "gone.npy")
+    assert main(["inspect", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "train/no/3.npy: a symbolic link to" in err and "does not exist" in err
+    link.unlink()
+    for p in (data / "val" / "vort").glob("*.npy"):  # every file of a class a dangling link: still named
+        target = tmp_path / "elsewhere" / p.name
+        p.unlink()
+        p.symlink_to(target)
+    assert main(["inspect", "--data", str(data)]) == 2
+    assert "val/vort/1.npy: a symbolic link" in capsys.readouterr().err
+    shutil.rmtree(data)
+    data = write_dataset(tmp_path / "d", 2, 2)
+    shutil.copy(data / "val" / "sphere" / "1.npy", data / "val" / "sphere" / "1 copy.npy")
+    assert main(["inspect", "--data", str(data)]) == 2
+    assert "val/sphere/1 copy.npy: not named like the other files" in capsys.readouterr().err
+
+
+def test_odd_first_file_is_the_one_blamed(tmp_path, capsys):
+    data = write_dataset(tmp_path / "d", 4, 2)
+    np.save(data / "train" / "no" / "1.npy", np.zeros((1, 64, 64)))
+    assert main(["inspect", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "train/no/1.npy: shape (64, 64) differs from the rest of the split's (150, 150)" in err
+
+
+def test_splits_of_different_sizes_are_refused(tmp_path, capsys):
+    data = write_dataset(tmp_path / "d", 2, 2)
+    for p in (data / "val").rglob("*.npy"):
+        np.save(p, np.load(p)[:, :100, :100])
+    assert main(["inspect", "--data", str(data)]) == 2
+    assert "train/ holds 150x150 images but val/ holds 100x100" in capsys.readouterr().err
+    assert not [p for p in cache_dir().rglob("*") if p.is_file()]
+
+
+def test_a_file_changed_with_size_and_mtime_preserved_is_noticed(tiny_dataset):
+    a = load_split(tiny_dataset, "train", progress=False)[0]
+    p = tiny_dataset / "train" / "sphere" / "2.npy"
+    st = p.stat()
+    changed = np.load(p)
+    changed[0, :10, :10] = 0.5  # same dtype and shape: the same size
+    np.save(p, changed)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `cp -p`, `rsync -a` or `tar x` would leave it
+    assert p.stat().st_size == st.st_size and p.stat().st_mtime_ns == st.st_mtime_ns
+    info: dict = {}
+    b = load_splits(tiny_dataset, ("train",), info=info, progress=False)["train"][0]
+    assert not info["train"].from_cache
+    np.testing.assert_array_equal(b[5, 0, :10, :10], 0.5)
+    assert not np.array_equal(a[5], b[5])
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tiny_dataset, monkeypatch, capsys):
+    import collections
+
+    import deeplense.data as data_mod
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**5, 10**5))
+    assert main(["inspect", "--data", str(tiny_dataset)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(cache_dir()) in err[0] and "GB free, the dataset cache needs" in err[0]
+    assert not [p for p in cache_dir().rglob("*") if p.is_file()]
+
+
+def test_disk_filling_during_the_build_is_one_line_and_leaves_nothing(tiny_dataset, monkeypatch, capsys):
+    """The space check passes, then another process fills the disk: the reservation fails with ENOSPC."""
+    import errno
+
+    import deeplense.data as data_mod
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_mod.os, "posix_fallocate", full)
+    assert main(["inspect", "--data", str(tiny_dataset)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {cache_dir()}: No space left on device while writing"), err
+    assert not [p for p in cache_dir().rglob("*") if p.is_file()]
+
+
+def test_stale_temp_files_of_dead_writers_are_swept(tiny_dataset):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    stale = [cache_dir() / f"train-abc.images.npy.{pid}.tmp", cache_dir() / f".train-abc.json.{pid}.x1y2z3.tmp"]
+    live = cache_dir() / f"train-def.images.npy.{os.getppid()}.tmp"  # a live process's: kept
+    for p in (*stale, live):
+        p.write_bytes(b"x" * 100)
+    load_split(tiny_dataset, "train", progress=False)
+    assert not any(p.exists() for p in stale) and live.exists()

@@ -84,3 +84,23 @@ def test_training_batches_are_d4_augmented(small, tmp_path, monkeypatch):
         found.append(hits[0])
     assert sorted(i for i, _ in found) == list(range(len(crops)))  # each image exactly once in the epoch
     assert sum(k != 0 for _, k in found) >= len(found) // 2  # 7 of 8 are expected to be transformed
+
+
+def test_onecycle_and_label_smoothing_reach_training(small, tmp_path, monkeypatch):
+    import deeplense.engine as engine
+
+    base = recipe("default", epochs=3, **FAST)
+    one = train(base.replace(schedule="onecycle"), small, tmp_path / "one", **quiet())
+    lrs = [h["lr"] for h in one["history"]]  # the learning rate after each epoch's last step
+    assert lrs[0] > 0.8 * base.lr and lrs[-1] < 1e-3 * base.lr  # near the peak after 1/3 of the steps, then down
+    smoothing = []
+    real = engine.F.cross_entropy
+
+    def spy(*a, **k):
+        smoothing.append(k.get("label_smoothing", 0.0))
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.F, "cross_entropy", spy)
+    train(base.replace(label_smoothing=0.1), small, tmp_path / "smooth", **quiet(stop_after_epoch=1))
+    assert smoothing and set(smoothing) == {0.1}  # every training step's loss, and only those (validation: NLL)
+    assert "label smoothing 0.1" in base.replace(label_smoothing=0.1).describe()

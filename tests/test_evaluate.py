@@ -9,8 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FAST, quiet
+from conftest import FAST, quiet, write_dataset
 
+from deeplense.checkpoint import load_checkpoint
 from deeplense.cli import main
 from deeplense.config import recipe
 from deeplense.data import load_split, split_holdout
@@ -87,13 +88,110 @@ def test_a_changed_val_is_refused_not_silently_resplit(small, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(small, copy)  # a plain copy (new modification times) is the same dataset
     m = evaluate(run / "best.pt", copy, tmp_path / "ev", device="cpu", n_bootstrap=0, progress=False)
-    assert m["provenance"]["heldout_check"].startswith("the checkpoint's recorded held-out images")
+    assert m["provenance"]["heldout_check"].startswith("the checkpoint's recorded images")
     for name in ("11.npy", "12.npy"):
         shutil.copy(copy / "val" / "no" / "1.npy", copy / "val" / "no" / name)
-    with pytest.raises(DeepLenseError, match="is not the one .* trained with"):
+    with pytest.raises(DeepLenseError, match="val/ is not the one .* trained with"):
         evaluate(run / "best.pt", copy, tmp_path / "ev2", device="cpu", n_bootstrap=0, progress=False)
-    with pytest.raises(DeepLenseError, match="is not the one this run started with"):
+    with pytest.raises(DeepLenseError, match="val/ is not the one this run started with"):
         train(None, copy, None, resume=run, **quiet())
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(copy), "--out",
                  str(tmp_path / "ev3")]) == 2
     assert not (tmp_path / "ev3" / "metrics.json").exists()
+
+
+def test_clean_protocol_keeps_val_out_of_training_and_selection(small, tmp_path, monkeypatch):
+    """--protocol clean: training and selection see only train images (val is not even read), the test is all of
+    val, and none of the three share an image."""
+    import deeplense.engine as engine
+    from deeplense.util import cache_dir
+
+    fed = {"train": [], "selection": []}
+    real_epoch, real_validate = engine.train_one_epoch, engine.validate
+
+    def epoch_spy(net, opt, sched, scaler, x_train, *a, **k):
+        fed["train"].append(x_train.clone())
+        return real_epoch(net, opt, sched, scaler, x_train, *a, **k)
+
+    def validate_spy(model, x, *a, **k):
+        fed["selection"].append(x.clone())
+        return real_validate(model, x, *a, **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", epoch_spy)
+    monkeypatch.setattr(engine, "validate", validate_spy)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(small), "--out", str(run), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "6", "--weights", "none", "--device", "cpu", "--protocol", "clean"]) == 0
+    assert not list(cache_dir().glob("val-*")), "training under the clean protocol read val"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["protocol"] == "clean" and cfg["data"]["selection_split"] == "train"
+    assert load_checkpoint(run / "best.pt")["config"]["protocol"] == "clean"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(small), "--out", str(tmp_path / "ev"),
+                 "--bootstrap", "0", "--device", "cpu"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["provenance"]["protocol"] == "clean" and m["n"] == 30  # all of val
+    train_images, _ = load_split(small, "train", progress=False)
+    val_images, _ = load_split(small, "val", progress=False)
+    tested = val_images[np.load(tmp_path / "ev" / "predictions.npz")["val_indices"]]
+    trained, selected = set(_row_keys(fed["train"][0])), set(_row_keys(fed["selection"][0]))
+    train_set, val_set, test_set = set(_row_keys(train_images)), set(_row_keys(val_images)), set(_row_keys(tested))
+    assert len(trained) == 15 and len(selected) == 3  # 18 train images: 10% per class (1 each) select
+    assert trained | selected == train_set and not trained & selected
+    assert test_set == val_set and not test_set & train_set
+    # --split selection evaluates the train images that chose the checkpoint
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(small), "--out",
+                 str(tmp_path / "ev-sel"), "--bootstrap", "0", "--device", "cpu", "--split", "selection"]) == 0
+    z = np.load(tmp_path / "ev-sel" / "predictions.npz")
+    assert set(_row_keys(train_images[z["train_indices"]])) == selected
+
+
+def test_allow_changed_data_is_an_explicit_and_visible_opt_in(small, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    copy = tmp_path / "copy"
+    shutil.copytree(small, copy)
+    shutil.copy(copy / "val" / "no" / "1.npy", copy / "val" / "no" / "11.npy")
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(copy), "--out", str(ev),
+                 "--bootstrap", "20", "--device", "cpu", "--allow-changed-data"]) == 0
+    assert "WARNING: NOT CHECKED" in capsys.readouterr().out
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["provenance"]["heldout_check"].startswith("NOT CHECKED")
+    assert "NOT a checked held-out set" in m["provenance"]["split_description"]
+    from deeplense.report import draw_evaluation, results_table
+
+    assert "**Warning: NOT CHECKED" in results_table(m)
+    import deeplense.plots as plots
+
+    titles = []
+    real = plots.save_figure
+
+    def keep(fig, stem, formats=plots.FORMATS):
+        titles.extend(ax.get_title() for ax in fig.axes if ax.get_title())
+        return real(fig, stem, formats)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "save_figure", keep)
+        draw_evaluation(ev, tmp_path / "figs")
+    assert len(titles) == 3 and all("NOT a checked held-out set" in t for t in titles)
+
+
+def test_an_empty_heldout_part_is_refused_before_writing(tmp_path, capsys):
+    data = write_dataset(tmp_path / "d", n_train=6, n_val=4)  # 10% of 4 rounds to 0 per class
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), data, run, **quiet())
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--out",
+                 str(tmp_path / "ev")]) == 2
+    assert "held-out test part of val is empty" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_predict_names_the_image_of_another_size(small, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    folder = tmp_path / "mixed"
+    shutil.copytree(small / "val" / "no", folder)
+    np.save(folder / "5.npy", np.zeros((1, 64, 64)))
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder / '5.npy'}: shape (64, 64) differs" in err[0]

@@ -119,3 +119,32 @@ def test_macro_interval_is_built_from_per_class_aucs():
     assert lo <= macro <= hi and not lo <= micro <= hi
     lo, hi = m["ci"]["micro_auc"]
     assert lo <= micro <= hi and not lo <= macro <= hi
+
+
+def test_paired_difference_per_seed_equals_sklearn_and_intervals_behave():
+    from deeplense.metrics import paired_difference
+
+    y, _ = _random(n=600, seed=20)
+
+    def arm(signal, seed):
+        logits = np.random.default_rng(seed).normal(size=(600, 3))
+        logits[np.arange(600), y] += signal
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    better = [arm(1.6, 10 + s) for s in range(4)]
+    worse = [arm(1.0, 20 + s) for s in range(4)]
+    d = paired_difference(y, better, worse, n_bootstrap=200, seed=0)
+    expected = [roc_auc_score(y, a, multi_class="ovr") - roc_auc_score(y, b, multi_class="ovr")
+                for a, b in zip(better, worse, strict=True)]
+    assert d["per_seed"] == pytest.approx(expected, abs=1e-12)
+    assert d["mean"] == pytest.approx(np.mean(expected))
+    for key in ("t_ci", "bootstrap_ci"):
+        lo, hi = d[key]
+        assert 0 < lo < d["mean"] < hi, key  # a real gain: both intervals exclude 0
+    # an arm against a copy of itself with fresh noise: both intervals contain 0
+    same = paired_difference(y, [arm(1.3, 30 + s) for s in range(4)], [arm(1.3, 40 + s) for s in range(4)],
+                             n_bootstrap=200, seed=0)
+    assert same["t_ci"][0] < 0 < same["t_ci"][1] and same["bootstrap_ci"][0] < 0 < same["bootstrap_ci"][1]
+    # identical predictions: exactly zero
+    zero = paired_difference(y, better, better, n_bootstrap=50, seed=0)
+    assert zero["per_seed"] == [0.0] * 4 and zero["bootstrap_ci"] == [0.0, 0.0]

@@ -17,7 +17,7 @@ from deeplense.util import DeepLenseError
 def offline(monkeypatch):
     """No network: the torchvision download raises as it does on an offline node."""
 
-    def fail():
+    def fail(*args):
         raise urllib.error.URLError("offline (test)")
 
     monkeypatch.setattr(model_mod, "_download_imagenet", fail)
@@ -86,7 +86,7 @@ def test_wrong_files(tmp_path):
     with pytest.raises(DeepLenseError, match="text.pth: not a loadable state dict"):
         build_model(str(tmp_path / "text.pth"))
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "keys.pth")
-    with pytest.raises(DeepLenseError, match="keys.pth: not ImageNet ResNet34 weights"):
+    with pytest.raises(DeepLenseError, match="keys.pth: not ImageNet resnet34 weights"):
         build_model(str(tmp_path / "keys.pth"))
     with pytest.raises(DeepLenseError, match="not found"):
         build_model(str(tmp_path / "missing.pth"))
@@ -108,3 +108,41 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, where, offline):
             _, info = build_model("auto")
         assert info["pretrained"] is False
     assert not marker.exists(), "loading the weights ran code from the file"
+
+
+# ------------------------------------------------------------------------------------------------ every arch
+TORCHVISION = ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3"]
+
+
+@pytest.mark.parametrize("arch", TORCHVISION)
+def test_imagenet_weights_of_each_arch_from_a_planted_hub_file(arch, offline):
+    from torchvision.models import get_model
+
+    cached = hub_checkpoint_path(arch)
+    assert cached.name == model_mod.hub_file(arch) and cached.name.endswith(".pth")
+    torch.manual_seed(2)
+    sd = get_model(arch, weights=None).state_dict()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, cached)
+    model, info = build_model("auto", arch=arch)
+    assert info["pretrained"] and info["source"] == "imagenet" and info["warning"] is None
+    first = next(k for k in sd if k.endswith("weight"))
+    torch.testing.assert_close(model.state_dict()[first], sd[first], rtol=0, atol=0)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    # the wrong network's file under that name is refused with the arch named
+    torch.save(resnet34(weights=None).state_dict(), cached)
+    with pytest.raises(DeepLenseError, match=f"not ImageNet {arch} weights"):
+        build_model("imagenet", arch=arch)
+
+
+def test_lensnet_is_small_single_channel_and_has_no_imagenet_weights():
+    from deeplense.model import LensNet, parameter_count
+
+    model, info = build_model("auto", arch="lensnet")
+    assert isinstance(model, LensNet) and info["pretrained"] is False and info["warning"] is None
+    assert 2_000_000 < parameter_count(model) < 4_000_000
+    assert model(torch.zeros(2, 1, 150, 150)).shape == (2, 3) and model(torch.zeros(2, 1, 96, 96)).shape == (2, 3)
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(2, 3, 150, 150))  # one channel only
+    with pytest.raises(DeepLenseError, match="lensnet trains from scratch"):
+        build_model("imagenet", arch="lensnet")

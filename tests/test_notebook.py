@@ -73,9 +73,10 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
 def _cell_values(**changes) -> dict:
     """The parameters cell as shipped, with some values changed."""
-    values = {"DATA": None, "SCALE": None, "RECIPE": "default", "EPOCHS": None, "IMAGE_SIZE": None, "CROP": None,
-              "BATCH_SIZE": None, "WEIGHTS": "auto", "SEED": 0, "DEVICE": None, "OUTPUT": None, "FIGURES": None,
-              "SIM_TRAIN_PER_CLASS": None, "SIM_VAL_PER_CLASS": None, "unrelated": object()}
+    values = {"DATA": None, "SCALE": None, "RECIPE": "default", "ARCH": "resnet34", "EPOCHS": None,
+              "IMAGE_SIZE": None, "CROP": None, "BATCH_SIZE": None, "PROTOCOL": "reference", "WEIGHTS": "auto",
+              "SEED": 0, "DEVICE": None, "OUTPUT": None, "FIGURES": None, "SIM_TRAIN_PER_CLASS": None,
+              "SIM_VAL_PER_CLASS": None, "unrelated": object()}
     return {**values, **changes}
 
 
@@ -124,3 +125,18 @@ def test_fresh_run_folder_removes_a_previous_run_only(tmp_path):
     with pytest.raises(DeepLenseError, match="not a run folder"):
         fresh_run_folder(other)
     assert (other / "chapter1.tex").read_text() == "precious"
+
+
+def test_notebook_runs_the_clean_protocol(tmp_path):
+    run = tmp_path / "run"
+    env = {"DEEPLENSE_SCALE": "tiny", "DEEPLENSE_OUTPUT": str(run), "DEEPLENSE_FIGURES": str(tmp_path / "figures"),
+           "DEEPLENSE_SIM_TRAIN_PER_CLASS": "10", "DEEPLENSE_SIM_VAL_PER_CLASS": "20", "DEEPLENSE_DEVICE": "cpu",
+           "DEEPLENSE_PROTOCOL": "clean", "DEEPLENSE_WEIGHTS": "none", "TQDM_DISABLE": "1"}
+    nb = nbformat.read(run_notebook(NOTEBOOK, env=env, save_to=tmp_path / "executed.ipynb", timeout=600),
+                       as_version=4)
+    texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert ("clean protocol: 27 train images train the model, 3 images of train choose the checkpoint, 60 images "
+            "of val test it") in texts
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["provenance"]["protocol"] == "clean" and metrics["n"] == 60
+    assert json.loads((run / "config.json").read_text())["data"]["selection_split"] == "train"

@@ -254,3 +254,35 @@ def test_examples_figure(tmp_path):
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(len(b) > 10_000 for b in first)
     paths = examples_grid(imgs, labels, tmp_path / "ex", per_class=2)
     assert [p.read_bytes() for p in paths] == first  # byte-stable
+
+
+def test_rerun_with_smaller_counts_is_refused(tmp_path, capsys):
+    simulate_dataset(tmp_path, train_per_class=3, val_per_class=2, seed=0, progress=False)
+    assert main(["simulate", "--out", str(tmp_path), "--train-per-class", "2", "--val-per-class", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "train/no/3.npy" in err and "holds more train images than --train-per-class 2" in err
+
+
+def test_a_killed_simulation_leaves_nothing_the_rerun_keeps(tmp_path):
+    """Half-written images of a killed worker carry its process id; the next run removes them."""
+    simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "train" / "no" / f".2.npy.{int(dead.stdout)}.k3j4h5g6.tmp"
+    stale.write_bytes(b"half an image")
+    simulate_dataset(tmp_path, train_per_class=2, val_per_class=1, seed=0, progress=False)
+    assert not stale.exists() and (tmp_path / "train" / "no" / "2.npy").is_file()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_give_the_same_bytes_with_either_start_method(tmp_path, monkeypatch, method):
+    import multiprocessing as mp
+
+    import deeplense.simulate as sim
+
+    if method not in mp.get_all_start_methods():
+        pytest.skip(f"{method} does not exist on this platform")
+    monkeypatch.setattr(sim, "_pool_context", lambda: mp.get_context(method))
+    kw = dict(train_per_class=3, val_per_class=2, seed=4, progress=False)
+    simulate_dataset(tmp_path / "one", workers=1, **kw)
+    simulate_dataset(tmp_path / "two", workers=2, **kw)
+    assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")

@@ -19,7 +19,7 @@ from deeplense.util import DeepLenseError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _offline():
+def _offline(*args):
     raise urllib.error.URLError("offline (test)")
 
 
@@ -35,8 +35,8 @@ def tiny_study(tmp_path_factory):
     """Two arms that share two trainings (the TTA arm evaluates the default arm's checkpoints)."""
     study = _study_module()
     out = tmp_path_factory.mktemp("study")
-    args = ["--arms", "default,default_tta", "--train-per-class", "4", "--val-per-class", "20",
-            "--epochs", "1", "--seeds", "2", "--device", "cpu", "--out", str(out)]
+    args = ["--arms", "default,default_tta", "--train-per-class", "10", "--val-per-class", "10",
+            "--epochs", "1", "--seeds", "2", "--bootstrap", "50", "--device", "cpu", "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse per-test isolation is not active yet
         mp.setenv("DEEPLENSE_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
@@ -48,7 +48,8 @@ def tiny_study(tmp_path_factory):
 def test_study_json_has_the_issue_shape(tiny_study):
     _, out, args = tiny_study
     s = json.loads((out / "study.json").read_text())
-    assert s["scale"]["seeds"] == 2 and s["scale"]["n_test"] == 6  # 10% of 60 val images, stratified
+    assert s["scale"]["seeds"] == 2 and s["scale"]["n_test"] == 30  # clean protocol: all of val
+    assert (s["scale"]["preset"], s["scale"]["protocol"]) == ("benchmark", "clean")
     assert s["scale"]["command"].endswith(" ".join(args[:-1]) + " " + str(out))
     assert "random" in s["scale"]["weights"] and s["scale"]["versions"]["torch"]
     assert list(s["arms"]) == ["default", "default_tta"]
@@ -63,6 +64,13 @@ def test_study_json_has_the_issue_shape(tiny_study):
         assert arm["train_seconds"]["mean"] > 0 and arm["train_images_per_s"]["mean"] > 0
         assert arm["device"] == "cpu"
     assert s["arms"]["default_tta"]["tta"] and not s["arms"]["default"]["tta"]
+    # each arm against default, paired by seed: per-seed differences of the macro AUCs above, two intervals
+    d = s["arms"]["default_tta"]["paired_vs_default"]
+    per_seed = [a - b for a, b in zip(s["arms"]["default_tta"]["test"]["macro_auc"]["per_seed"],
+                                      s["arms"]["default"]["test"]["macro_auc"]["per_seed"], strict=True)]
+    assert d["per_seed"] == pytest.approx(per_seed, abs=1e-9) and d["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert d["t_ci"][0] <= d["mean"] <= d["t_ci"][1] and len(d["bootstrap_ci"]) == 2
+    assert d["verdict"] in ("wins", "loses", "within noise") and "paired_vs_default" not in s["arms"]["default"]
     for name in ("study_auc.png", "study_auc.pdf", "study_roc.png", "study_roc.pdf"):
         assert (out / name).stat().st_size > 0
 
@@ -85,6 +93,7 @@ def test_readme_gets_the_table_and_images_the_figures(tiny_study, tmp_path):
     assert "old" not in text and text.endswith("<!-- study:end -->\n\nafter\n")
     assert "| `default_tta` | AdamW 0.001, D4, central 96 px → 64 px, D4 TTA |" in text
     assert (tmp_path / "images" / "study_roc.png").read_bytes() == (out / "study_roc.png").read_bytes()
+    assert json.loads((tmp_path / "benchmarks" / "results" / "study.json").read_text()) == s
     (tmp_path / "README.md").write_text("# no markers\n")
     with pytest.raises(DeepLenseError, match="README.md: no <!-- study:start -->"):
         study.write_readme(s, out, tmp_path)
@@ -103,3 +112,6 @@ def test_recipe_column_names_each_arms_geometry():
     assert describe({"config": asdict(native), "tta": True}) == "AdamW 0.001, D4, whole image at 150 px, D4 TTA"
     no_aug = recipe("default", image_size=64, crop=96, augmentation="none")
     assert describe({"config": asdict(no_aug)}) == "AdamW 0.001, no aug., central 96 px → 64 px"
+    cycle = recipe("default", image_size=64, crop=96, schedule="onecycle", label_smoothing=0.1)
+    assert describe({"config": asdict(cycle)}) == ("AdamW 0.001, one-cycle, label smoothing 0.1, D4, "
+                                                   "central 96 px → 64 px")

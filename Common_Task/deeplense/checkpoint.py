@@ -10,6 +10,7 @@ root, fingerprints, split sizes), ``versions``, ``device``; ``last.pt`` adds ``o
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -34,15 +35,25 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise DeepLenseError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise DeepLenseError(f"{path}: not a deeplense checkpoint ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    except pickle.UnpicklingError:  # torch's own message goes on to advise weights_only=False: we do not
+        raise DeepLenseError(f"{path}: not a deeplense checkpoint (it holds objects other than tensors and plain "
+                             f"data; loading those could run code, so it is refused)") from None
+    except Exception as exc:  # noqa: BLE001 - truncated files, other formats
+        raise DeepLenseError(f"{path}: not a deeplense checkpoint ({_first_words(exc)})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "classes", "epoch"} <= set(ckpt):
         raise DeepLenseError(f"{path}: not a deeplense checkpoint (expected model, config, classes, epoch)")
     if list(ckpt["classes"]) != list(CLASSES):
         raise DeepLenseError(f"{path}: trained for classes {list(ckpt['classes'])}, this version uses "
                              f"{list(CLASSES)}")
     return ckpt
+
+
+def _first_words(exc: Exception, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened at a word boundary."""
+    text = (str(exc).splitlines() or [""])[0]
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def config_of(ckpt: dict, path: str | os.PathLike) -> TrainConfig:
@@ -53,12 +64,17 @@ def config_of(ckpt: dict, path: str | os.PathLike) -> TrainConfig:
         raise DeepLenseError(f"{path}: unusable training config in the checkpoint ({exc})") from None
 
 
-def model_from_checkpoint(ckpt: dict, device: torch.device):
-    """The checkpoint's network on ``device``, in eval mode (``channels_last`` on CUDA)."""
+def model_from_checkpoint(ckpt: dict, device: torch.device, path: str | os.PathLike = "checkpoint"):
+    """The checkpoint's network on ``device``, in eval mode (``channels_last`` on CUDA); an error naming ``path``
+    when its weights do not fit the network (another head size, missing or extra keys)."""
     from .model import build_model
 
-    model, _ = build_model("none")
-    model.load_state_dict(ckpt["model"])
+    arch = (ckpt.get("config") or {}).get("arch", "resnet34") if isinstance(ckpt.get("config"), dict) else "resnet34"
+    model, _ = build_model("none", arch=arch)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise DeepLenseError(f"{path}: its weights do not fit a 3-class {arch} ({_first_words(exc)})") from None
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

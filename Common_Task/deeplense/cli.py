@@ -40,6 +40,9 @@ def _cmd_simulate(args) -> int:
     if args.distance_convention:
         cfg = cfg.replace(distance_convention=args.distance_convention)
     shard = parse_shard(args.shard)
+    if args.figure:
+        _check_writable(Path(args.figure).parent)
+    _check_writable(args.out)
     out = simulate_dataset(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                            seed=args.seed, workers=args.workers, config=cfg, shard=shard)
     print(f"wrote {out['written']} images ({out['skipped']} already present) to {args.out}; "
@@ -72,21 +75,33 @@ def _data_or_simulated(args) -> str:
     return str(path)
 
 
-TRAIN_OPTIONS = ("epochs", "image_size", "crop", "batch_size", "lr", "weights", "seed", "limit_per_class")
+TRAIN_OPTIONS = ("arch", "epochs", "image_size", "crop", "batch_size", "lr", "schedule", "label_smoothing", "weights",
+                 "seed", "limit_per_class", "protocol")
 
 
 def _cmd_train(args) -> int:
     from .config import recipe
     from .train import train
 
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise DeepLenseError(f"--stop-after-epoch {args.stop_after_epoch}: must be at least 1")
     if args.resume:
+        if given or args.out or args.recipe:
+            named = [f"--{k.replace('_', '-')}" for k in given] + (["--out"] if args.out else []) + (
+                ["--recipe"] if args.recipe else [])
+            raise DeepLenseError(f"train --resume {args.resume}: {', '.join(named)} cannot change a run; it continues "
+                                 f"with the settings it started with (start a new run with --out to change them)")
         summary = train(None, args.data, None, resume=args.resume, device=args.device,
-                        allow_pickle=args.allow_pickle, stop_after_epoch=args.stop_after_epoch)
+                        allow_pickle=args.allow_pickle, stop_after_epoch=args.stop_after_epoch,
+                        compile_model=args.compile)
     else:
-        given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
-        cfg = recipe(args.recipe, **given)  # checked before any data is simulated or loaded
+        if not args.out:
+            raise DeepLenseError("train: --out RUN is required (or --resume RUN)")
+        cfg = recipe(args.recipe or "default", **given)  # checked before any data is simulated or loaded
+        _check_writable(args.out)
         summary = train(cfg, _data_or_simulated(args), args.out, device=args.device, allow_pickle=args.allow_pickle,
-                        stop_after_epoch=args.stop_after_epoch)
+                        stop_after_epoch=args.stop_after_epoch, compile_model=args.compile)
     print(f"done: {summary['run']} (best epoch {summary['best_epoch']}, "
           f"{summary['config']['select_metric']} {summary['best_metric']:.4f})")
     return 0
@@ -96,11 +111,17 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
     from .report import format_ci
 
+    if args.bootstrap < 0:
+        raise DeepLenseError(f"--bootstrap {args.bootstrap}: must be 0 (no intervals) or more")
     out = args.out or str(Path(args.checkpoint).parent)
+    _check_writable(out)
     m = evaluate(args.checkpoint, args.data, out, split=args.split, tta=args.tta, device=args.device,
-                 n_bootstrap=args.bootstrap, allow_pickle=args.allow_pickle)
+                 n_bootstrap=args.bootstrap, allow_pickle=args.allow_pickle,
+                 allow_changed_data=args.allow_changed_data)
     ci = m["ci"]
     print(f"{m['provenance']['split_description']}: n={m['n']}")
+    if m["provenance"]["heldout_check"].startswith("NOT"):
+        print(f"WARNING: {m['provenance']['heldout_check']}")
     print(f"accuracy  {format_ci(m['accuracy'], ci['accuracy'], 4)}")
     print(f"macro AUC {format_ci(m['auc']['macro'], ci['macro_auc'], 4)}")
     print(f"micro AUC {format_ci(m['auc']['micro'], ci['micro_auc'], 4)}")
@@ -113,6 +134,9 @@ def _cmd_evaluate(args) -> int:
 def _cmd_predict(args) -> int:
     from .evaluate import predict_files
 
+    if args.output:
+        _check_writable(Path(args.output).parent, args.output)
+
     predict_files(args.checkpoint, args.paths, args.output, tta=args.tta, device=args.device,
                   allow_pickle=args.allow_pickle)
     if args.output:
@@ -122,6 +146,8 @@ def _cmd_predict(args) -> int:
 
 def _cmd_report(args) -> int:
     from .report import report
+
+    _check_writable(args.figures or Path(args.run) / "figures")
 
     for p in report(args.run, args.figures):
         print(p)
@@ -150,6 +176,20 @@ def _cmd_demo(args) -> int:
     update_readme(out_dir / "metrics.json", extra=extra)
     print(f"updated the results table in {REPO / 'README.md'}")
     return 0
+
+
+def _check_writable(folder, file=None) -> None:
+    """Refuse, before any work, a folder that is a file, lies under a file, or cannot be written."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DeepLenseError(f"{p}: is a file, not a folder" + ("" if p == folder else f" (for {folder})"))
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise DeepLenseError(f"{p}: not writable" + ("" if p == folder else f" (needed to create {folder})"))
+            break
+    if file is not None and Path(file).is_dir():
+        raise DeepLenseError(f"{file}: is a folder, not a file")
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -189,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=30, metavar="M", help="val images per class")
     p.add_argument("--seed", type=int, default=0, help="master seed; same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="worker processes (default 1)")
-    p.add_argument("--preset", default="common_task", help="common_task (default) or model_i")
+    p.add_argument("--preset", default="common_task", choices=["common_task", "model_i", "benchmark"],
+                   help="common_task (default: looks like the common-task images), model_i (DeepLenseSim's Model I "
+                        "literally) or benchmark (each image its own lens, source and noise, weaker substructure: "
+                        "calibrated to be as hard as the real data, for comparing recipes)")
     p.add_argument("--distance-convention", choices=["deeplense", "angular"], default=None,
                    help="Einstein radius from luminosity distances with D_ls = D_s - D_l (deeplense, the "
                         "DeepLenseSim convention, default) or from angular-diameter distances (angular)")
@@ -200,21 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("train", parents=[data, device],
-                       help="fine-tune ResNet34 (recipes: default, reference); resumable",
+                       help="train a network (ResNet34 by default; recipes: default, reference); resumable",
                        description="Train on train/, select the checkpoint on the 90% model-selection part of "
-                                   "val/, never touch the held-out 10%. Writes RUN/config.json, history.jsonl, "
-                                   "last.pt and best.pt. Runs under torchrun for several GPUs or nodes.")
+                                   "val/, never touch the held-out 10% (--protocol clean: select on 10% of train, "
+                                   "never touch val). Writes RUN/config.json, history.jsonl, last.pt and best.pt. "
+                                   "Runs under torchrun for several GPUs or nodes.")
     p.add_argument("--out", metavar="RUN", help="run folder to create")
-    p.add_argument("--recipe", default="default", choices=["default", "reference"],
-                   help="default: AdamW + cosine + D4; reference: the reference solution's SGD recipe")
+    p.add_argument("--recipe", choices=["default", "reference"],
+                   help="default (the default): AdamW + cosine + D4; reference: the reference solution's SGD recipe")
+    p.add_argument("--arch", choices=["resnet34", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3",
+                                      "lensnet"],
+                   help="the network: resnet34 (default, the task's), other torchvision ImageNet networks, or lensnet "
+                        "(2.7 M parameters, from scratch, 1 channel at the native 150 px or the crop)")
     p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
     p.add_argument("--image-size", type=int, help="model input side in pixels (default 224)")
     p.add_argument("--crop", help="keep the central CROP native pixels first (ring region), e.g. 96; none: no crop")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size (per process)")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--schedule", choices=["cosine", "onecycle", "step"], help="override the recipe's schedule")
+    p.add_argument("--label-smoothing", type=float, metavar="EPS", help="cross-entropy label smoothing (default 0)")
+    p.add_argument("--protocol", choices=["reference", "clean"],
+                   help="reference (default): select on 90%% of val, test on the other 10%%; clean: select on 10%% "
+                        "of train, train on the rest, test on all of val")
     p.add_argument("--weights", help="auto (default), imagenet, none, or a .pth state dict path")
     p.add_argument("--seed", type=int, help="seed for split, init, shuffling, augmentation (default 0)")
     p.add_argument("--limit-per-class", type=int, metavar="N", help="use at most N images per class")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (for GPUs; the first steps take a while longer)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (--out is then ignored)")
     p.add_argument("--stop-after-epoch", type=int, metavar="E",
                    help="end this job after epoch E (the schedule still spans all epochs); --resume continues")
@@ -222,15 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[data, device, tta],
                        help="metrics.json and predictions.npz on the held-out test set",
-                       description="Evaluate a checkpoint on the held-out 10% of val (--split test, from the "
-                                   "seed stored in the checkpoint) or on the model-selection part "
-                                   "(--split selection).")
+                       description="Evaluate a checkpoint on its test images (--split test: the held-out part of "
+                                   "val the checkpoint recorded, or all of val under the clean protocol) or on the "
+                                   "images that chose it (--split selection).")
     p.add_argument("--checkpoint", required=True, metavar="RUN/best.pt")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--split", default="test", choices=["test", "selection", "val"],
                    help="test (default): the held-out part of val; selection (alias val): the part that chose "
                         "the checkpoint")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="evaluate even when the data lists other files than in training; the result is then marked "
+                        "as NOT a held-out test (metrics.json, tables, figure titles)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", parents=[pickle, device, tta],
@@ -257,20 +315,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, ``docker stop``, a queue's time limit), handled like Ctrl-C: every
+    half-written file is removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    else:  # pragma: no cover - signals can only be handled in the main thread
+        previous = None
     try:
         return int(args.func(args) or 0)
     except DeepLenseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a full disk, an unwritable or missing folder, a path that is a file, ...
+        where = exc.filename or exc.filename2
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        print(f"error: {where}: {reason}" if where else f"error: {reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

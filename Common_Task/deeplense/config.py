@@ -12,6 +12,16 @@ from functools import cache
 
 from .util import DeepLenseError
 
+ARCHS = ("resnet34", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "lensnet")
+"""The networks (deeplense.model): torchvision's, which take 3 channels, and ``lensnet``, which takes 1 at the
+native size."""
+
+
+def input_channels(arch: str) -> int:
+    """How many channels the network takes: 1 for ``lensnet`` (the image as it is), 3 for the ImageNet networks
+    (the grey image repeated)."""
+    return 1 if arch == "lensnet" else 3
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -20,23 +30,33 @@ class TrainConfig:
     Attributes
     ----------
     recipe : name of the recipe the values started from (``default`` or ``reference``).
+    arch : the network (:data:`ARCHS`); ``resnet34`` is the task's. Its input geometry is recorded beside the
+        config (``to_dict``: ``input_channels``, ``input_range``) so a checkpoint says how to feed it.
     epochs, batch_size : training length and per-step batch (per process under torchrun).
     optimizer : ``adamw`` or ``sgd``; ``lr``, ``momentum`` (SGD), ``weight_decay``.
-    schedule : ``cosine`` (linear warm-up over ``warmup_epochs``, then cosine to zero, per step) or
-        ``step`` (StepLR: multiply by ``gamma`` every ``step_size`` epochs).
+    schedule : ``cosine`` (linear warm-up over ``warmup_epochs``, then cosine to zero, per step),
+        ``onecycle`` (OneCycleLR: up to ``lr`` over the first 30% of the steps, then cosine annealing down to
+        lr / 1e4, per step) or ``step`` (StepLR: multiply by ``gamma`` every ``step_size`` epochs).
+    label_smoothing : cross-entropy label smoothing in training (0: none).
     augmentation : ``d4`` (the 8 exact flips/quarter turns), ``hflip`` (reference) or ``none``.
-    image_size : model input side in pixels; images are resized (bilinear) to it.
+    image_size : model input side in pixels; images are resized (bilinear) to it (``lensnet``: the native size
+        or the crop, no resizing).
     resize_then_crop : resize to this side first, then crop the central ``image_size`` (reference: 256).
     crop : keep only the central ``crop`` native pixels before resizing (the ring region), or None.
     select_metric : validation metric choosing ``best.pt``: ``macro_auc`` or ``accuracy``.
     weights : ``auto``, ``imagenet``, ``none`` or a path to a ``.pth`` state dict.
     seed : one seed for the split, initialisation, shuffling and augmentation.
     limit_per_class : use at most this many images per class of ``train`` and of the selection set.
-    holdout_fraction : fraction of ``val`` held out for the final test.
-    eval_batch_size : batch size for validation and prediction.
+    protocol : ``reference`` (the reference solution's: select on ``val`` minus a held-out part, report on
+        that part) or ``clean`` (select on a held-out part of ``train``, train on the rest, report on all of
+        ``val``, which training and selection never see).
+    holdout_fraction : the held-out part, per class: of ``val`` for the test (reference), of ``train`` for
+        selection (clean).
+    eval_batch_size : batch size for validation and prediction (None: 128 on a CPU, 1024 on a GPU).
     """
 
     recipe: str = "default"
+    arch: str = "resnet34"
     epochs: int = 20
     batch_size: int = 64
     optimizer: str = "adamw"
@@ -44,6 +64,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.05
     schedule: str = "cosine"
+    label_smoothing: float = 0.0
     warmup_epochs: float = 1.0
     step_size: int = 7
     gamma: float = 0.1
@@ -55,15 +76,21 @@ class TrainConfig:
     weights: str = "auto"
     seed: int = 0
     limit_per_class: int | None = None
+    protocol: str = "reference"
     holdout_fraction: float = 0.1
-    eval_batch_size: int = 128
+    eval_batch_size: int | None = None
 
     def __post_init__(self):
         for f in fields(self):  # values straight from a constructor call or a checkpoint get the same casting
             object.__setattr__(self, f.name, _cast(f.name, getattr(self, f.name)))
         checks = [
             (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
-            (self.schedule in ("cosine", "step"), "schedule must be cosine or step"),
+            (self.schedule in ("cosine", "onecycle", "step"), "schedule must be cosine, onecycle or step"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.protocol in ("reference", "clean"), "protocol must be reference or clean"),
+            (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}"),
+            (self.arch != "lensnet" or (self.resize_then_crop is None and self.image_size == (self.crop or 150)),
+             "lensnet takes the native pixels: image_size must equal the crop (or 150) and resize_then_crop none"),
             (self.augmentation in ("d4", "hflip", "none"), "augmentation must be d4, hflip or none"),
             (self.select_metric in ("macro_auc", "accuracy"), "select_metric must be macro_auc or accuracy"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be at least 1"),
@@ -92,16 +119,24 @@ class TrainConfig:
         names = _field_types()
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @property
+    def in_channels(self) -> int:
+        return input_channels(self.arch)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, plus the input geometry they imply (read back by nothing: it documents the checkpoint)."""
+        return {**asdict(self), "input_channels": self.in_channels, "input_range": "[-1, 1]"}
 
     def describe(self) -> str:
         """The recipe in one paragraph of prose (for the notebook and reports), read from the values."""
         opt = (f"AdamW (learning rate {self.lr:g}, weight decay {self.weight_decay:g})" if self.optimizer == "adamw"
                else f"SGD (learning rate {self.lr:g}, momentum {self.momentum:g}, weight decay {self.weight_decay:g})")
-        sched = (f"a linear warm-up over {self.warmup_epochs:g} epoch(s), then cosine decay to zero, per step"
-                 if self.schedule == "cosine" else
-                 f"the learning rate multiplied by {self.gamma:g} every {self.step_size} epochs")
+        sched = {"cosine": f"a linear warm-up over {self.warmup_epochs:g} epoch(s), then cosine decay to zero, "
+                           f"per step",
+                 "onecycle": "a one-cycle schedule (up over the first 30% of the steps, then cosine down), per step",
+                 "step": f"the learning rate multiplied by {self.gamma:g} every {self.step_size} epochs"}[self.schedule]
+        if self.label_smoothing:
+            sched += f"; label smoothing {self.label_smoothing:g}"
         aug = {"d4": "one of the 8 exact flips and quarter turns (D4) drawn per image",
                "hflip": "a horizontal flip of half the images", "none": "no augmentation"}[self.augmentation]
         if self.crop:
@@ -111,9 +146,16 @@ class TrainConfig:
         else:
             geometry = f"each whole image resized to {self.image_size} px"
         metric = "macro AUC" if self.select_metric == "macro_auc" else "accuracy"
-        return (f"Recipe `{self.recipe}`: {self.epochs} epochs of batch {self.batch_size} with {opt}, {sched}; "
-                f"training augmentation: {aug}; input: {geometry}, 3 channels in [-1, 1]; the checkpoint kept is "
-                f"the epoch with the best selection {metric}; seed {self.seed}.")
+        held = f"{self.holdout_fraction:.0%}"
+        protocol = (f"selection on `val` minus a held-out {held} per class, the test on that {held}"
+                    if self.protocol == "reference" else
+                    f"selection on a held-out {held} of `train` (training on the rest), the test on all of `val`")
+        return (f"Recipe `{self.recipe}` on `{self.arch}`: {self.epochs} epochs of batch {self.batch_size} with {opt}, "
+                f"{sched}; "
+                f"training augmentation: {aug}; input: {geometry}, {self.in_channels} channel(s) in [-1, 1]; the "
+                f"checkpoint kept is "
+                f"the epoch with the best selection {metric}; {self.protocol} protocol ({protocol}); "
+                f"seed {self.seed}.")
 
 
 @cache
@@ -162,7 +204,11 @@ def recipe(name: str, **overrides) -> TrainConfig:
     """A named recipe with some fields overridden; every given value is applied (``None`` included)."""
     if name not in RECIPES:
         raise DeepLenseError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)})")
-    return RECIPES[name].replace(**overrides)
+    base = RECIPES[name]
+    if overrides.get("arch") == "lensnet" and "image_size" not in overrides:  # its input follows the arch
+        crop = _cast("crop", overrides.get("crop", base.crop))
+        overrides = {**overrides, "image_size": crop or 150, "resize_then_crop": None}
+    return base.replace(**overrides)
 
 
 @dataclass(frozen=True)

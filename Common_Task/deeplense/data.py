@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .util import DeepLenseError, cache_dir, progress_bar, write_json_atomic
+from .util import DeepLenseError, cache_dir, progress_bar, sweep_stale_temps, write_json_atomic
 
 CLASSES: tuple[str, ...] = ("no", "sphere", "vort")
 """Class names in label order: 0 = no substructure, 1 = CDM subhalos, 2 = vortex (axion-like DM)."""
@@ -88,7 +89,8 @@ def list_files(root: Path, split: str) -> list[tuple[str, int]]:
     """All ``(path, label)`` of a split, classes in :data:`CLASSES` order, files sorted numerically.
 
     Paths are strings (``root/split/class/name``; building 37,500 ``Path`` objects costs half a second).
-    AppleDouble ``._*.npy`` files and anything that is not a ``.npy`` file are ignored.
+    AppleDouble ``._*.npy`` files and anything that is not a ``.npy`` file are ignored. Refused, naming the file:
+    a ``.npy`` symbolic link to nothing, and a stray name (``1 copy.npy``) among ``<integer>.npy`` files.
     """
     if split not in SPLITS:
         raise DeepLenseError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -101,9 +103,19 @@ def list_files(root: Path, split: str) -> list[tuple[str, int]]:
         if not d.is_dir():
             raise DeepLenseError(f"{d}: missing class folder '{cls}' (expected {', '.join(CLASSES)})")
         with os.scandir(d) as it:  # DirEntry.is_file() needs no extra system call on most filesystems
-            names = [e.name for e in it if e.name.endswith(".npy") and not e.name.startswith("._") and e.is_file()]
+            entries = [e for e in it if e.name.endswith(".npy") and not e.name.startswith("._")]
+        names = [e.name for e in entries if e.is_file()]
+        dangling = sorted((e for e in entries if e.is_symlink() and not os.path.exists(e.path)),
+                          key=lambda e: _name_key(e.name))
+        if dangling:
+            raise DeepLenseError(f"{dangling[0].path}: a symbolic link to {os.readlink(dangling[0].path)}, which does "
+                                 f"not exist")
         if not names:
             raise DeepLenseError(f"{d}: class folder has no .npy files")
+        stray = sorted(n for n in names if not n[:-4].isdigit())
+        if stray and len(stray) < len(names):
+            raise DeepLenseError(f"{d / stray[0]}: not named like the other files of its class (<integer>.npy): a "
+                                 f"stray copy? Rename or remove it")
         prefix = f"{d}{os.sep}"
         out.extend((prefix + name, label) for name in sorted(names, key=_name_key))
     return out
@@ -176,7 +188,8 @@ def _fingerprint(root: Path, files: list[tuple[str, int]]) -> tuple[list[str], s
         st = os.stat(p)
         r = p[skip:]  # relative to root
         rel.append(r)
-        h.update(f"{r}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        # ctime too: `cp -p`, `rsync -a` and `tar x` restore a changed file's size and mtime, never its ctime
+        h.update(f"{r}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n".encode())
     return rel, h.hexdigest()
 
 
@@ -240,22 +253,29 @@ def load_splits(
             to_build.append((s, rel, fp, paths))
 
     staged = []  # (tmp images, tmp labels, final paths, manifest) renamed only when every split is valid
+    if to_build:
+        sweep_stale_temps(cache_dir())  # what killed builds left behind
+        firsts = {s: read_image(listed[s][0][0], allow_pickle=allow_pickle, name=_display(listed[s][0][0], root))
+                  for s, *_ in to_build}
+        _check_space(sum(len(listed[s]) * firsts[s].size * 4 for s in firsts))
     try:
         for s, rel, fp, paths in to_build:
             files = listed[s]
-            first = read_image(files[0][0], allow_pickle=allow_pickle, name=_display(files[0][0], root))
+            first = firsts[s]
             h, w = first.shape
             paths["images"].parent.mkdir(parents=True, exist_ok=True)
             tmp_img = paths["images"].with_name(paths["images"].name + f".{os.getpid()}.tmp")
-            images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float32, shape=(len(files), 1, h, w))
             staged.append([tmp_img, None, paths, None])
+            images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float32, shape=(len(files), 1, h, w))
+            with open(tmp_img, "r+b") as fh:  # reserve the blocks now: a full disk is an error here, not a SIGBUS
+                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
             labels = np.fromiter((lab for _, lab in files), dtype=np.int64, count=len(files))
             bar = progress_bar(files, desc=f"caching {s}", unit="img", disable=not progress, leave=False)
             for i, (p, _lab) in enumerate(bar):
                 name = _display(p, root)
                 img = first if i == 0 else read_image(p, allow_pickle=allow_pickle, name=name)
                 if img.shape != (h, w):
-                    raise DeepLenseError(f"{name}: shape {img.shape} differs from the split's {(h, w)}")
+                    raise _odd_shape(files, i, img.shape, (h, w), root, allow_pickle)
                 images[i, 0] = img
             images.flush()
             del images
@@ -265,11 +285,21 @@ def load_splits(
             staged[-1][3] = {"format": CACHE_FORMAT, "root": str(root), "split": s, "n": len(rel),
                              "shape": [len(rel), 1, h, w], "classes": list(CLASSES), "fingerprint": fp,
                              "allow_pickle": allow_pickle, "files": rel}
-    except BaseException:
+        sizes = {**{s: tuple(out[s][0].shape[-2:]) for s in out},
+                 **{m["split"]: tuple(m["shape"][-2:]) for *_, m in staged}}
+        if len(set(sizes.values())) > 1:  # each split is consistent on its own: compare them
+            (a, sa), (b, sb) = sorted(sizes.items())[:2]
+            raise DeepLenseError(f"{root}: {a}/ holds {sa[0]}x{sa[1]} images but {b}/ holds {sb[0]}x{sb[1]}: one "
+                                 f"dataset has one image size")
+    except BaseException as exc:
         for tmp_img, tmp_lab, _, _ in staged:
             Path(tmp_img).unlink(missing_ok=True)
             if tmp_lab:
                 Path(tmp_lab).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk, a read-only or vanished cache folder
+            need = sum(len(listed[s]) * firsts[s].size * 4 for s in firsts) / 1e9
+            raise DeepLenseError(f"{cache_dir()}: {exc.strerror or exc} while writing the dataset cache "
+                                 f"({need:.2f} GB); nothing was left behind") from None
         raise
     for tmp_img, tmp_lab, paths, manifest in staged:
         paths["manifest"].unlink(missing_ok=True)  # the manifest is the commit marker: written last
@@ -278,6 +308,28 @@ def load_splits(
         write_json_atomic(paths["manifest"], manifest)
         out[manifest["split"]] = _open_committed(paths, manifest)
     return {s: out[s] for s in splits}
+
+
+def _check_space(need_bytes: int) -> None:
+    """Refuse to start a cache build that cannot fit on the cache's disk (a memory-mapped write into a full disk
+    dies with SIGBUS, without a word)."""
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes * 1.02 + 2**20:
+        raise DeepLenseError(f"{folder}: {free / 1e9:.2f} GB free, the dataset cache needs {need_bytes / 1e9:.2f} GB; "
+                             f"free some space or point DEEPLENSE_CACHE at a larger disk")
+
+
+def _odd_shape(files, i: int, shape, first_shape, root: Path, allow_pickle: bool) -> DeepLenseError:
+    """The error for a split whose images differ in size, naming the odd file: file ``i`` (``shape``) or, when the
+    other files agree with it, the first one (``first_shape``)."""
+    others = [j for j in (i + 1, i + 2, 1) if j < len(files) and j not in (0, i)]
+    votes = [read_image(files[j][0], allow_pickle=allow_pickle).shape for j in others[:2]]
+    if votes and all(v == shape for v in votes):
+        return DeepLenseError(f"{_display(files[0][0], root)}: shape {first_shape} differs from the rest of the "
+                              f"split's {shape}")
+    return DeepLenseError(f"{_display(files[i][0], root)}: shape {shape} differs from the split's {first_shape}")
 
 
 def _open_committed(paths: dict[str, Path], manifest: dict):
@@ -360,19 +412,67 @@ def split_holdout(labels: np.ndarray, fraction: float = 0.1, *, seed: int = 0) -
         k = int(np.floor(fraction * len(idx) + 0.5))
         test.append(idx[rng.permutation(len(idx))[:k]])
     test_idx = np.sort(np.concatenate(test)).astype(np.int64)
-    return holdout_from_test(test_idx, len(labels))
+    return complement_of(test_idx, len(labels))
 
 
-def holdout_from_test(test_idx, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(selection_idx, test_idx)`` of a ``val`` split of ``n`` images whose test part is ``test_idx`` (sorted,
-    unique, in range: checked); the selection part is everything else."""
-    test_idx = np.asarray(test_idx, dtype=np.int64)
-    if test_idx.ndim != 1 or (test_idx.size and (test_idx.min() < 0 or test_idx.max() >= n)) or \
-            np.any(np.diff(test_idx) <= 0):
-        raise DeepLenseError(f"held-out test indices must be sorted, unique and within the {n} val images")
+@dataclass(frozen=True)
+class ProtocolSplit:
+    """Which images train the model, which choose its checkpoint, which test it (indices, sorted int64).
+
+    ``reference`` protocol: all of ``train`` trains; ``val`` minus a held-out part selects; the held-out part
+    tests. ``clean`` protocol: ``train`` minus a held-out part trains; that part selects; all of ``val`` tests.
+    """
+
+    protocol: str
+    train_idx: np.ndarray  # into train
+    selection_split: str  # "val" (reference) or "train" (clean)
+    selection_idx: np.ndarray  # into selection_split
+    test_idx: np.ndarray | None  # into val; None: all of val (clean)
+
+    def record(self) -> dict:
+        """What checkpoints store, so that evaluation and resumption use exactly these images."""
+        return {"protocol": self.protocol, "selection_split": self.selection_split,
+                "selection_indices": self.selection_idx.tolist(),
+                "heldout_test_indices": None if self.test_idx is None else self.test_idx.tolist()}
+
+    @classmethod
+    def from_record(cls, rec: dict, n_train: int, n_val: int | None) -> ProtocolSplit:
+        """The split a checkpoint recorded, for a dataset of ``n_train`` / ``n_val`` images (checked)."""
+        if rec.get("protocol", "reference") == "reference":
+            sel, test = complement_of(rec["heldout_test_indices"], n_val)
+            return cls("reference", np.arange(n_train, dtype=np.int64), "val", sel, test)
+        train, sel = complement_of(rec["selection_indices"], n_train)
+        return cls("clean", train, "train", sel, None)
+
+    def describe(self, n_val: int) -> str:
+        n_test = n_val if self.test_idx is None else len(self.test_idx)
+        return (f"{self.protocol} protocol: {len(self.train_idx)} train images train the model, "
+                f"{len(self.selection_idx)} images of {self.selection_split} choose the checkpoint, "
+                f"{n_test} images of val test it")
+
+
+def protocol_split(protocol: str, train_labels: np.ndarray, val_labels: np.ndarray | None, fraction: float = 0.1,
+                   *, seed: int = 0) -> ProtocolSplit:
+    """The split of a run: ``reference`` holds out ``fraction`` of ``val`` per class for the test; ``clean``
+    holds out ``fraction`` of ``train`` per class for selection (``val_labels`` unused). Seeded, stratified
+    (:func:`split_holdout`)."""
+    if protocol == "reference":
+        sel, test = split_holdout(val_labels, fraction, seed=seed)
+        return ProtocolSplit("reference", np.arange(len(train_labels), dtype=np.int64), "val", sel, test)
+    if protocol == "clean":
+        train, sel = split_holdout(train_labels, fraction, seed=seed)
+        return ProtocolSplit("clean", train, "train", sel, None)
+    raise DeepLenseError(f"unknown protocol {protocol!r} (choose reference or clean)")
+
+
+def complement_of(held_idx, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest, held)`` of ``n`` images whose held-out part is ``held_idx`` (sorted, unique, in range: checked)."""
+    held = np.asarray(held_idx, dtype=np.int64)
+    if held.ndim != 1 or (held.size and (held.min() < 0 or held.max() >= n)) or np.any(np.diff(held) <= 0):
+        raise DeepLenseError(f"held-out indices must be sorted, unique and within the {n} images of the split")
     mask = np.ones(n, dtype=bool)
-    mask[test_idx] = False
-    return np.flatnonzero(mask).astype(np.int64), test_idx
+    mask[held] = False
+    return np.flatnonzero(mask).astype(np.int64), held
 
 
 # --------------------------------------------------------------------------------------------- transforms
@@ -428,10 +528,12 @@ def preprocess(x, image_size: int = 224, *, resize_then_crop: int | None = None,
 
 def input_fn(config):
     """A run's model-input transform (``config``: a :class:`~deeplense.config.TrainConfig`):
-    ``(B, 1, h, w)`` in [0, 1], already cropped by :func:`native_crop` -> ``(B, 3, S, S)`` in [-1, 1]."""
+    ``(B, 1, h, w)`` in [0, 1], already cropped by :func:`native_crop` -> ``(B, C, S, S)`` in [-1, 1] with the
+    arch's channels (3 for the ImageNet networks, 1 for ``lensnet``, which also takes ``h`` as it is)."""
 
     def fn(x):
-        return preprocess(x, config.image_size, resize_then_crop=config.resize_then_crop)
+        return preprocess(x, config.image_size, resize_then_crop=config.resize_then_crop,
+                          channels=config.in_channels)
 
     return fn
 
@@ -448,28 +550,40 @@ def d4_transform(x, k: int):
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
-def augment(x, mode: str, generator=None):
+def augmentation_draws(mode: str, n: int, generator=None):
+    """The random choices of ``n`` augmentations, drawn up front (an epoch's worth at once, so that no step waits
+    on the host): the D4 element ``k`` (int64, 0..7) per image, a flip flag per image for ``hflip``, None for
+    ``none``."""
+    import torch
+
+    if mode == "none":
+        return None
+    if mode == "d4":
+        return torch.randint(0, 8, (n,), generator=generator)
+    if mode == "hflip":
+        return torch.rand(n, generator=generator) < 0.5
+    raise ValueError(f"unknown augmentation {mode!r}")
+
+
+def augment(x, mode: str, generator=None, draws=None):
     """Random training augmentation of a batch ``(B, C, H, W)``.
 
-    ``mode``: ``"d4"`` draws one of the 8 flips/rotations per image, ``"hflip"`` flips half the images
-    horizontally (the reference solution), ``"none"`` returns ``x`` unchanged.
+    ``mode``: ``"d4"`` applies one of the 8 flips/rotations per image, ``"hflip"`` flips half the images
+    horizontally (the reference solution), ``"none"`` returns ``x`` unchanged. ``draws``: the choices from
+    :func:`augmentation_draws` on ``x``'s device (drawn from ``generator`` here when not given). Exact (pixels are
+    permuted) and free of host synchronisation: every symmetry is computed and the drawn one kept per image.
     """
     import torch
 
     if mode == "none":
         return x
-    n = x.shape[0]
+    if draws is None:
+        draws = augmentation_draws(mode, x.shape[0], generator).to(x.device)
     if mode == "hflip":
-        flip = torch.rand(n, generator=generator) < 0.5
-        out = x.clone()
-        out[flip.to(x.device)] = torch.flip(x[flip.to(x.device)], dims=(-1,))
-        return out
+        return torch.where(draws.view(-1, 1, 1, 1), torch.flip(x, dims=(-1,)), x)
     if mode != "d4":
         raise ValueError(f"unknown augmentation {mode!r}")
-    ks = torch.randint(0, 8, (n,), generator=generator)
-    out = torch.empty_like(x)
-    for k in range(8):
-        sel = (ks == k).nonzero().flatten().to(x.device)
-        if sel.numel():
-            out[sel] = d4_transform(x[sel], k)
+    out = x
+    for k in range(1, 8):
+        out = torch.where((draws == k).view(-1, 1, 1, 1), d4_transform(x, k), out)
     return out

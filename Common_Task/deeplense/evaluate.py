@@ -16,52 +16,55 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
-from .data import CLASSES, _numeric_key, holdout_from_test, load_splits, native_crop, read_image, split_holdout
+from .data import CLASSES, _numeric_key, complement_of, load_splits, native_crop, read_image, split_holdout
 from .engine import predict_proba
 from .metrics import compute_metrics
 from .util import DeepLenseError, atomic_path, pick_device, versions, write_json_atomic, write_text_atomic
 
-SPLIT_NAMES = {"test": "held-out test part of val", "selection": "model-selection part of val"}
-
 
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out: str | os.PathLike, *,
              split: str = "test", tta: bool = False, device: str | None = None, n_bootstrap: int = 1000,
-             allow_pickle: bool = False, progress: bool = True) -> dict:
+             allow_pickle: bool = False, progress: bool = True, allow_changed_data: bool = False) -> dict:
     """Evaluate ``checkpoint`` and write ``out/metrics.json`` and ``out/predictions.npz``.
 
-    ``split="test"``: the held-out part of ``val``, the indices the checkpoint recorded (after checking that
-    ``val`` still lists the same files; checkpoints without them: ``split_holdout`` with the stored seed);
-    ``split="selection"`` (or ``"val"``): the rest of ``val``, the part that chose the checkpoint.
+    ``split="test"``: the images the run's protocol held out for the test, as the checkpoint recorded them:
+    the held-out part of ``val`` (reference protocol; refused if ``val`` no longer lists the same files) or all
+    of ``val`` (clean protocol, which never trains or selects on it). ``split="selection"`` (or ``"val"``): the
+    images that chose the checkpoint.
     """
     split = "selection" if split == "val" else split
-    if split not in SPLIT_NAMES:
+    if split not in ("test", "selection"):
         raise DeepLenseError(f"--split {split}: expected test or selection")
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     config = config_of(ckpt, checkpoint)
-    data = data or ckpt.get("data", {}).get("root")
+    recorded = ckpt.get("data") or {}
+    data = data or recorded.get("root")
     if data is None:
         raise DeepLenseError("evaluate: --data is required (the checkpoint does not name its dataset)")
+    source = "val" if split == "test" else recorded.get("selection_split", "val")
     info: dict = {}
-    images, labels = load_splits(data, ("val",), allow_pickle=allow_pickle, progress=progress, info=info)["val"]
-    sel_idx, test_idx, checked = _holdout(ckpt, checkpoint, data, labels, info["val"].listing, config)
-    idx = test_idx if split == "test" else sel_idx
-    model = model_from_checkpoint(ckpt, dev)
+    images, labels = load_splits(data, (source,), allow_pickle=allow_pickle, progress=progress, info=info)[source]
+    idx, checked, description = _indices(split, config, recorded, labels, info[source].listing, data, checkpoint,
+                                         allow_changed_data)
+    if len(idx) == 0:
+        raise DeepLenseError(f"{data}: the {description} is empty (holdout_fraction {config.holdout_fraction} of "
+                             f"{len(labels)} images); nothing to evaluate")
+    model = model_from_checkpoint(ckpt, dev, checkpoint)
     probs = predict_proba(model, native_crop(images, idx, config.crop), config, dev, tta=tta, progress=progress,
                           desc=f"evaluating {split}")
     out = Path(out)
     with atomic_path(out / "predictions.npz", suffix=".npz") as tmp:
-        np.savez(tmp, labels=labels[idx].astype(np.int64), probabilities=probs, val_indices=idx.astype(np.int64))
+        np.savez(tmp, labels=labels[idx].astype(np.int64), probabilities=probs, **{f"{source}_indices": idx})
     with np.load(out / "predictions.npz") as saved:  # compute metrics from exactly the saved arrays
         metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap, seed=config.seed)
     metrics["provenance"] = {
-        "split": split, "split_description": SPLIT_NAMES[split],
+        "split": split, "split_description": description, "protocol": config.protocol, "heldout_check": checked,
         "holdout_fraction": config.holdout_fraction, "seed": config.seed, "tta": bool(tta),
         "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_epoch": int(ckpt["epoch"]),
         "recipe": config.recipe, "config": config.to_dict(),
-        "heldout_check": checked,
-        "data": {"root": str(Path(data).resolve()), "val_fingerprint": info["val"].fingerprint,
-                 "val_listing": info["val"].listing},
+        "data": {"root": str(Path(data).resolve()), "split": source, "fingerprint": info[source].fingerprint,
+                 "listing": info[source].listing},
         "weights": ckpt.get("weights"), "pretrained": bool((ckpt.get("weights") or {}).get("pretrained")),
         "device": str(dev), "versions": versions(), "trained_with": ckpt.get("versions"),
     }
@@ -69,17 +72,34 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
     return metrics
 
 
-def _holdout(ckpt: dict, checkpoint, data, labels: np.ndarray, listing: str, config):
-    """``(selection_idx, test_idx, how_checked)`` for the ``val`` split at ``data``."""
-    stored = (ckpt.get("data") or {}).get("heldout_test_indices")
-    if stored is None:  # checkpoints written before the indices were recorded
+def _indices(split: str, config, recorded: dict, labels: np.ndarray, listing: str, data, checkpoint,
+             allow_changed_data: bool = False):
+    """``(indices, how they were checked, description)`` of the images to evaluate."""
+    if split == "test" and config.protocol == "clean":
+        return (np.arange(len(labels), dtype=np.int64), "all of val: the clean protocol never trains or selects on it",
+                "all of val (clean protocol)")
+    source = "val" if split == "test" else recorded.get("selection_split", "val")
+    description = ("held-out test part of val" if split == "test" else
+                   "model-selection part of val" if source == "val" else "model-selection part of train (clean)")
+    if "selection_indices" not in recorded:  # checkpoints written before the split was recorded
         sel, test = split_holdout(labels, config.holdout_fraction, seed=config.seed)
-        return sel, test, "recomputed from the seed (the checkpoint does not record its held-out images)"
-    if ckpt["data"].get("val_listing") != listing:
-        raise DeepLenseError(f"{data}: its val/ is not the one {checkpoint} was trained with (files added, removed "
-                             f"or renamed), so its held-out test images cannot be identified")
-    sel, test = holdout_from_test(stored, len(labels))
-    return sel, test, "the checkpoint's recorded held-out images; val lists the same files as in training"
+        return ((test if split == "test" else sel), "recomputed from the seed (the checkpoint does not record its "
+                "split)", description)
+    if recorded.get("listings", {}).get(source) != listing:
+        if not allow_changed_data:
+            raise DeepLenseError(f"{data}: its {source}/ is not the one {checkpoint} was trained with (files added, "
+                                 f"removed or renamed), so the images it held out cannot be identified (evaluate "
+                                 f"anyway with --allow-changed-data: the result is then not a held-out test)")
+        sel, test = split_holdout(labels, config.holdout_fraction, seed=config.seed)
+        return ((test if split == "test" else sel), f"NOT CHECKED: {source}/ differs from the one the checkpoint "
+                f"was trained with (--allow-changed-data); these images may have been used for selection",
+                description + ", NOT a checked held-out set")
+    if config.protocol == "clean":  # the selection part of train
+        return complement_of(recorded["selection_indices"], len(labels))[1], "as recorded in the checkpoint", \
+            description
+    sel, test = complement_of(recorded["heldout_test_indices"], len(labels))
+    checked = f"the checkpoint's recorded images; {source} lists the same files as in training"
+    return (test if split == "test" else sel), checked, description
 
 
 def _expand(paths: list[str]) -> list[Path]:
@@ -105,12 +125,18 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     config = config_of(ckpt, checkpoint)
-    model = model_from_checkpoint(ckpt, dev)
+    model = model_from_checkpoint(ckpt, dev, checkpoint)
     files = _expand(paths)
-    rows = []
+    rows, shape = [], None
     for s in range(0, len(files), batch_size):
         chunk = files[s : s + batch_size]
-        arr = np.stack([read_image(f, allow_pickle=allow_pickle)[None] for f in chunk])
+        images = [read_image(f, allow_pickle=allow_pickle) for f in chunk]
+        shape = shape or images[0].shape
+        odd = next((f for f, im in zip(chunk, images, strict=True) if im.shape != shape), None)
+        if odd is not None:
+            raise DeepLenseError(f"{odd}: shape {read_image(odd, allow_pickle=allow_pickle).shape} differs from "
+                                 f"{files[0]}'s {shape}; predict one image size at a time")
+        arr = np.stack(images)[:, None]
         probs = predict_proba(model, native_crop(arr, np.arange(len(arr)), config.crop), config, dev, tta=tta)
         for f, p in zip(chunk, probs, strict=True):
             rows.append({"path": str(f), "predicted": CLASSES[int(p.argmax())],

@@ -159,3 +159,55 @@ def roc_curves(labels, probabilities, grid_points: int | None = None) -> dict:
         mean_tpr = np.mean([np.interp(grid, v["fpr"], v["tpr"]) for v in per_class.values()], axis=0)
         out["macro"] = {"fpr": grid, "tpr": mean_tpr, "auc": aucs["macro"]}
     return out
+
+
+def _macro_auc_ranked(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Macro AUC of several runs at once: ``p`` ``(R, N, K)`` probabilities on the same labels ``y`` ``(N,)``.
+
+    Per class, AUC = (sum of the positives' ranks - n1 (n1 + 1) / 2) / (n1 n0), ties ranked on average, which is
+    the Mann-Whitney form of ``roc_auc_score``. Returns ``(R,)``.
+    """
+    from scipy.stats import rankdata
+
+    ranks = rankdata(p, axis=1)  # (R, N, K)
+    aucs = []
+    for c in range(p.shape[2]):
+        pos = y == c
+        n1, n0 = int(pos.sum()), int((~pos).sum())
+        aucs.append((ranks[:, pos, c].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return np.mean(aucs, axis=0)
+
+
+def paired_difference(labels, probs_a: list, probs_b: list, *, n_bootstrap: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Macro AUC of arm A minus arm B, paired by training seed and by test image.
+
+    ``probs_a[s]`` and ``probs_b[s]``: ``(N, 3)`` probabilities of training seed ``s`` of each arm on the same
+    ``N`` test images (``labels``). Returns ``per_seed`` differences, their ``mean``, ``t_ci`` (a t interval over
+    the seeds: how much the difference moves with the training seed) and ``bootstrap_ci`` (a paired percentile
+    bootstrap over test images, the same resample for every run: how much it moves with the test sample).
+    """
+    from scipy.stats import t as student_t
+
+    y = np.asarray(labels).astype(np.int64)
+    a = np.stack([np.asarray(p, dtype=np.float64) for p in probs_a])  # (S, N, K)
+    b = np.stack([np.asarray(p, dtype=np.float64) for p in probs_b])
+    if a.shape != b.shape or a.shape[1] != len(y):
+        raise ValueError(f"expected the same (seeds, N, K) for both arms and N labels, got {a.shape}, {b.shape}")
+    both = np.concatenate([a, b])
+    per_seed = _macro_auc_ranked(y, a) - _macro_auc_ranked(y, b)
+    s = len(per_seed)
+    half = (float(student_t.ppf(0.5 + level / 2, s - 1) * per_seed.std(ddof=1) / np.sqrt(s)) if s > 1 else float("nan"))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, len(y), len(y))
+        if np.bincount(y[idx], minlength=a.shape[2]).min() == 0:
+            continue
+        auc = _macro_auc_ranked(y[idx], both[:, idx])
+        diffs.append(auc[:s].mean() - auc[s:].mean())
+    tail = (1 - level) / 2 * 100
+    mean = float(per_seed.mean())
+    return {"per_seed": per_seed.tolist(), "mean": mean, "t_ci": [mean - half, mean + half],
+            "bootstrap_ci": ([float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))]
+                             if diffs else None), "level": level, "n_bootstrap": int(n_bootstrap), "seed": int(seed)}

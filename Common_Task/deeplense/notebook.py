@@ -39,8 +39,8 @@ class RunSpec:
 
 # The parameters cell's names: for each, the TrainConfig field or RunSpec field it sets, and the environment
 # variable that overrides it (for CI, papermill-like runs and `make demo`).
-TRAINING = {"RECIPE": "recipe", "EPOCHS": "epochs", "IMAGE_SIZE": "image_size", "CROP": "crop",
-            "BATCH_SIZE": "batch_size", "WEIGHTS": "weights", "SEED": "seed"}
+TRAINING = {"RECIPE": "recipe", "ARCH": "arch", "EPOCHS": "epochs", "IMAGE_SIZE": "image_size", "CROP": "crop",
+            "BATCH_SIZE": "batch_size", "PROTOCOL": "protocol", "WEIGHTS": "weights", "SEED": "seed"}
 RUN = {"DATA": "data", "SCALE": "scale", "OUTPUT": "output", "FIGURES": "figures", "DEVICE": "device",
        "SIM_TRAIN_PER_CLASS": "sim_train_per_class", "SIM_VAL_PER_CLASS": "sim_val_per_class"}
 PARAMETERS = (*TRAINING, *RUN)
@@ -75,7 +75,9 @@ def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
     scale = SCALES[scale_name]
     overrides = {field: given[k] for k, field in TRAINING.items()
                  if k != "RECIPE" and (given[k] is not None or k in from_env)}
-    config = recipe(text("RECIPE") or "default", **scale.training()).replace(**overrides)
+    arch = overrides.pop("arch", None) or "resnet34"
+    scaled = {k: v for k, v in scale.training().items() if not (arch == "lensnet" and k == "image_size")}
+    config = recipe(text("RECIPE") or "default", arch=arch, **scaled).replace(**overrides)
 
     def count(k, default):
         try:

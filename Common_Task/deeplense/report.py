@@ -39,6 +39,8 @@ def results_table(metrics: dict) -> str:
     lines = ["| metric | value [95% bootstrap interval] |", "|---|---|"]
     lines += [f"| {name} | {format_ci(v, c)} |" for name, v, c in rows]
     cfg = prov.get("config", {})
+    if str(prov.get("heldout_check", "")).startswith("NOT"):
+        lines += ["", f"**Warning: {prov['heldout_check']}.**"]
     lines += ["", f"Held-out test set: n = {metrics['n']} ({prov.get('split_description', '')}); "
                   f"recipe `{prov.get('recipe')}`, {cfg.get('epochs')} epochs, input {cfg.get('image_size')} px"
                   + (f" (central {cfg.get('crop')} px crop)" if cfg.get("crop") else "")
@@ -100,8 +102,8 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
         raise DeepLenseError(f"{run}: unreadable metrics.json or predictions.npz ({exc})") from None
     out = Path(figures)
     out.mkdir(parents=True, exist_ok=True)
-    split = metrics.get("provenance", {}).get("split", "test")
-    what = f"{'held-out test' if split == 'test' else 'selection part of val'}, n={metrics.get('n', len(labels))}"
+    what = f"{metrics.get('provenance', {}).get('split_description', 'held-out test')}, " \
+           f"n={metrics.get('n', len(labels))}"
     written = plots.roc_classwise(labels, probs, out / "roc_classwise", title=f"ROC per class ({what})")
     written += plots.roc_average(labels, probs, out / "roc_average", title=f"Averaged ROC ({what})")
     written += plots.confusion(metrics["confusion_matrix"], out / "confusion_matrix",

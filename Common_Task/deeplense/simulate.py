@@ -27,10 +27,26 @@ from pathlib import Path
 import numpy as np
 
 from .data import CLASSES, SPLITS
-from .util import DeepLenseError, atomic_path, progress_bar, write_json_atomic, write_text_atomic
+from .util import DeepLenseError, atomic_path, progress_bar, sweep_stale_temps, write_json_atomic, write_text_atomic
 
-PRESETS = ("common_task", "model_i")
+PRESETS = ("common_task", "model_i", "benchmark")
 DISTANCE_CONVENTIONS = ("deeplense", "angular")
+
+
+BENCHMARK_VARIATION = {
+    # What real lenses vary and the common-task look keeps (ring radius 22-32 px, dark sky): each image draws its
+    # own lens, source and noise, so no single template gives the substructure away. Calibrated to a difficulty
+    # (README, "The benchmark preset": steps 1-5), not measured against real images. The substructure keeps its
+    # common_task strength: with any of the wider ranges tried the CPU proxy stayed near chance.
+    "lens_mass_range_msun": (0.97e12, 1.03e12),  # theta_E 1.262"-1.300" (25.2-26.0 px)
+    "lens_ellipticity_max": 0.02,
+    "shear_max": 0.01,
+    "source_R_sersic_range_arcsec": (0.95, 1.03),
+    "source_n_sersic_range": (1.9, 2.1),
+    "source_ellipticity_max": 0.03,
+    "source_amp_range": (28.0, 32.0),
+    "background_rms_range": (0.0095, 0.0105),
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,19 @@ class SimulationConfig:
     vortex_mass_msun : total vortex mass, Msun.
     log10_axion_mass_ev : axion mass m_a = 10^U(lo, hi) eV.
     vortex_length_scale_arcsec : L = this / (2 m_a / 1e-22 eV), the vortex half-length, arcsec.
+
+    Per-image variation (None: the fixed value above for every image; the ``benchmark`` preset sets them).
+    Each is drawn after all the draws above, so presets without variation give the same bytes as before.
+
+    lens_mass_range_msun : lens mass log-uniform in (min, max), Msun (sets the Einstein radius).
+    lens_ellipticity_max : SIE ellipticity modulus uniform in [0, max], orientation uniform.
+    shear_max : external shear modulus uniform in [0, max], orientation uniform.
+    source_R_sersic_range_arcsec, source_n_sersic_range : Sersic radius (arcsec) and index, uniform.
+    source_ellipticity_max : source ellipticity modulus uniform in [0, max], orientation uniform.
+    source_amp_range : source amplitude log-uniform in (min, max), counts/s/arcsec^2.
+    background_rms_range : sky noise rms uniform in (min, max), counts/s per pixel.
+    n_subhalos_range : number of ``sphere`` subhalos uniform in [min, max] (integers).
+    vortex_mass_range_msun : total vortex mass log-uniform in (min, max), Msun.
     """
 
     preset: str = "common_task"
@@ -104,6 +133,16 @@ class SimulationConfig:
     vortex_mass_msun: float = 3e10
     log10_axion_mass_ev: tuple[float, float] = (-24.0, -22.0)
     vortex_length_scale_arcsec: float = 0.06
+    lens_mass_range_msun: tuple[float, float] | None = None
+    lens_ellipticity_max: float | None = None
+    shear_max: float | None = None
+    source_R_sersic_range_arcsec: tuple[float, float] | None = None
+    source_n_sersic_range: tuple[float, float] | None = None
+    source_ellipticity_max: float | None = None
+    source_amp_range: tuple[float, float] | None = None
+    background_rms_range: tuple[float, float] | None = None
+    n_subhalos_range: tuple[int, int] | None = None
+    vortex_mass_range_msun: tuple[float, float] | None = None
 
     @classmethod
     def from_preset(cls, name: str = "common_task") -> SimulationConfig:
@@ -116,6 +155,8 @@ class SimulationConfig:
         if name == "model_i":
             return cls(preset="model_i", source_amp=20.0, source_R_sersic_arcsec=0.25, source_n_sersic=1.0,
                        log10_exposure_s=(3.0, 3.5))
+        if name == "benchmark":
+            return cls(preset="benchmark", **BENCHMARK_VARIATION)
         raise DeepLenseError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
 
     def replace(self, **changes) -> SimulationConfig:
@@ -160,7 +201,8 @@ def einstein_radius_arcsec(mass_msun, config: SimulationConfig | None = None):
 
 @dataclass(frozen=True)
 class ImageParameters:
-    """The random draws of one image. Positions in arcsec, masses in Msun."""
+    """The random draws of one image, and the lens, source and noise values it was made with. Positions and
+    radii in arcsec, masses in Msun, angles in radians."""
 
     split: str
     cls: str
@@ -174,6 +216,18 @@ class ImageParameters:
     axion_mass_ev: float = float("nan")
     vortex_half_length: float = float("nan")  # arcsec
     vortex_angle: float = float("nan")  # radians
+    lens_mass_msun: float = 1e12
+    lens_e1: float = 0.1
+    lens_e2: float = 0.0
+    shear_gamma1: float = 0.05
+    shear_gamma2: float = 0.0
+    source_amp: float = 30.0
+    source_R_sersic_arcsec: float = 1.0
+    source_n_sersic: float = 2.0
+    source_e1: float = -0.1
+    source_e2: float = 0.1
+    background_rms: float = 0.01
+    vortex_mass_msun: float = float("nan")  # total; nan unless vort
 
 
 def _rng(seed: int, split: str, cls: str, index: int) -> np.random.Generator:
@@ -181,54 +235,100 @@ def _rng(seed: int, split: str, cls: str, index: int) -> np.random.Generator:
                                                          int(index)]))
 
 
+def _polar(rng: np.random.Generator, max_modulus: float) -> tuple[float, float]:
+    """Ellipticity or shear components ``(m cos 2phi, m sin 2phi)``, modulus uniform in [0, max], phi uniform."""
+    m, phi = rng.uniform(0, max_modulus), rng.uniform(0, np.pi)
+    return float(m * np.cos(2 * phi)), float(m * np.sin(2 * phi))
+
+
+def _log_uniform(rng: np.random.Generator, lo_hi) -> float:
+    return float(10 ** rng.uniform(np.log10(lo_hi[0]), np.log10(lo_hi[1])))
+
+
 def draw_parameters(config: SimulationConfig, seed: int, split: str, cls: str, index: int,
                     rng: np.random.Generator | None = None) -> ImageParameters:
     """Draw the physical parameters of image ``index`` of ``(split, cls)``; deterministic for the seed."""
+    if cls not in CLASSES:
+        raise DeepLenseError(f"unknown class {cls!r}")
     rng = rng or _rng(seed, split, cls, index)
     c = config
     sx, sy = rng.uniform(-c.source_center_max_arcsec, c.source_center_max_arcsec, 2)
     exposure = 10 ** rng.uniform(*c.log10_exposure_s)
+    n_sub = c.n_subhalos
+    if cls == "sphere" and c.n_subhalos_range is not None:
+        n_sub = int(rng.integers(c.n_subhalos_range[0], c.n_subhalos_range[1] + 1))
     empty = np.zeros(0)
     masses, hx, hy = empty, empty, empty
-    m_a = length = angle = float("nan")
+    m_a = length = angle = vortex_mass = float("nan")
     if cls == "sphere":
         # inverse CDF of p(m) ∝ m^-alpha on [m_lo, m_hi]
         a = 1.0 - c.subhalo_mass_slope
         lo, hi = c.subhalo_mass_range_msun
-        u = rng.uniform(0, 1, c.n_subhalos)
+        u = rng.uniform(0, 1, n_sub)
         masses = (lo**a + u * (hi**a - lo**a)) ** (1 / a)
-        r = rng.uniform(*c.subhalo_radius_range_arcsec, c.n_subhalos)
-        phi = rng.uniform(0, 2 * np.pi, c.n_subhalos)
+        r = rng.uniform(*c.subhalo_radius_range_arcsec, n_sub)
+        phi = rng.uniform(0, 2 * np.pi, n_sub)
         hx, hy = r * np.cos(phi), r * np.sin(phi)
     elif cls == "vort":
         m_a = 10 ** rng.uniform(*c.log10_axion_mass_ev)
         length = c.vortex_length_scale_arcsec / (2 * m_a / 1e-22)
         angle = rng.uniform(0, np.pi)
-    elif cls != "no":
-        raise DeepLenseError(f"unknown class {cls!r}")
+        vortex_mass = c.vortex_mass_msun
+    # per-image variation, drawn last so that presets without it keep their bytes
+    v = {}
+    if c.lens_mass_range_msun is not None:
+        v["lens_mass_msun"] = _log_uniform(rng, c.lens_mass_range_msun)
+    if c.lens_ellipticity_max is not None:
+        v["lens_e1"], v["lens_e2"] = _polar(rng, c.lens_ellipticity_max)
+    if c.shear_max is not None:
+        v["shear_gamma1"], v["shear_gamma2"] = _polar(rng, c.shear_max)
+    if c.source_R_sersic_range_arcsec is not None:
+        v["source_R_sersic_arcsec"] = float(rng.uniform(*c.source_R_sersic_range_arcsec))
+    if c.source_n_sersic_range is not None:
+        v["source_n_sersic"] = float(rng.uniform(*c.source_n_sersic_range))
+    if c.source_ellipticity_max is not None:
+        v["source_e1"], v["source_e2"] = _polar(rng, c.source_ellipticity_max)
+    if c.source_amp_range is not None:
+        v["source_amp"] = _log_uniform(rng, c.source_amp_range)
+    if c.background_rms_range is not None:
+        v["background_rms"] = float(rng.uniform(*c.background_rms_range))
+    if cls == "vort" and c.vortex_mass_range_msun is not None:
+        vortex_mass = _log_uniform(rng, c.vortex_mass_range_msun)
+    fixed = {"lens_mass_msun": c.lens_mass_msun, "lens_e1": c.lens_e1, "lens_e2": c.lens_e2,
+             "shear_gamma1": c.shear_gamma1, "shear_gamma2": c.shear_gamma2, "source_amp": c.source_amp,
+             "source_R_sersic_arcsec": c.source_R_sersic_arcsec, "source_n_sersic": c.source_n_sersic,
+             "source_e1": c.source_e1, "source_e2": c.source_e2, "background_rms": c.background_rms}
     return ImageParameters(split, cls, int(index), float(sx), float(sy), float(exposure), masses, hx, hy,
-                           float(m_a), float(length), float(angle))
+                           float(m_a), float(length), float(angle), vortex_mass_msun=float(vortex_mass),
+                           **{**fixed, **v})
 
 
-def lens_model_list(config: SimulationConfig, cls: str) -> list[str]:
-    n = {"no": 0, "sphere": config.n_subhalos, "vort": config.vortex_n_points}[cls]
-    return ["SIE", "SHEAR"] + ["POINT_MASS"] * n
+def lens_model_list(config: SimulationConfig, cls: str, n_points: int | None = None) -> list[str]:
+    """``SIE``, ``SHEAR`` and one ``POINT_MASS`` per subhalo or vortex point (``n_points``, default the
+    config's fixed count for the class)."""
+    if n_points is None:
+        n_points = {"no": 0, "sphere": config.n_subhalos, "vort": config.vortex_n_points}[cls]
+    return ["SIE", "SHEAR"] + ["POINT_MASS"] * n_points
+
+
+def _n_points(config: SimulationConfig, p: ImageParameters) -> int:
+    return {"no": 0, "sphere": len(p.subhalo_masses), "vort": config.vortex_n_points}[p.cls]
 
 
 def lens_kwargs(config: SimulationConfig, p: ImageParameters) -> list[dict]:
     """lenstronomy keyword arguments for :func:`lens_model_list`, in the same order."""
     c = config
     kw = [
-        {"theta_E": float(einstein_radius_arcsec(c.lens_mass_msun, c)), "e1": c.lens_e1, "e2": c.lens_e2,
+        {"theta_E": float(einstein_radius_arcsec(p.lens_mass_msun, c)), "e1": p.lens_e1, "e2": p.lens_e2,
          "center_x": 0.0, "center_y": 0.0},
-        {"gamma1": c.shear_gamma1, "gamma2": c.shear_gamma2, "ra_0": 0.0, "dec_0": 0.0},
+        {"gamma1": p.shear_gamma1, "gamma2": p.shear_gamma2, "ra_0": 0.0, "dec_0": 0.0},
     ]
     if p.cls == "sphere":
         te = einstein_radius_arcsec(p.subhalo_masses, c)
         kw += [{"theta_E": float(t), "center_x": float(x), "center_y": float(y)}
                for t, x, y in zip(te, p.subhalo_x, p.subhalo_y, strict=True)]
     elif p.cls == "vort":
-        te = float(einstein_radius_arcsec(c.vortex_mass_msun / c.vortex_n_points, c))
+        te = float(einstein_radius_arcsec(p.vortex_mass_msun / c.vortex_n_points, c))
         s = np.linspace(-p.vortex_half_length, p.vortex_half_length, c.vortex_n_points)
         xs, ys = s * np.cos(p.vortex_angle), s * np.sin(p.vortex_angle)
         kw += [{"theta_E": te, "center_x": float(x), "center_y": float(y)} for x, y in zip(xs, ys, strict=True)]
@@ -236,17 +336,16 @@ def lens_kwargs(config: SimulationConfig, p: ImageParameters) -> list[dict]:
 
 
 def source_kwargs(config: SimulationConfig, p: ImageParameters) -> list[dict]:
-    c = config
-    return [{"amp": c.source_amp, "R_sersic": c.source_R_sersic_arcsec, "n_sersic": c.source_n_sersic,
-             "e1": c.source_e1, "e2": c.source_e2, "center_x": p.source_x, "center_y": p.source_y}]
+    return [{"amp": p.source_amp, "R_sersic": p.source_R_sersic_arcsec, "n_sersic": p.source_n_sersic,
+             "e1": p.source_e1, "e2": p.source_e2, "center_x": p.source_x, "center_y": p.source_y}]
 
 
 _IMAGE_MODELS: dict = {}
 
 
-def image_model(config: SimulationConfig, cls: str):
-    """lenstronomy ``ImageModel`` for a class, built once per process (the profile list is fixed per class)."""
-    key = (config, cls)
+def image_model(config: SimulationConfig, cls: str, n_points: int | None = None):
+    """lenstronomy ``ImageModel`` for a class and number of point masses, built once per process."""
+    key = (config, cls, n_points)
     if key not in _IMAGE_MODELS:
         from lenstronomy.Data.pixel_grid import PixelGrid
         from lenstronomy.Data.psf import PSF
@@ -263,7 +362,7 @@ def image_model(config: SimulationConfig, cls: str):
         psf = PSF(psf_type="GAUSSIAN", fwhm=config.psf_fwhm_arcsec, truncation=config.psf_truncation,
                   pixel_size=config.pixel_scale_arcsec)
         _IMAGE_MODELS[key] = ImageModel(
-            grid, psf, lens_model_class=LensModel(lens_model_list(config, cls)),
+            grid, psf, lens_model_class=LensModel(lens_model_list(config, cls, n_points)),
             source_model_class=LightModel(["SERSIC_ELLIPSE"]),
             kwargs_numerics={"supersampling_factor": 1, "supersampling_convolution": False})
     return _IMAGE_MODELS[key]
@@ -271,15 +370,17 @@ def image_model(config: SimulationConfig, cls: str):
 
 def render_noise_free(config: SimulationConfig, p: ImageParameters) -> np.ndarray:
     """Noise-free lensed image in counts/s per pixel, float64 ``(num_pix, num_pix)``."""
-    return image_model(config, p.cls).image(kwargs_lens=lens_kwargs(config, p),
-                                            kwargs_source=source_kwargs(config, p))
+    return image_model(config, p.cls, _n_points(config, p)).image(kwargs_lens=lens_kwargs(config, p),
+                                                                  kwargs_source=source_kwargs(config, p))
 
 
-def add_noise(model: np.ndarray, exposure_s: float, config: SimulationConfig, rng: np.random.Generator):
-    """Poisson noise on the counts, Gaussian sky, and (as DeepLenseSim) a second Poisson draw. counts/s."""
+def add_noise(model: np.ndarray, exposure_s: float, config: SimulationConfig, rng: np.random.Generator, *,
+              background_rms: float | None = None):
+    """Poisson noise on the counts, Gaussian sky (``background_rms``, default the config's), and (as DeepLenseSim)
+    a second Poisson draw. counts/s."""
     t = exposure_s
     img = rng.poisson(np.clip(model, 0, None) * t) / t
-    img = img + rng.normal(0.0, config.background_rms, model.shape)
+    img = img + rng.normal(0.0, config.background_rms if background_rms is None else background_rms, model.shape)
     if config.double_poisson:
         pos = np.clip(img, 0, None)
         img = img + (rng.poisson(pos * t) / t - pos)
@@ -291,7 +392,7 @@ def simulate_image(config: SimulationConfig, seed: int, split: str, cls: str, in
     """One image as float32 ``(1, num_pix, num_pix)`` min-max normalised to [0, 1], with its parameters."""
     rng = _rng(seed, split, cls, index)
     p = draw_parameters(config, seed, split, cls, index, rng)
-    img = add_noise(render_noise_free(config, p), p.exposure_s, config, rng)
+    img = add_noise(render_noise_free(config, p), p.exposure_s, config, rng, background_rms=p.background_rms)
     lo, hi = img.min(), img.max()
     img = (img - lo) / (hi - lo)
     return img.astype(np.float32)[None], p
@@ -300,32 +401,41 @@ def simulate_image(config: SimulationConfig, seed: int, split: str, cls: str, in
 # ----------------------------------------------------------------------------------------------- dataset
 MANIFEST_COLUMNS = (
     "split", "class", "index", "path", "source_x_arcsec", "source_y_arcsec", "source_R_sersic_arcsec",
-    "source_n_sersic", "exposure_s", "lens_einstein_radius_arcsec", "n_subhalos", "subhalo_mass_total_msun",
-    "subhalo_mass_min_msun", "subhalo_mass_max_msun", "vortex_n_points", "vortex_mass_total_msun",
-    "vortex_half_length_arcsec", "vortex_angle_rad", "axion_mass_ev",
+    "source_n_sersic", "source_e1", "source_e2", "source_amp", "exposure_s", "background_rms",
+    "lens_mass_msun", "lens_einstein_radius_arcsec", "lens_e1", "lens_e2", "shear_gamma1", "shear_gamma2",
+    "n_subhalos", "subhalo_mass_total_msun", "subhalo_mass_min_msun", "subhalo_mass_max_msun", "vortex_n_points",
+    "vortex_mass_total_msun", "vortex_half_length_arcsec", "vortex_angle_rad", "axion_mass_ev",
 )
 
 
 def manifest_row(config: SimulationConfig, p: ImageParameters) -> list[str]:
+    """One image's physical parameters, in :data:`MANIFEST_COLUMNS` order (empty where a class has none)."""
+
     def f(x):
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
 
     sphere, vort = p.cls == "sphere", p.cls == "vort"
     return [
         p.split, p.cls, str(p.index), f"{p.split}/{p.cls}/{p.index}.npy", f(p.source_x), f(p.source_y),
-        f(config.source_R_sersic_arcsec), f(config.source_n_sersic), f(p.exposure_s),
-        f(einstein_radius_arcsec(config.lens_mass_msun, config)),
+        f(p.source_R_sersic_arcsec), f(p.source_n_sersic), f(p.source_e1), f(p.source_e2), f(p.source_amp),
+        f(p.exposure_s), f(p.background_rms), f(p.lens_mass_msun),
+        f(einstein_radius_arcsec(p.lens_mass_msun, config)), f(p.lens_e1), f(p.lens_e2), f(p.shear_gamma1),
+        f(p.shear_gamma2),
         str(len(p.subhalo_masses)) if sphere else "0",
         f(p.subhalo_masses.sum()) if sphere else "", f(p.subhalo_masses.min()) if sphere else "",
         f(p.subhalo_masses.max()) if sphere else "",
-        str(config.vortex_n_points) if vort else "0", f(config.vortex_mass_msun) if vort else "",
+        str(config.vortex_n_points) if vort else "0", f(p.vortex_mass_msun) if vort else "",
         f(p.vortex_half_length), f(p.vortex_angle), f(p.axion_mass_ev),
     ]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    if not text:
+    """``"K/N"`` -> ``(K, N)``; None when no shard was asked for (an empty string is an error: an unset shell
+    variable would otherwise run the whole job in every array task)."""
+    if text is None:
         return None
+    if not text.strip():
+        raise DeepLenseError("--shard '': expected K/N, e.g. 0/4 (is the shell variable behind it unset?)")
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:
@@ -335,21 +445,43 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
+_JOB: dict = {}  # what every task of a simulate_dataset call shares: config, seed, output folder
+
+
 def _work(task) -> int:
-    config, seed, out, split, cls, index = task
-    path = Path(out) / split / cls / f"{index}.npy"
+    """Simulate and write one image ``(split, class, index)`` of the job (0 if the file is already there)."""
+    split, cls, index = task
+    path = Path(_JOB["out"]) / split / cls / f"{index}.npy"
     if path.exists():
         return 0
-    img, _ = simulate_image(config, seed, split, cls, index)
+    img, _ = simulate_image(_JOB["config"], _JOB["seed"], split, cls, index)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, img, allow_pickle=False)
     return 1
 
 
-def _init_worker() -> None:
+def _work_chunk(tasks) -> tuple[int, int]:
+    """``(images handled, images written)`` of a chunk of tasks."""
+    return len(tasks), sum(_work(t) for t in tasks)
+
+
+def _init_worker(job: dict) -> None:
     # One process per core: keep the numerical libraries single-threaded inside each worker.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = "1"
+    _JOB.update(job)
+
+
+def _pool_context():
+    """``fork`` where it is safe (POSIX, and torch's thread pools not started in this process): workers start in
+    milliseconds with lenstronomy and the lens models already built; ``spawn`` otherwise (beside torch, on macOS
+    and Windows), where each worker imports lenstronomy itself (about 2 s)."""
+    import multiprocessing as mp
+    import sys
+
+    if "fork" in mp.get_all_start_methods() and "torch" not in sys.modules and sys.platform == "linux":
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_class: int, seed: int = 0,
@@ -363,16 +495,24 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
 
     Returns a dict with ``written``, ``skipped`` and ``manifest`` (path).
     """
-    import multiprocessing as mp
 
     config = config or SimulationConfig()
     if train_per_class < 1 or val_per_class < 1:
         raise DeepLenseError("--train-per-class and --val-per-class must be at least 1")
     if workers < 1:
         raise DeepLenseError("--workers must be at least 1")
+    if seed < 0:
+        raise DeepLenseError(f"--seed {seed}: must be 0 or more")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DeepLenseError(f"{out}: exists and is not a folder")
+    counts = {"train": train_per_class, "val": val_per_class}
+    for s in SPLITS:  # a set of another size in this folder: the manifest would not list every file
+        for c in CLASSES:
+            extra = sorted(q for q in (out / s / c).glob("*.npy") if not q.stem.isdigit() or int(q.stem) > counts[s])
+            if extra:
+                raise DeepLenseError(f"{extra[0]}: {out} holds more {s} images than --{s}-per-class {counts[s]} asks "
+                                     f"for; use the same counts as before or another --out")
     settings = {"seed": int(seed), "config": config.to_dict()}
     settings_path = out / "simulation.json"
     if settings_path.exists():
@@ -380,7 +520,9 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
             old = json.loads(settings_path.read_text())
         except (OSError, ValueError):
             raise DeepLenseError(f"{settings_path}: unreadable; remove it or choose another --out") from None
-        if {k: old.get(k) for k in settings} != json.loads(json.dumps(settings)):
+        # settings this version added (absent from older files) default to None: the behaviour of before
+        old_cfg = {**{k: None for k in settings["config"]}, **(old.get("config") or {})}
+        if old.get("seed") != settings["seed"] or old_cfg != json.loads(json.dumps(settings["config"])):
             raise DeepLenseError(f"{settings_path}: this folder was simulated with another seed or config; "
                                  f"choose another --out")
     for s in SPLITS:
@@ -389,24 +531,35 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
     from .util import versions
 
     write_json_atomic(settings_path, {**settings, "versions": versions()})
+    for s in SPLITS:
+        for c in CLASSES:
+            sweep_stale_temps(out / s / c)  # half-written images of a killed run
 
-    counts = {"train": train_per_class, "val": val_per_class}
     order = [(s, c, i) for s in SPLITS for c in CLASSES for i in range(1, counts[s] + 1)]
     if shard:
         order = [t for pos, t in enumerate(order) if pos % shard[1] == shard[0]]
-    tasks = [(config, int(seed), str(out), s, c, i) for s, c, i in order]
+    todo = [t for t in order if not (out / t[0] / t[1] / f"{t[2]}.npy").exists()]  # a restart skips these
+    job = {"config": config, "seed": int(seed), "out": str(out)}
     written = 0
-    bar = progress_bar(total=len(tasks), desc="simulating", unit="img", disable=not progress)
-    if workers == 1:
-        for t in tasks:
+    bar = progress_bar(total=len(order), initial=len(order) - len(todo), desc="simulating", unit="img",
+                       disable=not progress)
+    if workers == 1 or len(todo) < 2 * workers:
+        _JOB.update(job)
+        for t in todo:
             written += _work(t)
             bar.update()
     else:
-        ctx = mp.get_context("spawn")  # safe beside torch and on every OS
-        with ctx.Pool(workers, initializer=_init_worker) as pool:
-            for n in pool.imap_unordered(_work, tasks, chunksize=max(1, min(16, len(tasks) // (8 * workers)))):
+        for cls in CLASSES:  # built once here; forked workers inherit them
+            image_model(config, cls)
+        # chunks of a few images: one message per chunk, not per image, and the classes' costs mixed (a vort
+        # image takes 5x a no image) so no worker is left with the slow tail
+        mixed = [todo[k] for k in np.random.default_rng(0).permutation(len(todo))]
+        size = max(1, min(32, len(mixed) // (8 * workers)))
+        chunks = [mixed[k : k + size] for k in range(0, len(mixed), size)]
+        with _pool_context().Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+            for handled, n in pool.imap_unordered(_work_chunk, chunks):
                 written += n
-                bar.update()
+                bar.update(handled)
     bar.close()
 
     buf = io.StringIO()
@@ -416,7 +569,7 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
         w.writerow(manifest_row(config, draw_parameters(config, seed, s, c, i)))
     name = f"manifest.shard-{shard[0]}-of-{shard[1]}.csv" if shard else "manifest.csv"
     write_text_atomic(out / name, buf.getvalue())
-    return {"written": written, "skipped": len(tasks) - written, "manifest": str(out / name)}
+    return {"written": written, "skipped": len(order) - written, "manifest": str(out / name)}
 
 
 # ----------------------------------------------------------------------------------------------- statistics

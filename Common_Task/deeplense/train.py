@@ -21,32 +21,46 @@ import torch
 from . import engine
 from .checkpoint import FORMAT, config_of, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import CLASSES, SPLITS, combine_fingerprints, holdout_from_test, load_splits, native_crop, split_holdout
+from .data import CLASSES, SPLITS, ProtocolSplit, combine_fingerprints, load_splits, native_crop, protocol_split
 from .model import build_model
-from .util import DeepLenseError, pick_device, read_jsonl, versions, write_json_atomic, write_text_atomic
+from .util import (
+    DeepLenseError,
+    pick_device,
+    read_jsonl,
+    sweep_stale_temps,
+    versions,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str | os.PathLike | None, *,
           resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
-          allow_pickle: bool = False, stop_after_epoch: int | None = None, heldout_test=None, log=print) -> dict:
+          allow_pickle: bool = False, stop_after_epoch: int | None = None, split: ProtocolSplit | None = None,
+          compile_model: bool = False, log=print) -> dict:
     """Train (or resume) a run; return a summary dict (``run``, ``best_epoch``, ``best_metric``, ``history``,
     ``weights``, ``device``, ``config``).
 
     With ``resume`` the config, data path and run folder come from ``resume/last.pt`` (``out`` is
     ignored; ``data`` may override the stored path), and the run continues after the last finished epoch.
     ``stop_after_epoch`` ends this call early (the schedule still spans ``config.epochs``), for staged jobs
-    on time-limited queues: resume later to continue. ``heldout_test``: the indices of the ``val`` images held
-    out for the final test, when the caller drew them already (default: :func:`split_holdout` with the seed).
-    The checkpoints record them, with a fingerprint of the ``val`` listing, so ``evaluate`` reports on exactly
-    these images and a resume continues with them.
+    on time-limited queues: resume later to continue. ``split``: which images train, select and test, when the
+    caller drew it already (default: :func:`~deeplense.data.protocol_split` of ``config.protocol`` with the
+    seed). The checkpoints record it, with fingerprints of the file listings, so ``evaluate`` reports on exactly
+    the held-out images and a resume continues with the same split. ``compile_model``: ``torch.compile`` the
+    network for training (on a GPU; the first steps then take a while).
     """
     world, rank, dev = _start_processes(device)
     say = log if rank == 0 else (lambda *a, **k: None)
-    run, ckpt, val_listing = Path(resume or out or ""), None, None
+    run, ckpt = Path(resume or out or ""), None
     if resume is not None:
+        if not (run / "last.pt").is_file() and (run / "config.json").is_file():
+            raise DeepLenseError(f"{run / 'last.pt'}: not there: the run stopped before it finished its first epoch; "
+                                 f"start it again with `train --out {run}` and the same options")
         ckpt = load_checkpoint(run / "last.pt", map_location="cpu")
+        if rank == 0:
+            sweep_stale_temps(run, all_of_them=True)  # half-written checkpoints of the killed process
         config, data = config_of(ckpt, run / "last.pt"), data or ckpt["data"]["root"]
-        heldout_test, val_listing = ckpt["data"].get("heldout_test_indices"), ckpt["data"].get("val_listing")
         say(f"resuming {run} after epoch {ckpt['epoch']} of {config.epochs}")
     elif out is None:
         raise DeepLenseError("train: --out RUN is required (or --resume RUN)")
@@ -58,11 +72,12 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     if world > 1 and rank > 0:
         torch.distributed.barrier()  # rank 0 builds the cache first; the others then open it
     x_train, y_train, x_sel, y_sel, data_info = _load(config, data, allow_pickle, progress and rank == 0, dev,
-                                                      heldout_test, val_listing)
+                                                      split, ckpt["data"] if ckpt else None)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
+    x_train, y_train, x_sel, resident = engine.place_data(x_train, y_train, x_sel, dev)
     torch.manual_seed(config.seed)
-    model, weights_info = build_model(config.weights if ckpt is None else "none")
+    model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights_info = ckpt["weights"]
@@ -72,6 +87,10 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    if compile_model:
+        net = torch.compile(net)
     steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
     if steps == 0:
         raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
@@ -86,15 +105,22 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
             scaler.load_state_dict(ckpt["scaler"])
         start, best_metric, best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
         history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
+        if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
+                ckpt["epoch"]:
+            history.append(ckpt["metrics"])  # killed between the checkpoint and the history write: it is in both
 
     stamp = {"classes": list(CLASSES), "weights": weights_info, "data": data_info, "versions": versions(),
              "device": str(dev)}
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / "config.json", {"config": config.to_dict(), "world_size": world, **stamp})
+        write_json_atomic(run / "config.json", {"config": config.to_dict(), "world_size": world, **stamp,
+                                                "execution": {"data_on_device": resident, "compiled": compile_model}})
         _write_history(run, history)
-    say(f"training {config.recipe} on {dev} (world {world}): {len(x_train)} train images, {len(x_sel)} selection "
-        f"images, input {config.image_size} px, weights {weights_info['source']}")
+    say(f"training {config.recipe} ({config.arch}) on {dev} (world {world}), {config.protocol} protocol: "
+        f"{len(x_train)} train "
+        f"images, {len(x_sel)} selection images ({data_info['selection_split']}), input {config.image_size} px, "
+        f"batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, data "
+        f"{'on the device' if resident else 'in pinned host memory'}" + (", compiled" if compile_model else ""))
     for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
         rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, x_train, y_train, config, dev,
                                                         epoch=epoch, rank=rank, world=world, progress=progress),
@@ -138,32 +164,42 @@ def _start_processes(device: str | None) -> tuple[int, int, torch.device]:
     return world, rank, dev
 
 
-def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: torch.device, heldout_test=None,
-          val_listing: str | None = None):
-    """``train`` and the selection part of ``val`` as cropped tensors (the held-out test part is never loaded),
-    and what ``config.json`` and the checkpoints record about the data."""
+def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: torch.device,
+          split: ProtocolSplit | None = None, recorded: dict | None = None):
+    """The training images and the selection images as cropped tensors (the test images are never loaded), and
+    what ``config.json`` and the checkpoints record about the data. ``recorded``: a resumed run's data record."""
+    needed = SPLITS if config.protocol == "reference" else ("train",)  # clean: val is not even read
     info: dict = {}
-    loaded = load_splits(data, SPLITS, allow_pickle=allow_pickle, progress=progress, info=info)
-    (tr_images, tr_labels), (va_images, va_labels) = loaded["train"], loaded["val"]
-    if val_listing is not None and info["val"].listing != val_listing:
-        raise DeepLenseError(f"{data}: its val/ is not the one this run started with (files added, removed or "
-                             f"renamed), so the held-out test part cannot be kept out; resume on the original data")
-    if heldout_test is None:
-        sel_idx, test_idx = split_holdout(va_labels, config.holdout_fraction, seed=config.seed)
-    else:
-        sel_idx, test_idx = holdout_from_test(heldout_test, len(va_labels))
-    tr_idx = _limit(tr_labels, np.arange(len(tr_labels)), config.limit_per_class)
-    sel_idx = _limit(va_labels, sel_idx, config.limit_per_class)
-    x_train, x_sel = native_crop(tr_images, tr_idx, config.crop), native_crop(va_images, sel_idx, config.crop)
-    if dev.type == "cuda":
-        x_train, x_sel = x_train.pin_memory(), x_sel.pin_memory()
+    loaded = load_splits(data, needed, allow_pickle=allow_pickle, progress=progress, info=info)
+    tr_images, tr_labels = loaded["train"]
+    va_images, va_labels = loaded.get("val", (None, None))
+    n_val = None if va_labels is None else len(va_labels)
+    if recorded is not None and "selection_indices" in recorded:  # a resume continues with its own split
+        changed = [s for s in needed if recorded["listings"].get(s) != info[s].listing]
+        if changed:
+            raise DeepLenseError(f"{data}: its {changed[0]}/ is not the one this run started with (files added, "
+                                 f"removed or renamed), so the held-out images cannot be kept out; resume on the "
+                                 f"original data")
+        split = ProtocolSplit.from_record(recorded, len(tr_labels), n_val)
+    elif split is None:
+        split = protocol_split(config.protocol, tr_labels, va_labels, config.holdout_fraction, seed=config.seed)
+    elif split.protocol != config.protocol:
+        raise DeepLenseError(f"train: a {split.protocol}-protocol split given for a {config.protocol}-protocol run")
+    sel_images, sel_labels = (va_images, va_labels) if split.selection_split == "val" else (tr_images, tr_labels)
+    tr_idx = _limit(tr_labels, split.train_idx, config.limit_per_class)
+    sel_idx = _limit(sel_labels, split.selection_idx, config.limit_per_class)
+    if len(sel_idx) == 0:
+        raise DeepLenseError(f"{data}: the selection part of {split.selection_split} is empty ({config.protocol} "
+                             f"protocol, holdout_fraction {config.holdout_fraction}); use more images")
+    x_train, x_sel = native_crop(tr_images, tr_idx, config.crop), native_crop(sel_images, sel_idx, config.crop)
     data_info = {"root": str(Path(data).resolve()),
-                 "fingerprint": combine_fingerprints([info[s].fingerprint for s in SPLITS]),
-                 "split_fingerprints": {s: info[s].fingerprint for s in SPLITS},
+                 "fingerprint": combine_fingerprints([info[s].fingerprint for s in needed]),
+                 "split_fingerprints": {s: info[s].fingerprint for s in needed},
+                 "listings": {s: info[s].listing for s in needed},
                  "n_train": int(len(tr_idx)), "n_selection": int(len(sel_idx)),
-                 "n_heldout_test_untouched": int(len(test_idx)), "val_listing": info["val"].listing,
-                 "heldout_test_indices": test_idx.tolist()}
-    return x_train, torch.from_numpy(tr_labels[tr_idx]), x_sel, va_labels[sel_idx], data_info
+                 "n_test": n_val if split.test_idx is None else int(len(split.test_idx)),
+                 "test": "all of val" if split.test_idx is None else "held-out part of val", **split.record()}
+    return x_train, torch.from_numpy(tr_labels[tr_idx]), x_sel, sel_labels[sel_idx], data_info
 
 
 def _limit(labels: np.ndarray, idx: np.ndarray, n: int | None) -> np.ndarray:

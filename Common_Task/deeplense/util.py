@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
+    # the process id in the name lets sweep_stale_temps() tell a dead writer's leftovers from a live one's file
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -41,6 +43,41 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+TEMP_NAME = re.compile(r"\.(\d+)\.(?:[A-Za-z0-9_]+\.)?tmp(?:\.|$)")
+"""Temporary files of this package: ``.NAME.PID.RANDOM.tmp[.ext]`` (atomic_path) or ``NAME.PID.tmp[.ext]``."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike, *, all_of_them: bool = False) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder`` (not below it): those whose process is gone,
+    or every one with ``all_of_them`` (a folder only this process writes, such as a resumed run). Returns them."""
+    removed = []
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError:
+        return removed
+    for e in entries:
+        m = TEMP_NAME.search(e.name)
+        if m and e.is_file(follow_symlinks=False) and (all_of_them or not _alive(int(m.group(1)))) and \
+                int(m.group(1)) != os.getpid():
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except OSError:
+                pass
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

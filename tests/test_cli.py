@@ -1,0 +1,138 @@
+"""The command line as a user on a cluster meets it: every mistake is one line `error: <path>: <reason>`, exit
+status 2, no traceback, nothing half-written; arguments are checked before any work."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST, quiet, subprocess_env, write_dataset
+
+from deeplense.cli import main
+from deeplense.config import recipe
+from deeplense.train import train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A dataset, a trained checkpoint, a plain file, and a path under that file."""
+    root = tmp_path_factory.mktemp("world")
+    data = write_dataset(root / "dataset", n_train=6, n_val=10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPLENSE_CACHE", str(root / "cache"))
+        train(recipe("default", epochs=1, **FAST), data, root / "run", **quiet())
+    (root / "file.txt").write_text("not a folder")
+    return {"data": data, "ckpt": root / "run" / "best.pt", "run": root / "run", "file": root / "file.txt",
+            "under": root / "file.txt" / "sub", "missing": root / "missing"}
+
+
+def _cases(w):
+    d, ck, f, under, missing = str(w["data"]), str(w["ckpt"]), str(w["file"]), str(w["under"]), str(w["missing"])
+    return {
+        "inspect --data file": (["inspect", "--data", f], "not a folder"),
+        "inspect --data missing": (["inspect", "--data", missing], "no such folder"),
+        "simulate --out file": (["simulate", "--out", f], "is a file"),
+        "simulate --out under a file": (["simulate", "--out", under], "is a file"),
+        "simulate --figure under a file": (["simulate", "--out", missing, "--figure", under + "/fig"], "is a file"),
+        "train --out file": (["train", "--data", d, "--out", f, "--weights", "none"], "is a file"),
+        "train --out under a file": (["train", "--data", d, "--out", under, "--weights", "none"], "is a file"),
+        "train --data missing": (["train", "--data", missing, "--out", missing + "/run"], "no such folder"),
+        "train --resume missing": (["train", "--resume", missing], "checkpoint not found"),
+        "evaluate --checkpoint missing": (["evaluate", "--checkpoint", missing, "--data", d], "checkpoint not found"),
+        "evaluate --checkpoint folder": (["evaluate", "--checkpoint", d, "--data", d], "checkpoint not found"),
+        "evaluate --checkpoint file": (["evaluate", "--checkpoint", f, "--data", d], "not a deeplense checkpoint"),
+        "evaluate --out file": (["evaluate", "--checkpoint", ck, "--data", d, "--out", f], "is a file"),
+        "evaluate --out under a file": (["evaluate", "--checkpoint", ck, "--data", d, "--out", under], "is a file"),
+        "evaluate --data missing": (["evaluate", "--checkpoint", ck, "--data", missing], "no such folder"),
+        "predict --checkpoint missing": (["predict", "--checkpoint", missing, d], "checkpoint not found"),
+        "predict path missing": (["predict", "--checkpoint", ck, missing], "no such file or folder"),
+        "predict --output folder": (["predict", "--checkpoint", ck, d, "--output", d], "is a folder"),
+        "predict --output under a file": (["predict", "--checkpoint", ck, d, "--output", under + "/p.csv"],
+                                          "is a file"),
+        "report --run missing": (["report", "--run", missing], "not found"),
+        "report --figures under a file": (["report", "--run", str(w["run"]), "--figures", under], "is a file"),
+    }
+
+
+CASES = list(_cases({k: Path("/x") for k in ("data", "ckpt", "file", "under", "missing", "run")}))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_path_mistake_is_one_line_and_exit_2(world, case, capsys, tmp_path):
+    argv, expected = _cases(world)[case]
+    before = sorted(p for p in world["run"].parent.rglob("*") if "cache" not in p.parts)
+    assert main(argv) == 2, case
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (case, err)
+    after = sorted(p for p in world["run"].parent.rglob("*") if "cache" not in p.parts)
+    assert after == before, f"{case} wrote {set(after) - set(before)}"
+
+
+@pytest.mark.parametrize("cache", ["file", "under"])
+def test_a_cache_setting_that_is_a_file_is_one_line(world, cache, monkeypatch, capsys):
+    monkeypatch.setenv("DEEPLENSE_CACHE", str(world[cache]))
+    assert main(["inspect", "--data", str(world["data"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(world["file"]) in err[0], err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train"], "--out RUN is required"),
+    (["train", "--out", "{tmp}/run", "--seed", "-1"], "seed must be 0 or more"),
+    (["train", "--out", "{tmp}/run", "--crop", "0"], "crop must be at least 16"),
+    (["train", "--out", "{tmp}/run", "--limit-per-class", "-1"], "limit_per_class must be at least 1"),
+    (["train", "--out", "{tmp}/run", "--stop-after-epoch", "0"], "--stop-after-epoch 0"),
+    (["train", "--resume", "{tmp}/run", "--epochs", "5"], "--epochs cannot change a run"),
+    (["simulate", "--out", "{tmp}/sim", "--seed", "-1"], "--seed -1: must be 0 or more"),
+    (["simulate", "--out", "{tmp}/sim", "--shard", ""], "--shard '': expected K/N"),
+    (["evaluate", "--checkpoint", "{tmp}/x.pt", "--bootstrap", "-5"], "--bootstrap -5"),
+])
+def test_arguments_are_checked_before_any_work(argv, expected, tmp_path, capsys):
+    """No simulation, no folder, no file before the arguments are known to be good."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    t0 = time.time()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert list(tmp_path.iterdir()) == [] and time.time() - t0 < 10
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """What `timeout`, `kill`, `docker stop` and a queue's time limit send, during a cache build: exit 143, one
+    line, no temporary file left in the cache."""
+    data = write_dataset(tmp_path / "d", n_train=300, n_val=2)
+    cache = tmp_path / "cache"
+    env = {**subprocess_env(), "DEEPLENSE_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "deeplense", "inspect", "--data", str(data)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("*.tmp")):
+        time.sleep(0.01)
+    assert list(cache.glob("*.tmp")), "the cache build did not start"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
+    assert not [p for p in cache.iterdir() if "tmp" in p.name]
+
+
+def test_no_traceback_for_os_errors_raised_deep_inside(world, monkeypatch, capsys):
+    """Whatever OSError escapes a job (here: the disk fills while a checkpoint is written) ends as one line."""
+    import errno
+
+    import deeplense.checkpoint as checkpoint
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(world["run"] / "x.pt"))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    out = world["run"].parent / "full-disk-run"
+    assert main(["train", "--data", str(world["data"]), "--out", str(out), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "6", "--weights", "none", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {world['run'] / 'x.pt'}: No space left on device"
+    assert not [p for p in out.iterdir() if "tmp" in p.name]
