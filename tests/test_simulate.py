@@ -286,3 +286,60 @@ def test_workers_give_the_same_bytes_with_either_start_method(tmp_path, monkeypa
     simulate_dataset(tmp_path / "one", workers=1, **kw)
     simulate_dataset(tmp_path / "two", workers=2, **kw)
     assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")
+
+
+def test_benchmark_preset_draws_each_setting_in_its_range():
+    from deeplense.simulate import BENCHMARK_VARIATION
+
+    cfg = SimulationConfig.from_preset("benchmark")
+    ps = [draw_parameters(cfg, 5, "train", c, i) for c in CLASSES for i in range(1, 41)]
+    v = BENCHMARK_VARIATION
+
+    def within(values, lo, hi):
+        values = np.asarray(values)
+        return values.min() >= lo and values.max() <= hi and values.std() > 0
+
+    assert within([p.value("lens_mass_msun", cfg) for p in ps], *v["lens_mass_range_msun"])
+    def modulus(a, b):
+        return [np.hypot(p.value(a, cfg), p.value(b, cfg)) for p in ps]
+
+    assert within(modulus("lens_e1", "lens_e2"), 0, v["lens_ellipticity_max"])
+    assert within(modulus("shear_gamma1", "shear_gamma2"), 0, v["shear_max"])
+    assert within(modulus("source_e1", "source_e2"), 0, v["source_ellipticity_max"])
+    assert within([p.value("source_R_sersic_arcsec", cfg) for p in ps], *v["source_R_sersic_range_arcsec"])
+    assert within([p.value("source_n_sersic", cfg) for p in ps], *v["source_n_sersic_range"])
+    assert within([p.value("source_amp", cfg) for p in ps], *v["source_amp_range"])
+    assert within([p.value("background_rms", cfg) for p in ps], *v["background_rms_range"])
+    angles = [np.arctan2(p.value("lens_e2", cfg), p.value("lens_e1", cfg)) for p in ps]
+    assert np.ptp(angles) > 5  # orientations all round, not one axis
+    # deterministic, and the lens model gets the drawn values
+    again = draw_parameters(cfg, 5, "train", "vort", 3)
+    assert again.drawn == ps[80 + 2].drawn
+    kw = lens_kwargs(cfg, again)
+    assert kw[0]["e1"] == again.value("lens_e1", cfg) and kw[1]["gamma2"] == again.value("shear_gamma2", cfg)
+    # the knobs for weaker substructure, off in the preset, draw when set
+    weak = cfg.replace(n_subhalos_range=(10, 12), vortex_mass_range_msun=(1e10, 2e10))
+    assert {len(draw_parameters(weak, 0, "val", "sphere", i).subhalo_masses) for i in range(1, 30)} == {10, 11, 12}
+    masses = [draw_parameters(weak, 0, "val", "vort", i).value("vortex_mass_msun", weak) for i in range(1, 30)]
+    assert within(masses, 1e10, 2e10)
+    img, _ = simulate_image(weak, 0, "val", "sphere", 1)  # a model per number of subhalos
+    assert img.shape == (1, 150, 150)
+
+
+def test_benchmark_preset_keeps_the_common_task_look_and_records_its_draws(tmp_path):
+    cfg = SimulationConfig.from_preset("benchmark")
+    imgs = np.stack([simulate_image(cfg, 1, "val", c, i)[0] for c in CLASSES for i in range(1, 9)])
+    s = image_statistics(imgs)
+    assert 0.11 <= s["frac_gt_0.1"] <= 0.21 and s["corner_std"] <= 0.008 and 22 <= s["peak_radius_px"] <= 32, s
+    simulate_dataset(tmp_path, train_per_class=3, val_per_class=1, seed=0, config=cfg, progress=False)
+    with open(tmp_path / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for column in ("lens_mass_msun", "lens_e1", "shear_gamma2", "source_R_sersic_arcsec", "source_amp",
+                   "background_rms"):
+        values = {float(r[column]) for r in rows}
+        assert len(values) == len(rows), column  # each image its own value
+    p = draw_parameters(cfg, 0, "train", "sphere", 2)
+    row = next(r for r in rows if (r["split"], r["class"], r["index"]) == ("train", "sphere", "2"))
+    assert float(row["lens_e1"]) == p.value("lens_e1", cfg)
+    assert float(row["lens_einstein_radius_arcsec"]) == pytest.approx(
+        einstein_radius_arcsec(p.value("lens_mass_msun", cfg), cfg))

@@ -20,7 +20,7 @@ import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -216,18 +216,11 @@ class ImageParameters:
     axion_mass_ev: float = float("nan")
     vortex_half_length: float = float("nan")  # arcsec
     vortex_angle: float = float("nan")  # radians
-    lens_mass_msun: float = 1e12
-    lens_e1: float = 0.1
-    lens_e2: float = 0.0
-    shear_gamma1: float = 0.05
-    shear_gamma2: float = 0.0
-    source_amp: float = 30.0
-    source_R_sersic_arcsec: float = 1.0
-    source_n_sersic: float = 2.0
-    source_e1: float = -0.1
-    source_e2: float = 0.1
-    background_rms: float = 0.01
-    vortex_mass_msun: float = float("nan")  # total; nan unless vort
+    drawn: dict = field(default_factory=dict)  # the config settings this image drew for itself (benchmark preset)
+
+    def value(self, name: str, config: SimulationConfig) -> float:
+        """A lens, source or noise setting of this image: its own draw, else the config's fixed value."""
+        return self.drawn.get(name, getattr(config, name))
 
 
 def _rng(seed: int, split: str, cls: str, index: int) -> np.random.Generator:
@@ -259,7 +252,7 @@ def draw_parameters(config: SimulationConfig, seed: int, split: str, cls: str, i
         n_sub = int(rng.integers(c.n_subhalos_range[0], c.n_subhalos_range[1] + 1))
     empty = np.zeros(0)
     masses, hx, hy = empty, empty, empty
-    m_a = length = angle = vortex_mass = float("nan")
+    m_a = length = angle = float("nan")
     if cls == "sphere":
         # inverse CDF of p(m) ∝ m^-alpha on [m_lo, m_hi]
         a = 1.0 - c.subhalo_mass_slope
@@ -273,7 +266,6 @@ def draw_parameters(config: SimulationConfig, seed: int, split: str, cls: str, i
         m_a = 10 ** rng.uniform(*c.log10_axion_mass_ev)
         length = c.vortex_length_scale_arcsec / (2 * m_a / 1e-22)
         angle = rng.uniform(0, np.pi)
-        vortex_mass = c.vortex_mass_msun
     # per-image variation, drawn last so that presets without it keep their bytes
     v = {}
     if c.lens_mass_range_msun is not None:
@@ -293,14 +285,9 @@ def draw_parameters(config: SimulationConfig, seed: int, split: str, cls: str, i
     if c.background_rms_range is not None:
         v["background_rms"] = float(rng.uniform(*c.background_rms_range))
     if cls == "vort" and c.vortex_mass_range_msun is not None:
-        vortex_mass = _log_uniform(rng, c.vortex_mass_range_msun)
-    fixed = {"lens_mass_msun": c.lens_mass_msun, "lens_e1": c.lens_e1, "lens_e2": c.lens_e2,
-             "shear_gamma1": c.shear_gamma1, "shear_gamma2": c.shear_gamma2, "source_amp": c.source_amp,
-             "source_R_sersic_arcsec": c.source_R_sersic_arcsec, "source_n_sersic": c.source_n_sersic,
-             "source_e1": c.source_e1, "source_e2": c.source_e2, "background_rms": c.background_rms}
+        v["vortex_mass_msun"] = _log_uniform(rng, c.vortex_mass_range_msun)
     return ImageParameters(split, cls, int(index), float(sx), float(sy), float(exposure), masses, hx, hy,
-                           float(m_a), float(length), float(angle), vortex_mass_msun=float(vortex_mass),
-                           **{**fixed, **v})
+                           float(m_a), float(length), float(angle), drawn=v)
 
 
 def lens_model_list(config: SimulationConfig, cls: str, n_points: int | None = None) -> list[str]:
@@ -319,16 +306,16 @@ def lens_kwargs(config: SimulationConfig, p: ImageParameters) -> list[dict]:
     """lenstronomy keyword arguments for :func:`lens_model_list`, in the same order."""
     c = config
     kw = [
-        {"theta_E": float(einstein_radius_arcsec(p.lens_mass_msun, c)), "e1": p.lens_e1, "e2": p.lens_e2,
-         "center_x": 0.0, "center_y": 0.0},
-        {"gamma1": p.shear_gamma1, "gamma2": p.shear_gamma2, "ra_0": 0.0, "dec_0": 0.0},
+        {"theta_E": float(einstein_radius_arcsec(p.value("lens_mass_msun", c), c)), "e1": p.value("lens_e1", c),
+         "e2": p.value("lens_e2", c), "center_x": 0.0, "center_y": 0.0},
+        {"gamma1": p.value("shear_gamma1", c), "gamma2": p.value("shear_gamma2", c), "ra_0": 0.0, "dec_0": 0.0},
     ]
     if p.cls == "sphere":
         te = einstein_radius_arcsec(p.subhalo_masses, c)
         kw += [{"theta_E": float(t), "center_x": float(x), "center_y": float(y)}
                for t, x, y in zip(te, p.subhalo_x, p.subhalo_y, strict=True)]
     elif p.cls == "vort":
-        te = float(einstein_radius_arcsec(p.vortex_mass_msun / c.vortex_n_points, c))
+        te = float(einstein_radius_arcsec(p.value("vortex_mass_msun", c) / c.vortex_n_points, c))
         s = np.linspace(-p.vortex_half_length, p.vortex_half_length, c.vortex_n_points)
         xs, ys = s * np.cos(p.vortex_angle), s * np.sin(p.vortex_angle)
         kw += [{"theta_E": te, "center_x": float(x), "center_y": float(y)} for x, y in zip(xs, ys, strict=True)]
@@ -336,8 +323,9 @@ def lens_kwargs(config: SimulationConfig, p: ImageParameters) -> list[dict]:
 
 
 def source_kwargs(config: SimulationConfig, p: ImageParameters) -> list[dict]:
-    return [{"amp": p.source_amp, "R_sersic": p.source_R_sersic_arcsec, "n_sersic": p.source_n_sersic,
-             "e1": p.source_e1, "e2": p.source_e2, "center_x": p.source_x, "center_y": p.source_y}]
+    return [{"amp": p.value("source_amp", config), "R_sersic": p.value("source_R_sersic_arcsec", config),
+             "n_sersic": p.value("source_n_sersic", config), "e1": p.value("source_e1", config),
+             "e2": p.value("source_e2", config), "center_x": p.source_x, "center_y": p.source_y}]
 
 
 _IMAGE_MODELS: dict = {}
@@ -392,7 +380,8 @@ def simulate_image(config: SimulationConfig, seed: int, split: str, cls: str, in
     """One image as float32 ``(1, num_pix, num_pix)`` min-max normalised to [0, 1], with its parameters."""
     rng = _rng(seed, split, cls, index)
     p = draw_parameters(config, seed, split, cls, index, rng)
-    img = add_noise(render_noise_free(config, p), p.exposure_s, config, rng, background_rms=p.background_rms)
+    img = add_noise(render_noise_free(config, p), p.exposure_s, config, rng,
+                    background_rms=p.value("background_rms", config))
     lo, hi = img.min(), img.max()
     img = (img - lo) / (hi - lo)
     return img.astype(np.float32)[None], p
@@ -414,17 +403,20 @@ def manifest_row(config: SimulationConfig, p: ImageParameters) -> list[str]:
     def f(x):
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
 
+    def g(name):
+        return f(p.value(name, config))
+
     sphere, vort = p.cls == "sphere", p.cls == "vort"
     return [
         p.split, p.cls, str(p.index), f"{p.split}/{p.cls}/{p.index}.npy", f(p.source_x), f(p.source_y),
-        f(p.source_R_sersic_arcsec), f(p.source_n_sersic), f(p.source_e1), f(p.source_e2), f(p.source_amp),
-        f(p.exposure_s), f(p.background_rms), f(p.lens_mass_msun),
-        f(einstein_radius_arcsec(p.lens_mass_msun, config)), f(p.lens_e1), f(p.lens_e2), f(p.shear_gamma1),
-        f(p.shear_gamma2),
+        g("source_R_sersic_arcsec"), g("source_n_sersic"), g("source_e1"), g("source_e2"), g("source_amp"),
+        f(p.exposure_s), g("background_rms"), g("lens_mass_msun"),
+        f(einstein_radius_arcsec(p.value("lens_mass_msun", config), config)), g("lens_e1"), g("lens_e2"),
+        g("shear_gamma1"), g("shear_gamma2"),
         str(len(p.subhalo_masses)) if sphere else "0",
         f(p.subhalo_masses.sum()) if sphere else "", f(p.subhalo_masses.min()) if sphere else "",
         f(p.subhalo_masses.max()) if sphere else "",
-        str(config.vortex_n_points) if vort else "0", f(p.vortex_mass_msun) if vort else "",
+        str(config.vortex_n_points) if vort else "0", g("vortex_mass_msun") if vort else "",
         f(p.vortex_half_length), f(p.vortex_angle), f(p.axion_mass_ev),
     ]
 
