@@ -4,13 +4,14 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-full bench-gpu study mutants clean-cache help
+.PHONY: demo test lint bench bench-full bench-gpu bench-archs study mutants clean-cache help
 
 help:
 	@echo "make demo   - set up .venv, then run the notebook (simulated data unless DEEPLENSE_DATA is set)"
 	@echo "make test   - set up .venv, then ruff and pytest"
 	@echo "make bench  - quick benchmarks (see benchmarks/README.md)"
 	@echo "make bench-gpu - the GPU benchmarks (about 4 minutes on one H100; prints a skip line without CUDA)"
+	@echo "make bench-archs - parameters and CPU speed of every --arch; fills README.md's arch table (minutes)"
 	@echo "make study  - the accuracy study (about 2 h on 2 CPU cores); fills README.md's ablation table"
 	@echo "make mutants - plant known faults one at a time and check the tests catch each (minutes; not in CI)"
 
@@ -41,6 +42,9 @@ bench-full: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_gpu.py
+
+bench-archs: $(STAMP)
+	$(BIN)/python benchmarks/bench_archs.py --readme
 
 study: $(STAMP)
 	$(BIN)/python benchmarks/accuracy_study.py --readme

@@ -36,6 +36,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     # what make demo leaves behind: metrics.json, predictions.npz and every figure
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["provenance"]["pretrained"] is True  # the planted file went through the real loading path
+    assert metrics["provenance"]["tta"] is True  # the cell's TTA = True reaches the evaluation
     # the results the notebook shows are this run's, read from metrics.json, not typed into a cell
     shown = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
              if "text/markdown" in o.get("data", {})]
@@ -76,7 +77,7 @@ def _cell_values(**changes) -> dict:
     values = {"DATA": None, "SCALE": None, "RECIPE": "default", "ARCH": "resnet34", "EPOCHS": None,
               "IMAGE_SIZE": None, "CROP": None, "BATCH_SIZE": None, "PROTOCOL": "reference", "WEIGHTS": "auto",
               "SEED": 0, "DEVICE": None, "OUTPUT": None, "FIGURES": None, "SIM_TRAIN_PER_CLASS": None,
-              "SIM_VAL_PER_CLASS": None, "unrelated": object()}
+              "SIM_VAL_PER_CLASS": None, "TTA": True, "unrelated": object()}
     return {**values, **changes}
 
 
@@ -107,6 +108,14 @@ def test_resolve_gives_one_frozen_config_from_cell_environment_and_scale(monkeyp
     assert (cfg.epochs, cfg.crop, cfg.seed) == (3, None, 7) and spec.output == str(tmp_path / "run")
     monkeypatch.setenv("DEEPLENSE_EPOCHS", "many")
     with pytest.raises(Exception, match="epochs='many'"):
+        resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
+    monkeypatch.delenv("DEEPLENSE_EPOCHS")
+    # TTA: the cell's boolean, overridden by the environment's words; anything else is a named error
+    assert spec.tta is True and resolve(_cell_values(SCALE="demo", DEVICE="cpu", TTA=False))[1].tta is False
+    monkeypatch.setenv("DEEPLENSE_TTA", "off")
+    assert resolve(_cell_values(SCALE="demo", DEVICE="cpu"))[1].tta is False
+    monkeypatch.setenv("DEEPLENSE_TTA", "maybe")
+    with pytest.raises(Exception, match="DEEPLENSE_TTA='maybe': expected true or false"):
         resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
 
 

@@ -31,6 +31,7 @@ class RunSpec:
     figures: str
     device: str
     device_name: str
+    tta: bool = True  # evaluate with 8-way D4 test-time averaging
 
     @property
     def data_kind(self) -> str:
@@ -42,7 +43,7 @@ class RunSpec:
 TRAINING = {"RECIPE": "recipe", "ARCH": "arch", "EPOCHS": "epochs", "IMAGE_SIZE": "image_size", "CROP": "crop",
             "BATCH_SIZE": "batch_size", "PROTOCOL": "protocol", "WEIGHTS": "weights", "SEED": "seed"}
 RUN = {"DATA": "data", "SCALE": "scale", "OUTPUT": "output", "FIGURES": "figures", "DEVICE": "device",
-       "SIM_TRAIN_PER_CLASS": "sim_train_per_class", "SIM_VAL_PER_CLASS": "sim_val_per_class"}
+       "SIM_TRAIN_PER_CLASS": "sim_train_per_class", "SIM_VAL_PER_CLASS": "sim_val_per_class", "TTA": "tta"}
 PARAMETERS = (*TRAINING, *RUN)
 
 
@@ -85,12 +86,22 @@ def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
         except ValueError:
             raise DeepLenseError(f"{env_name(k)}={given[k]!r}: expected a whole number") from None
 
+    def flag(k, default):
+        v = given[k]
+        if v is None or isinstance(v, bool):
+            return default if v is None else v
+        if str(v).strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(v).strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise DeepLenseError(f"{env_name(k)}={v!r}: expected true or false")
+
     spec = RunSpec(scale=scale_name, data=data,
                    sim_train_per_class=count("SIM_TRAIN_PER_CLASS", scale.sim_train_per_class),
                    sim_val_per_class=count("SIM_VAL_PER_CLASS", scale.sim_val_per_class),
                    output=str(Path(text("OUTPUT") or REPO / "demo_output").resolve()),
                    figures=str(Path(text("FIGURES") or REPO / "images").resolve()),
-                   device=str(device), device_name=hardware_name(device))
+                   device=str(device), device_name=hardware_name(device), tta=flag("TTA", True))
     return config, spec
 
 

@@ -1,0 +1,142 @@
+"""The networks behind ``--arch``, side by side: parameters, input, and CPU speed of training and prediction.
+
+For each arch, at two inputs:
+
+- the recipe's own (``recipe("default", arch=...)``): 3 channels at 224 px for the torchvision networks, the
+  whole native 150 px image in 1 channel for ``lensnet``;
+- the quick scale of the accuracy study (``benchmarks/accuracy_study.py``): the central 96 px shrunk to 64 px
+  (``lensnet``: the central 96 native px, 1 channel).
+
+``train`` is images/s of the real training step (engine's optimiser, D4 augmentation, input transform,
+forward, backward, step) on a fixed batch in memory, median of a few steps after a warm-up; ``predict`` is
+``engine.predict_proba`` in eval mode. Each line: ``arch_<name>: ...``. With ``--readme`` the table between the
+README's ``archs`` markers is rewritten, with the held-out macro AUC of the arms the committed study holds
+(``benchmarks/results/study.json``: ``default`` is resnet34, ``resnet18``, ``lensnet``).
+
+Usage: ``python benchmarks/bench_archs.py [--archs resnet34,lensnet] [--readme]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deeplense.config import ARCHS, input_channels, recipe
+from deeplense.data import augment, input_fn
+from deeplense.engine import build_optimizer, predict_proba
+from deeplense.model import build_model, parameter_count
+from deeplense.util import REPO, cpu_name, replace_section
+
+STUDY = REPO / "benchmarks" / "results" / "study.json"
+STUDY_ARM = {"resnet34": "default", "resnet18": "resnet18", "lensnet": "lensnet"}
+START, END = "<!-- archs:start -->", "<!-- archs:end -->"
+
+
+def configs(arch: str) -> dict:
+    quick = ({"crop": 96} if arch == "lensnet" else {"image_size": 64, "crop": 96})
+    return {"recipe": recipe("default", arch=arch), "quick": recipe("default", arch=arch, batch_size=32, **quick)}
+
+
+def speed(arch: str, cfg, steps: int) -> tuple[float, float]:
+    """(train images/s, predict images/s) on the CPU for ``cfg``'s input at its batch size (16 at most at the
+    recipe's input, to keep the run short)."""
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build_model("none", arch=arch)[0]
+    opt = build_optimizer(model, cfg, dev)
+    batch = min(cfg.batch_size, 16 if (cfg.crop is None) else cfg.batch_size)
+    side = cfg.crop or 150
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, side, side, generator=gen)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    fn = input_fn(cfg)
+    times = []
+    model.train()
+    for s in range(steps + 1):  # step 0 warms up
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(fn(augment(x, cfg.augmentation, generator=gen))), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if s:
+            times.append(time.perf_counter() - t0)
+    train_rate = batch / float(np.median(times))
+    xp = torch.rand(4 * batch, 1, side, side, generator=gen)
+    predict_proba(model, xp[:batch], cfg, dev, batch_size=batch)
+    t0 = time.perf_counter()
+    predict_proba(model, xp, cfg, dev, batch_size=batch)
+    return train_rate, len(xp) / (time.perf_counter() - t0)
+
+
+def geometry(cfg) -> str:
+    c = input_channels(cfg.arch)
+    if cfg.arch == "lensnet":
+        return f"{c} x {cfg.image_size} px (native{', central crop' if cfg.crop else ''})"
+    crop = f", central {cfg.crop} px" if cfg.crop else ""
+    return f"{c} x {cfg.image_size} px{crop}"
+
+
+def study_auc() -> dict:
+    """{arch: 'mean ± std (n seeds)'} from the committed study, for the arms it holds."""
+    if not STUDY.exists():
+        return {}
+    study = json.loads(STUDY.read_text())
+    out = {}
+    for arch, arm in STUDY_ARM.items():
+        a = study["arms"].get(arm)
+        if a and a["test"]["macro_auc"]["mean"] is not None:
+            t = a["test"]["macro_auc"]
+            out[arch] = f"{t['mean']:.4f} ± {t['std']:.4f} ({a['seeds']} seeds)"
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated subset of {','.join(ARCHS)}")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per input (default 3)")
+    p.add_argument("--readme", action="store_true", help="rewrite the README's arch table")
+    args = p.parse_args(argv)
+    archs = [a for a in args.archs.split(",") if a]
+    bad = [a for a in archs if a not in ARCHS]
+    if bad:
+        p.error(f"unknown arch(s) {bad}; choose from {', '.join(ARCHS)}")
+    aucs = study_auc()
+    rows = []
+    t_start = time.time()
+    for arch in archs:
+        cfgs = configs(arch)
+        params = parameter_count(build_model("none", arch=arch)[0])
+        (tr, pr), (tq, pq) = (speed(arch, cfgs[k], args.steps) for k in ("recipe", "quick"))
+        print(f"arch_{arch}: {params / 1e6:.2f} M parameters; input {geometry(cfgs['recipe'])}: train {tr:.1f} img/s, "
+              f"predict {pr:.1f} img/s; quick input {geometry(cfgs['quick'])}: train {tq:.1f} img/s, "
+              f"predict {pq:.1f} img/s", flush=True)
+        rows.append((arch, params, geometry(cfgs["recipe"]), tr, pr, geometry(cfgs["quick"]), tq, pq))
+    if args.readme:
+        study = json.loads(STUDY.read_text())["scale"] if STUDY.exists() else None
+        lines = [f"CPU speeds: `python benchmarks/bench_archs.py --readme` on {cpu_name()}, "
+                 f"{dt.date.today().isoformat()}, torch {torch.__version__} ({(time.time() - t_start) / 60:.1f} min; "
+                 f"training images/s of the real step at the batch shown, median of {args.steps} steps; the "
+                 f"machine is shared, so read ratios, not digits). Macro AUC: held-out test of the committed "
+                 f"accuracy study"
+                 + (f" ({study['description']}, {study['n_test']} test images, `{study['command']}`)" if study else "")
+                 + "; GPU speeds are not measured yet (`make bench-gpu` measures resnet34 only).", "",
+                 "| arch | parameters | recipe input | train img/s (CPU, batch 16) | predict img/s (CPU) | "
+                 "quick-scale input | train img/s (CPU, batch 32) | predict img/s (CPU) | held-out macro AUC, "
+                 "benchmark preset, quick scale |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for arch, params, g, tr, pr, gq, tq, pq in rows:
+            lines.append(f"| `{arch}` | {params / 1e6:.2f} M | {g} | {tr:.1f} | {pr:.1f} | {gq} | {tq:.1f} | "
+                         f"{pq:.1f} | {aucs.get(arch, 'not in the study')} |")
+        replace_section(REPO / "README.md", START, END, "\n".join(lines))
+        print(f"wrote the arch table into {REPO / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
