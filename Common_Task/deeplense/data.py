@@ -573,7 +573,7 @@ def augment(x, mode: str, generator=None, draws=None):
     :func:`augmentation_draws` on ``x``'s device (drawn from ``generator`` here when not given). Exact (pixels are
     permuted). On an accelerator it is free of host synchronisation (every symmetry is computed and the drawn one
     kept per image); on the CPU, where nothing waits, each symmetry is applied only to the images that drew it
-    (2.4x faster there, ``data_pipeline`` in benchmarks/README.md). Both give the same pixels.
+    (about 2x faster there: ``data_pipeline`` in benchmarks/README.md). Both give the same pixels.
     """
     import torch
 
