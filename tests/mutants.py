@@ -58,8 +58,9 @@ MUTANTS = (
            'dtype=np.int64), "val", np.arange(len(val_labels)), test)\n    if protocol',
            ("tests/test_evaluate.py::test_selection_and_heldout_test_share_no_image",)),
     Mutant("test_not_the_recorded_one", "evaluate draws its own held-out part instead of the one training kept out",
-           EVALUATE, 'sel, test = complement_of(recorded["heldout_test_indices"], len(labels))',
-           "sel, test = split_holdout(labels, config.holdout_fraction, seed=config.seed + 1)",
+           EVALUATE, '    return (rec.test_idx if split == "test" else rec.selection_idx), checked, description',
+           '    sel, test = split_holdout(labels, config.holdout_fraction, seed=config.seed + 1)\n'
+           '    return (test if split == "test" else sel), checked, description',
            ("tests/test_evaluate.py::test_selection_and_heldout_test_share_no_image",)),
     Mutant("changed_val_unchecked", "evaluate on a val with extra files reports on images used for selection",
            EVALUATE, '    if recorded.get("listings", {}).get(source) != listing:\n', "    if False:\n",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
-from .data import CLASSES, _numeric_key, complement_of, load_splits, native_crop, read_image, split_holdout
+from .data import CLASSES, ProtocolSplit, _numeric_key, load_splits, native_crop, read_image, split_holdout
 from .engine import predict_proba
 from .metrics import compute_metrics
 from .util import DeepLenseError, atomic_path, pick_device, versions, write_json_atomic, write_text_atomic
@@ -45,8 +45,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
     source = "val" if split == "test" else recorded.get("selection_split", "val")
     info: dict = {}
     images, labels = load_splits(data, (source,), allow_pickle=allow_pickle, progress=progress, info=info)[source]
-    idx, checked, description = _indices(split, config, recorded, labels, info[source].listing, data, checkpoint,
-                                         allow_changed_data)
+    idx, checked, description = _indices(split, source, config, recorded, labels, info[source].listing, data,
+                                         checkpoint, allow_changed_data)
     if len(idx) == 0:
         raise DeepLenseError(f"{data}: the {description} is empty (holdout_fraction {config.holdout_fraction} of "
                              f"{len(labels)} images); nothing to evaluate")
@@ -72,13 +72,13 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
     return metrics
 
 
-def _indices(split: str, config, recorded: dict, labels: np.ndarray, listing: str, data, checkpoint,
+def _indices(split: str, source: str, config, recorded: dict, labels: np.ndarray, listing: str, data, checkpoint,
              allow_changed_data: bool = False):
-    """``(indices, how they were checked, description)`` of the images to evaluate."""
+    """``(indices, how they were checked, description)`` of the images of ``source`` (the split whose
+    ``labels`` and ``listing`` are given) to evaluate."""
     if split == "test" and config.protocol == "clean":
         return (np.arange(len(labels), dtype=np.int64), "all of val: the clean protocol never trains or selects on it",
                 "all of val (clean protocol)")
-    source = "val" if split == "test" else recorded.get("selection_split", "val")
     description = ("held-out test part of val" if split == "test" else
                    "model-selection part of val" if source == "val" else "model-selection part of train (clean)")
     if "selection_indices" not in recorded:  # checkpoints written before the split was recorded
@@ -94,12 +94,10 @@ def _indices(split: str, config, recorded: dict, labels: np.ndarray, listing: st
         return ((test if split == "test" else sel), f"NOT CHECKED: {source}/ differs from the one the checkpoint "
                 f"was trained with (--allow-changed-data); these images may have been used for selection",
                 description + ", NOT a checked held-out set")
-    if config.protocol == "clean":  # the selection part of train
-        return complement_of(recorded["selection_indices"], len(labels))[1], "as recorded in the checkpoint", \
-            description
-    sel, test = complement_of(recorded["heldout_test_indices"], len(labels))
+    n = len(labels)  # only the split being evaluated is loaded: the other's size does not matter here
+    rec = ProtocolSplit.from_record(recorded, n if source == "train" else 0, n if source == "val" else None)
     checked = f"the checkpoint's recorded images; {source} lists the same files as in training"
-    return (test if split == "test" else sel), checked, description
+    return (rec.test_idx if split == "test" else rec.selection_idx), checked, description
 
 
 def _expand(paths: list[str]) -> list[Path]:
@@ -132,10 +130,10 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
         chunk = files[s : s + batch_size]
         images = [read_image(f, allow_pickle=allow_pickle) for f in chunk]
         shape = shape or images[0].shape
-        odd = next((f for f, im in zip(chunk, images, strict=True) if im.shape != shape), None)
+        odd = next((i for i, im in enumerate(images) if im.shape != shape), None)
         if odd is not None:
-            raise DeepLenseError(f"{odd}: shape {read_image(odd, allow_pickle=allow_pickle).shape} differs from "
-                                 f"{files[0]}'s {shape}; predict one image size at a time")
+            raise DeepLenseError(f"{chunk[odd]}: shape {images[odd].shape} differs from {files[0]}'s {shape}; "
+                                 f"predict one image size at a time")
         arr = np.stack(images)[:, None]
         probs = predict_proba(model, native_crop(arr, np.arange(len(arr)), config.crop), config, dev, tta=tta)
         for f, p in zip(chunk, probs, strict=True):
