@@ -109,9 +109,9 @@ def test_clean_protocol_keeps_val_out_of_training_and_selection(small, tmp_path,
     fed = {"train": [], "selection": []}
     real_epoch, real_validate = engine.train_one_epoch, engine.validate
 
-    def epoch_spy(net, opt, sched, scaler, x_train, *a, **k):
-        fed["train"].append(x_train.clone())
-        return real_epoch(net, opt, sched, scaler, x_train, *a, **k)
+    def epoch_spy(net, opt, sched, scaler, placed, *a, **k):
+        fed["train"].append(placed.x_train.clone())
+        return real_epoch(net, opt, sched, scaler, placed, *a, **k)
 
     def validate_spy(model, x, *a, **k):
         fed["selection"].append(x.clone())

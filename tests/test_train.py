@@ -132,6 +132,9 @@ def test_ddp_two_gloo_processes(small, tmp_path):
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert sum(ln.startswith("done:") for ln in lines) == 1, r.stdout  # one summary, not one per rank
+    assert sum(ln.startswith("epoch 2/2:") for ln in lines) == 1, r.stdout
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2
     hist = [json.loads(ln) for ln in (run / "history.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import PRECISIONS
 from .util import DeepLenseError
 
 
@@ -76,7 +77,7 @@ def _data_or_simulated(args) -> str:
 
 
 TRAIN_OPTIONS = ("arch", "epochs", "image_size", "crop", "batch_size", "lr", "schedule", "label_smoothing", "weights",
-                 "seed", "limit_per_class", "protocol")
+                 "seed", "limit_per_class", "protocol", "precision", "eval_batch_size")
 
 
 def _cmd_train(args) -> int:
@@ -87,12 +88,13 @@ def _cmd_train(args) -> int:
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise DeepLenseError(f"--stop-after-epoch {args.stop_after_epoch}: must be at least 1")
     if args.resume:
+        precision = given.pop("precision", None)  # how to compute may change on resume, what to compute may not
         if given or args.out or args.recipe:
             named = [f"--{k.replace('_', '-')}" for k in given] + (["--out"] if args.out else []) + (
                 ["--recipe"] if args.recipe else [])
             raise DeepLenseError(f"train --resume {args.resume}: {', '.join(named)} cannot change a run; it continues "
                                  f"with the settings it started with (start a new run with --out to change them)")
-        summary = train(None, args.data, None, resume=args.resume, device=args.device,
+        summary = train(None, args.data, None, resume=args.resume, device=args.device, precision=precision,
                         allow_pickle=args.allow_pickle, stop_after_epoch=args.stop_after_epoch,
                         compile_model=args.compile)
     else:
@@ -102,8 +104,9 @@ def _cmd_train(args) -> int:
         _check_writable(args.out)
         summary = train(cfg, _data_or_simulated(args), args.out, device=args.device, allow_pickle=args.allow_pickle,
                         stop_after_epoch=args.stop_after_epoch, compile_model=args.compile)
-    print(f"done: {summary['run']} (best epoch {summary['best_epoch']}, "
-          f"{summary['config']['select_metric']} {summary['best_metric']:.4f})")
+    if summary.get("rank", 0) == 0:  # under torchrun: one line, not one per process
+        print(f"done: {summary['run']} (best epoch {summary['best_epoch']}, "
+              f"{summary['config']['select_metric']} {summary['best_metric']:.4f})")
     return 0
 
 
@@ -117,7 +120,8 @@ def _cmd_evaluate(args) -> int:
     _check_writable(out)
     m = evaluate(args.checkpoint, args.data, out, split=args.split, tta=args.tta, device=args.device,
                  n_bootstrap=args.bootstrap, allow_pickle=args.allow_pickle,
-                 allow_changed_data=args.allow_changed_data)
+                 allow_changed_data=args.allow_changed_data, precision=args.precision,
+                 eval_batch_size=args.eval_batch_size)
     ci = m["ci"]
     print(f"{m['provenance']['split_description']}: n={m['n']}")
     if m["provenance"]["heldout_check"].startswith("NOT"):
@@ -138,7 +142,7 @@ def _cmd_predict(args) -> int:
         _check_writable(Path(args.output).parent, args.output)
 
     predict_files(args.checkpoint, args.paths, args.output, tta=args.tta, device=args.device,
-                  allow_pickle=args.allow_pickle)
+                  allow_pickle=args.allow_pickle, precision=args.precision, eval_batch_size=args.eval_batch_size)
     if args.output:
         print(f"wrote {args.output}")
     return 0
@@ -152,6 +156,14 @@ def _cmd_report(args) -> int:
     for p in report(args.run, args.figures):
         print(p)
     return 0
+
+
+def _cmd_doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    if args.steps < 0:
+        raise DeepLenseError(f"--steps {args.steps}: must be 0 or more")
+    return doctor_main(args)
 
 
 def _cmd_demo(args) -> int:
@@ -209,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "it; omitted: the run's own or a small simulated set")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
+    device.add_argument("--precision", choices=PRECISIONS,
+                        help="auto (default): bf16 autocast on GPUs with native bf16, fp16 + gradient scaler on older "
+                             "GPUs (T4, V100), fp32 on MPS and CPUs; bf16 on a CPU only where it is native")
+    device.add_argument("--eval-batch-size", type=int, metavar="N",
+                        help="batch size of validation and prediction (default: 128 on a CPU; on a GPU the largest "
+                             "power of 2 up to 1024 that fits; halved once on an out-of-memory error)")
     tta = argparse.ArgumentParser(add_help=False)
     tta.add_argument("--tta", action="store_true", help="average over the 8 D4 flips/rotations")
 
@@ -305,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="RUN", help="folder with metrics.json and predictions.npz")
     p.add_argument("--figures", metavar="DIR", help="where to write PNG and PDF files (default RUN/figures)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("doctor", parents=[pickle],
+                       help="check this machine: device, precision, memory, weights, data, disk, a few real steps",
+                       description="Print what the project will do on this machine: versions; the device and why; "
+                                   "the precision path; free memory and the data residency and validation batch it "
+                                   "implies; whether the ImageNet weights are in the torch hub cache; the dataset "
+                                   "and its cache state; free disk for the cache; and the images/s of a few training "
+                                   "steps of the real engine. Exit 0 when everything works, 2 with one 'problem:' "
+                                   "line per problem otherwise.")
+    p.add_argument("--data", metavar="DIR", help="the dataset to check (default: none; runs would simulate one)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, help="the precision to check (default auto)")
+    p.add_argument("--steps", type=int, default=3, metavar="N", help="timed training steps (default 3; 0: none)")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("demo", help="execute the notebook end to end (what `make demo` runs)",
                        description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place. "

@@ -12,6 +12,9 @@ from functools import cache
 
 from .util import DeepLenseError
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""``precision`` choices (what each means on which device: :mod:`deeplense.device`)."""
+
 ARCHS = ("resnet34", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "lensnet")
 """The networks (deeplense.model): torchvision's, which take 3 channels, and ``lensnet``, which takes 1 at the
 native size."""
@@ -52,7 +55,11 @@ class TrainConfig:
         ``val``, which training and selection never see).
     holdout_fraction : the held-out part, per class: of ``val`` for the test (reference), of ``train`` for
         selection (clean).
-    eval_batch_size : batch size for validation and prediction (None: 128 on a CPU, 1024 on a GPU).
+    eval_batch_size : batch size for validation and prediction (None: 128 on a CPU; on a GPU the largest power of
+        2 up to 1024 that fits beside the data, see :func:`deeplense.device.memory_plan`).
+    precision : ``auto`` (bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient scaler on older ones,
+        fp32 on MPS and on the CPU), ``fp32``, ``bf16`` or ``fp16`` (see :mod:`deeplense.device`). What ``auto``
+        became is recorded in ``config.json`` (``execution.precision``).
     """
 
     recipe: str = "default"
@@ -79,6 +86,7 @@ class TrainConfig:
     protocol: str = "reference"
     holdout_fraction: float = 0.1
     eval_batch_size: int | None = None
+    precision: str = "auto"
 
     def __post_init__(self):
         for f in fields(self):  # values straight from a constructor call or a checkpoint get the same casting
@@ -100,6 +108,8 @@ class TrainConfig:
             (self.seed >= 0, "seed must be 0 or more"),
             (self.limit_per_class is None or self.limit_per_class >= 1, "limit_per_class must be at least 1"),
             (0 < self.holdout_fraction < 1, "holdout_fraction must be between 0 and 1"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -310,6 +310,24 @@ def load_splits(
     return {s: out[s] for s in splits}
 
 
+def cache_state(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS, *,
+                allow_pickle: bool = False) -> dict[str, dict]:
+    """Per split, without building anything: ``n`` files, whether the load cache holds them as they are now
+    (``cached``) and the bytes a cache build would write (``bytes``, from the first image's size)."""
+    root = find_root(root)
+    out = {}
+    for s in splits:
+        files = list_files(root, s)
+        if not files:
+            raise DeepLenseError(f"{root / s}: no .npy images")
+        rel, fp = _fingerprint(root, files)
+        hit = _try_open_cache(_cache_paths(root, s, allow_pickle), fp, len(rel))
+        first = read_image(files[0][0], allow_pickle=allow_pickle, name=_display(files[0][0], root))
+        out[s] = {"n": len(files), "cached": hit is not None, "bytes": len(files) * first.size * 4,
+                  "shape": first.shape}
+    return out
+
+
 def _check_space(need_bytes: int) -> None:
     """Refuse to start a cache build that cannot fit on the cache's disk (a memory-mapped write into a full disk
     dies with SIGBUS, without a word)."""

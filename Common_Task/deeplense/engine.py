@@ -1,14 +1,18 @@
-"""The training engine: one epoch of training, one validation pass, predictions; each returns plain numbers.
+"""The training engine: one training step, one epoch of training, one validation pass, predictions; each returns
+plain numbers.
 
 Images arrive as float32 ``(N, 1, h, w)`` tensors in [0, 1], already cropped (:func:`deeplense.data.native_crop`);
 :func:`deeplense.data.input_fn` turns a batch into the model's ``(B, 3, S, S)`` input in [-1, 1] on the
-training device. On CUDA the model runs under bf16 autocast (fp16 with a gradient scaler where bf16 is missing)
-in ``channels_last``; elsewhere in float32.
+training device. Every device-dependent choice (precision, copies, memory layout, the dtype of sums) comes from a
+:class:`deeplense.device.Plan`: bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient scaler on older
+ones, fp32 on MPS and the CPU (bf16 there on request), ``channels_last`` on CUDA. Functions that take ``device``
+accept a ``torch.device`` (the plan is then made from ``config.precision``) or a ready :class:`Plan`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -17,50 +21,72 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import CLASSES, augment, augmentation_draws, d4_transform, input_fn
+from .device import Plan, free_memory, is_out_of_memory, memory_plan, plan_for
 from .metrics import quick_metrics
 from .util import progress_bar
 
 
-def autocast_for(device: torch.device):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); full precision elsewhere."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+def as_plan(device, config: TrainConfig) -> Plan:
+    """``device`` if it is a :class:`Plan` already, else the plan for it at ``config.precision``."""
+    return device if isinstance(device, Plan) else plan_for(device, config.precision)
 
 
-def _layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+def default_eval_batch_size(plan: Plan) -> int:
+    return 1024 if plan.kind == "cuda" else 128
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @torch.inference_mode()
-def predict_proba(model, x: torch.Tensor, config: TrainConfig, device: torch.device, *, tta: bool = False,
-                  batch_size: int | None = None, progress: bool = False, desc: str = "predicting") -> np.ndarray:
+def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: bool = False,
+                  batch_size: int | None = None, progress: bool = False, desc: str = "predicting",
+                  log=_say) -> np.ndarray:
     """Softmax probabilities ``(N, 3)`` float32 for images ``x`` ``(N, 1, h, w)`` in [0, 1] (already cropped).
 
     The model runs in ``eval()`` mode; with ``tta`` the probabilities are averaged over the 8 D4
-    symmetries. Softmax is computed in float32 even under autocast.
+    symmetries. Softmax is computed in float32 even under autocast. Batches of ``batch_size`` (default
+    ``config.eval_batch_size``, else 1024 on CUDA, 128 elsewhere); when the device runs out of memory the batch is
+    halved once and the pass goes on, with a line to ``log`` saying so.
     """
+    plan = as_plan(device, config)
     model.eval()
     fn = input_fn(config)
-    bs = batch_size or config.eval_batch_size or (1024 if device.type == "cuda" else 128)
-    out = []
-    for s in progress_bar(range(0, len(x), bs), desc=desc, unit="batch", disable=not progress, leave=False):
-        xb = _layout(fn(x[s : s + bs].to(device, non_blocking=True)), device)
-        probs = 0
-        for k in range(8) if tta else (0,):
-            with autocast_for(device):
-                logits = model(d4_transform(xb, k) if k else xb)
-            probs = probs + torch.softmax(logits.float(), dim=1)
-        out.append((probs / (8 if tta else 1)).cpu())
+    bs = batch_size or config.eval_batch_size or default_eval_batch_size(plan)
+    out, s, retried = [], 0, False
+    bar = progress_bar(total=len(x), desc=desc, unit="img", disable=not progress, leave=False)
+    while s < len(x):
+        try:
+            xb = plan.layout(fn(plan.to_device(x[s : s + bs])))
+            probs = 0
+            for k in range(8) if tta else (0,):
+                with plan.autocast():
+                    logits = model(d4_transform(xb, k) if k else xb)
+                probs = probs + torch.softmax(logits.float(), dim=1)
+            out.append((probs / (8 if tta else 1)).cpu())
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if retried or bs < 2 or not is_out_of_memory(exc):
+                raise
+            retried, xb, probs = True, None, None
+            if plan.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log(f"{desc}: out of memory at batch {bs} on {plan.device}; retrying at batch {bs // 2} "
+                f"(set --eval-batch-size to choose)")
+            bs //= 2
+            continue
+        bar.update(len(out[-1]))
+        s += bs
+    bar.close()
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
-def build_optimizer(model, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model, config: TrainConfig, device) -> torch.optim.Optimizer:
+    dev = device.device if isinstance(device, Plan) else torch.device(device)
     if config.optimizer == "adamw":
         # the fused kernel: 2.6-3.2x faster than the foreach one on 2 CPU cores (optimizer_step, benchmarks/README.md)
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                 fused=device.type in ("cpu", "cuda"))
+                                 fused=dev.type in ("cpu", "cuda"))
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
 
@@ -90,64 +116,130 @@ def steps_per_epoch(n_per_rank: int, batch_size: int) -> int:
     return n_per_rank // batch_size + (1 if n_per_rank % batch_size >= 2 else 0)
 
 
-def place_data(x_train: torch.Tensor, y_train: torch.Tensor, x_sel: torch.Tensor, device: torch.device):
-    """Where the images live during training: ``(x_train, y_train, x_sel, resident)``.
+class Placement:
+    """Where the images live during training and how a batch reaches the device.
 
-    On CUDA, when they fit in half of the free GPU memory (30,000 images of 150 x 150 float32 take 2.7 GB),
-    they are copied to the device once, so every step gathers, augments and resizes there without a
-    host-to-device copy; otherwise they stay in pinned host memory and each batch is copied asynchronously.
-    On the CPU they are where the model is already.
+    ``resident``: the training images are on the device (or the device is the CPU): a batch is a gather there, with
+    no copy. Otherwise they stay in host memory and :meth:`batch` gathers each batch into one of two pinned
+    buffers and copies it asynchronously; a buffer is refilled only after its previous copy has finished (a CUDA
+    event), so the copy of one batch overlaps the step of the one before. ``eval_batch_size``: the validation
+    batch that fits beside them (:func:`deeplense.device.memory_plan`); ``memory``: that plan, on CUDA.
     """
-    if device.type != "cuda":
-        return x_train, y_train, x_sel, device.type == "cpu"
-    need = x_train.nbytes + y_train.nbytes + x_sel.nbytes
-    free, _ = torch.cuda.mem_get_info(device)
-    if need < 0.5 * free:
-        return x_train.to(device), y_train.to(device), x_sel.to(device), True
-    return x_train.pin_memory(), y_train.pin_memory(), x_sel.pin_memory(), False
+
+    def __init__(self, x_train, y_train, x_sel, plan: Plan, resident: bool, eval_batch_size: int | None = None,
+                 memory=None, batch_size: int = 64):
+        self.x_train, self.y_train, self.x_sel, self.plan = x_train, y_train, x_sel, plan
+        self.resident, self.eval_batch_size, self.memory = resident, eval_batch_size, memory
+        self._buffers: list[torch.Tensor] = []
+        self._events: list = [None, None]
+        self._next = 0
+        self._batch_size = batch_size
+
+    @property
+    def index_device(self) -> torch.device:
+        return self.x_train.device
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(B, 1, h, w)`` and labels of training indices ``idx`` (on :attr:`index_device`), on the
+        device."""
+        if self.resident:
+            return self.plan.to_device(self.x_train[idx]), self.plan.to_device(self.y_train[idx])
+        if not self._buffers:
+            shape = (self._batch_size, *self.x_train.shape[1:])
+            self._buffers = [torch.empty(shape, dtype=self.x_train.dtype).pin_memory() for _ in range(2)]
+        k = self._next
+        self._next ^= 1
+        if self._events[k] is not None:
+            self._events[k].synchronize()  # the copy out of this buffer, two batches ago, has finished
+        buf = self._buffers[k][: len(idx)]
+        torch.index_select(self.x_train, 0, idx, out=buf)
+        xb = buf.to(self.plan.device, non_blocking=True)
+        self._events[k] = new_event()
+        self._events[k].record()
+        return xb, self.y_train[idx].to(self.plan.device)
 
 
-def train_one_epoch(net, opt, sched, scaler, x_train: torch.Tensor, y_train: torch.Tensor, config: TrainConfig,
-                    device: torch.device, *, epoch: int, rank: int = 0, world: int = 1,
-                    progress: bool = True) -> dict:
-    """Train ``net`` for one epoch; return ``train_loss``, ``train_images`` (all ranks),
-    ``train_images_distinct``, ``lr``, ``train_seconds`` and ``train_images_per_s``.
+def new_event():
+    """A CUDA event (the tests replace it to run the pinned path on the CPU)."""
+    return torch.cuda.Event()
+
+
+def place_data(x_train: torch.Tensor, y_train: torch.Tensor, x_sel: torch.Tensor, device,
+               config: TrainConfig | None = None, n_params: int | None = None, log=None) -> Placement:
+    """Where the images live during training (a :class:`Placement`).
+
+    On CUDA they are copied to the device once when they fit together with the model, its optimiser state, the
+    training step and a validation batch (:func:`deeplense.device.memory_plan`, with the memory PyTorch already
+    holds counted as free); every step then gathers, augments and resizes there without a host-to-device copy.
+    Otherwise each batch is staged through pinned buffers. On the CPU (and MPS) they stay where they are.
+    """
+    config = config or TrainConfig()
+    plan = as_plan(device, config)
+    if plan.kind != "cuda":
+        return Placement(x_train, y_train, x_sel, plan, True, config.eval_batch_size, batch_size=config.batch_size)
+    mem = memory_plan(config.arch, config.image_size, config.batch_size, n_params or 0,
+                      x_train.nbytes + y_train.nbytes + x_sel.nbytes, free_memory(plan.device),
+                      eval_batch_size=config.eval_batch_size, element_bytes=2 if plan.autocast_dtype else 4)
+    if log is not None:
+        log(f"memory: {mem.describe()}")
+    if mem.resident:
+        return Placement(plan.to_device(x_train), plan.to_device(y_train), plan.to_device(x_sel), plan, True,
+                         mem.eval_batch_size, mem, config.batch_size)
+    return Placement(x_train, y_train, x_sel, plan, False, mem.eval_batch_size, mem, config.batch_size)
+
+
+def train_step(net, opt, scaler, xb: torch.Tensor, yb: torch.Tensor, config: TrainConfig, plan: Plan,
+               draws: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step on a batch already on the device: ``xb`` ``(B, 1, h, w)`` in [0, 1] and labels ``yb``.
+    Augments it (``draws``: this batch's choices, see :func:`deeplense.data.augmentation_draws`), makes the model
+    input in the plan's layout, runs the forward pass under the plan's autocast, the loss in float32, the backward
+    pass and the (scaled) optimiser step. Returns the loss as a device tensor (reading it synchronises).
+
+    The one training step of the project: :func:`train_one_epoch` and every benchmark call it.
+    """
+    xb = augment(xb, config.augmentation, draws=draws)
+    xb = plan.layout(input_fn(config)(xb))  # (B, 3, S, S) in [-1, 1]
+    with plan.autocast():
+        logits = net(xb)
+    loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss
+
+
+def train_one_epoch(net, opt, sched, scaler, data: Placement, config: TrainConfig, *, epoch: int, rank: int = 0,
+                    world: int = 1, progress: bool = True) -> dict:
+    """Train ``net`` for one epoch on ``data`` (a :class:`Placement`); return ``train_loss``, ``train_images``
+    (all ranks), ``train_images_distinct``, ``lr``, ``train_seconds`` and ``train_images_per_s``.
 
     The epoch's order is a permutation seeded by (seed, epoch); under torchrun rank r takes the r-th of
     ``world`` equal, disjoint slices of it. The augmentation choices are drawn from the same generator at the start
-    of the epoch, so CPU runs repeat bit for bit. Images may live on the device (:func:`place_data`): then a
-    step does no host-to-device copy, and the loss is summed on the device, read by the progress bar every
-    few seconds only.
+    of the epoch, so CPU runs repeat bit for bit. The loss is summed on the device (in the plan's ``sum_dtype``)
+    and read by the progress bar every few seconds only.
     """
+    plan = data.plan
     net.train()
-    per_rank = len(x_train) // world
+    n = len(data.x_train)
+    per_rank = n // world
     steps = steps_per_epoch(per_rank, config.batch_size)
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    perm = torch.randperm(len(x_train), generator=gen)[rank * per_rank : (rank + 1) * per_rank]
+    perm = torch.randperm(n, generator=gen)[rank * per_rank : (rank + 1) * per_rank]
     draws = augmentation_draws(config.augmentation, len(perm), gen)
-    perm = perm.to(x_train.device)
-    draws = None if draws is None else draws.to(device)
-    fn = input_fn(config)
+    perm = perm.to(data.index_device)
+    draws = None if draws is None else plan.to_device(draws)
     t0 = shown = time.perf_counter()
-    loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-    trained_on = torch.zeros(len(x_train), dtype=torch.int32, device=x_train.device)  # uses of each image
+    loss_sum, seen = torch.zeros((), dtype=plan.sum_dtype, device=plan.device), 0
+    trained_on = torch.zeros(n, dtype=torch.int32, device=data.index_device)  # uses of each image
     bar = progress_bar(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step",
                        disable=not (progress and rank == 0), leave=False)
     for step in bar:
         batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
         idx = perm[batch]
-        xb = x_train[idx].to(device, non_blocking=True)  # (B, 1, h, w) in [0, 1]; no copy when resident
-        yb = y_train[idx].to(device, non_blocking=True)
+        xb, yb = data.batch(idx)  # (B, 1, h, w) in [0, 1] on the device
         trained_on[idx] += 1
-        xb = augment(xb, config.augmentation, draws=None if draws is None else draws[batch])
-        xb = _layout(fn(xb), device)  # (B, 3, S, S) in [-1, 1]
-        with autocast_for(device):
-            logits = net(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss = train_step(net, opt, scaler, xb, yb, config, plan, None if draws is None else draws[batch])
         if config.schedule != "step":  # per-step schedules
             sched.step()
         loss_sum += loss.detach() * len(idx)
@@ -160,9 +252,9 @@ def train_one_epoch(net, opt, sched, scaler, x_train: torch.Tensor, y_train: tor
     lr_used = opt.param_groups[0]["lr"]
     if config.schedule == "step":
         sched.step()
-    counts = trained_on.to(device)
+    counts = plan.to_device(trained_on)
     if world > 1:  # reduced on the training device: NCCL reduces only CUDA tensors
-        stats = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+        stats = torch.stack([loss_sum, torch.tensor(float(seen), dtype=plan.sum_dtype, device=plan.device)])
         torch.distributed.all_reduce(stats)
         loss_sum, seen = stats[0], int(stats[1])
         torch.distributed.all_reduce(counts)  # every rank's share: together they cover each image once
@@ -171,9 +263,10 @@ def train_one_epoch(net, opt, sched, scaler, x_train: torch.Tensor, y_train: tor
             "train_images_per_s": seen / seconds}
 
 
-def validate(model, x: torch.Tensor, y: np.ndarray, config: TrainConfig, device: torch.device) -> dict:
+def validate(model, x: torch.Tensor, y: np.ndarray, config: TrainConfig, device,
+             batch_size: int | None = None) -> dict:
     """Loss, accuracy and AUCs of ``model`` on the selection images ``x`` with labels ``y``."""
-    probs = predict_proba(model, x, config, device)
+    probs = predict_proba(model, x, config, device, batch_size=batch_size)
     m = quick_metrics(y, probs)
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
     return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_macro_auc": m["macro_auc"],

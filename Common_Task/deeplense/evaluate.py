@@ -17,14 +17,16 @@ import numpy as np
 
 from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
 from .data import CLASSES, ProtocolSplit, _numeric_key, load_splits, native_crop, read_image, split_holdout
+from .device import pick_device, plan_for
 from .engine import predict_proba
 from .metrics import compute_metrics
-from .util import DeepLenseError, atomic_path, pick_device, versions, write_json_atomic, write_text_atomic
+from .util import DeepLenseError, atomic_path, versions, write_json_atomic, write_text_atomic
 
 
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out: str | os.PathLike, *,
              split: str = "test", tta: bool = False, device: str | None = None, n_bootstrap: int = 1000,
-             allow_pickle: bool = False, progress: bool = True, allow_changed_data: bool = False) -> dict:
+             allow_pickle: bool = False, progress: bool = True, allow_changed_data: bool = False,
+             precision: str | None = None, eval_batch_size: int | None = None) -> dict:
     """Evaluate ``checkpoint`` and write ``out/metrics.json`` and ``out/predictions.npz``.
 
     ``split="test"``: the images the run's protocol held out for the test, as the checkpoint recorded them:
@@ -37,7 +39,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
         raise DeepLenseError(f"--split {split}: expected test or selection")
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    config = config_of(ckpt, checkpoint)
+    config = _for_this_run(config_of(ckpt, checkpoint), precision, eval_batch_size)
+    plan = plan_for(dev, config.precision)
     recorded = ckpt.get("data") or {}
     data = data or recorded.get("root")
     if data is None:
@@ -51,7 +54,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
         raise DeepLenseError(f"{data}: the {description} is empty (holdout_fraction {config.holdout_fraction} of "
                              f"{len(labels)} images); nothing to evaluate")
     model = model_from_checkpoint(ckpt, dev, checkpoint)
-    probs = predict_proba(model, native_crop(images, idx, config.crop), config, dev, tta=tta, progress=progress,
+    probs = predict_proba(model, native_crop(images, idx, config.crop), config, plan, tta=tta, progress=progress,
                           desc=f"evaluating {split}")
     out = Path(out)
     with atomic_path(out / "predictions.npz", suffix=".npz") as tmp:
@@ -66,7 +69,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
         "data": {"root": str(Path(data).resolve()), "split": source, "fingerprint": info[source].fingerprint,
                  "listing": info[source].listing},
         "weights": ckpt.get("weights"), "pretrained": bool((ckpt.get("weights") or {}).get("pretrained")),
-        "device": str(dev), "versions": versions(), "trained_with": ckpt.get("versions"),
+        "device": str(dev), "precision": plan.precision, "versions": versions(), "trained_with": ckpt.get("versions"),
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
@@ -117,12 +120,14 @@ def _expand(paths: list[str]) -> list[Path]:
 
 def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str | os.PathLike | None = None, *,
                   tta: bool = False, device: str | None = None, allow_pickle: bool = False,
-                  batch_size: int = 64) -> list[dict]:
+                  batch_size: int = 64, precision: str | None = None,
+                  eval_batch_size: int | None = None) -> list[dict]:
     """Predict each ``.npy`` file (or every ``.npy`` under each folder); write a CSV
     ``path,predicted,p_no,p_sphere,p_vort`` to ``output`` (or stdout). Returns the rows."""
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    config = config_of(ckpt, checkpoint)
+    config = _for_this_run(config_of(ckpt, checkpoint), precision, eval_batch_size)
+    plan = plan_for(dev, config.precision)
     model = model_from_checkpoint(ckpt, dev, checkpoint)
     files = _expand(paths)
     rows, shape = [], None
@@ -135,7 +140,7 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
             raise DeepLenseError(f"{chunk[odd]}: shape {images[odd].shape} differs from {files[0]}'s {shape}; "
                                  f"predict one image size at a time")
         arr = np.stack(images)[:, None]
-        probs = predict_proba(model, native_crop(arr, np.arange(len(arr)), config.crop), config, dev, tta=tta)
+        probs = predict_proba(model, native_crop(arr, np.arange(len(arr)), config.crop), config, plan, tta=tta)
         for f, p in zip(chunk, probs, strict=True):
             rows.append({"path": str(f), "predicted": CLASSES[int(p.argmax())],
                          **{f"p_{c}": f"{float(v):.6f}" for c, v in zip(CLASSES, p, strict=True)}})
@@ -148,3 +153,9 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
     else:
         sys.stdout.write(buf.getvalue())
     return rows
+
+
+def _for_this_run(config, precision: str | None, eval_batch_size: int | None):
+    """The checkpoint's config with this command's ``--precision`` and ``--eval-batch-size``, where given."""
+    changes = {k: v for k, v in (("precision", precision), ("eval_batch_size", eval_batch_size)) if v is not None}
+    return config.replace(**changes) if changes else config

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import SCALES, TrainConfig, recipe
-from .util import REPO, DeepLenseError, git_commit, hardware_name, pick_device
+from .device import pick_device, plan_for
+from .util import REPO, DeepLenseError, git_commit, hardware_name
 
 NOTEBOOK = REPO / "Common_Task" / "DeepLense_Classification.ipynb"
 
@@ -32,6 +33,7 @@ class RunSpec:
     device: str
     device_name: str
     tta: bool = True  # evaluate with 8-way D4 test-time averaging
+    precision: str = ""  # the precision path on this device (deeplense.device.Plan.describe)
 
     @property
     def data_kind(self) -> str:
@@ -41,7 +43,8 @@ class RunSpec:
 # The parameters cell's names: for each, the TrainConfig field or RunSpec field it sets, and the environment
 # variable that overrides it (for CI, papermill-like runs and `make demo`).
 TRAINING = {"RECIPE": "recipe", "ARCH": "arch", "EPOCHS": "epochs", "IMAGE_SIZE": "image_size", "CROP": "crop",
-            "BATCH_SIZE": "batch_size", "PROTOCOL": "protocol", "WEIGHTS": "weights", "SEED": "seed"}
+            "BATCH_SIZE": "batch_size", "PROTOCOL": "protocol", "WEIGHTS": "weights", "SEED": "seed",
+            "PRECISION": "precision", "EVAL_BATCH_SIZE": "eval_batch_size"}
 RUN = {"DATA": "data", "SCALE": "scale", "OUTPUT": "output", "FIGURES": "figures", "DEVICE": "device",
        "SIM_TRAIN_PER_CLASS": "sim_train_per_class", "SIM_VAL_PER_CLASS": "sim_val_per_class", "TTA": "tta"}
 PARAMETERS = (*TRAINING, *RUN)
@@ -101,7 +104,8 @@ def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
                    sim_val_per_class=count("SIM_VAL_PER_CLASS", scale.sim_val_per_class),
                    output=str(Path(text("OUTPUT") or REPO / "demo_output").resolve()),
                    figures=str(Path(text("FIGURES") or REPO / "images").resolve()),
-                   device=str(device), device_name=hardware_name(device), tta=flag("TTA", True))
+                   device=str(device), device_name=hardware_name(device), tta=flag("TTA", True),
+                   precision=plan_for(device, config.precision).describe())
     return config, spec
 
 
@@ -109,7 +113,8 @@ def provenance_line(config: TrainConfig, spec: RunSpec) -> str:
     """Commit, date, device, data and scale of this run, for the notebook's first output."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     data = spec.data_kind + (f" at {spec.data}" if spec.data else "")
-    return (f"commit {git_commit()} | {now} | device {spec.device} ({spec.device_name}) | data: {data} | "
+    return (f"commit {git_commit()} | {now} | device {spec.device} ({spec.device_name}), {spec.precision} | "
+            f"data: {data} | "
             f"scale {spec.scale}: {config.epochs} epochs, input {config.image_size} px"
             + (f" from the central {config.crop} px" if config.crop else "")
             + f", batch {config.batch_size}, recipe {config.recipe}, weights {config.weights}, seed {config.seed}")

@@ -22,10 +22,10 @@ from . import engine
 from .checkpoint import FORMAT, config_of, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import CLASSES, SPLITS, ProtocolSplit, combine_fingerprints, load_splits, native_crop, protocol_split
+from .device import default_timeout_minutes, pick_device, plan_for
 from .model import build_model
 from .util import (
     DeepLenseError,
-    pick_device,
     read_jsonl,
     sweep_stale_temps,
     versions,
@@ -37,7 +37,7 @@ from .util import (
 def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str | os.PathLike | None, *,
           resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
           allow_pickle: bool = False, stop_after_epoch: int | None = None, split: ProtocolSplit | None = None,
-          compile_model: bool = False, log=print) -> dict:
+          compile_model: bool = False, precision: str | None = None, log=print) -> dict:
     """Train (or resume) a run; return a summary dict (``run``, ``best_epoch``, ``best_metric``, ``history``,
     ``weights``, ``device``, ``config``).
 
@@ -48,7 +48,11 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     caller drew it already (default: :func:`~deeplense.data.protocol_split` of ``config.protocol`` with the
     seed). The checkpoints record it, with fingerprints of the file listings, so ``evaluate`` reports on exactly
     the held-out images and a resume continues with the same split. ``compile_model``: ``torch.compile`` the
-    network for training (on a GPU; the first steps then take a while).
+    network for training (on a GPU; the first steps then take a while). ``precision``: override the config's for
+    a resume (the run's history then mixes precisions; ``config.json`` records each call's).
+
+    Under torchrun every rank trains its shard; rank 0 alone validates, writes and logs, and sends the
+    validation record to the other ranks, so every rank returns the same summary.
     """
     world, rank, dev = _start_processes(device)
     say = log if rank == 0 else (lambda *a, **k: None)
@@ -61,6 +65,8 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
         if rank == 0:
             sweep_stale_temps(run, all_of_them=True)  # half-written checkpoints of the killed process
         config, data = config_of(ckpt, run / "last.pt"), data or ckpt["data"]["root"]
+        if precision is not None:
+            config = config.replace(precision=precision)
         say(f"resuming {run} after epoch {ckpt['epoch']} of {config.epochs}")
     elif out is None:
         raise DeepLenseError("train: --out RUN is required (or --resume RUN)")
@@ -68,6 +74,7 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
         raise DeepLenseError(f"{run}: already holds a run (last.pt); use --resume {run} or another --out")
     if data is None:
         raise DeepLenseError("train: no dataset given")
+    plan = plan_for(dev, config.precision)  # a precision the device cannot do is refused before any work
 
     if world > 1 and rank > 0:
         torch.distributed.barrier()  # rank 0 builds the cache first; the others then open it
@@ -75,28 +82,30 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
                                                       split, ckpt["data"] if ckpt else None)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
-    x_train, y_train, x_sel, resident = engine.place_data(x_train, y_train, x_sel, dev)
     torch.manual_seed(config.seed)
     model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
+    placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
+                               log=say)
+    resident = placed.resident
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights_info = ckpt["weights"]
     if weights_info.get("warning"):
         say(f"WARNING: {weights_info['warning']}")
-    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
+    model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if dev.type == "cuda":
+    if plan.kind == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     if compile_model:
         net = torch.compile(net)
     steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
     if steps == 0:
         raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
-    opt = engine.build_optimizer(model, config, dev)
+    opt = engine.build_optimizer(model, config, plan)
     sched = engine.build_scheduler(opt, config, steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = plan.grad_scaler()
     start, best_metric, best_epoch, history = 1, -math.inf, 0, []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -113,18 +122,22 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
              "device": str(dev)}
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / "config.json", {"config": config.to_dict(), "world_size": world, **stamp,
-                                                "execution": {"data_on_device": resident, "compiled": compile_model}})
+        write_json_atomic(run / "config.json", {
+            "config": config.to_dict(), "world_size": world, **stamp,
+            "execution": {"data_on_device": resident, "compiled": compile_model, "precision": plan.precision,
+                          "precision_reason": plan.reason, "eval_batch_size": placed.eval_batch_size,
+                          "memory": None if placed.memory is None else placed.memory.describe()}})
         _write_history(run, history)
     say(f"training {config.recipe} ({config.arch}) on {dev} (world {world}), {config.protocol} protocol: "
         f"{len(x_train)} train "
         f"images, {len(x_sel)} selection images ({data_info['selection_split']}), input {config.image_size} px, "
         f"batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, data "
-        f"{'on the device' if resident else 'in pinned host memory'}" + (", compiled" if compile_model else ""))
+        f"{'on the device' if resident else 'in host memory, staged through pinned buffers'}, {plan.describe()}"
+        + (", compiled" if compile_model else ""))
     for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
-        rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, x_train, y_train, config, dev,
-                                                        epoch=epoch, rank=rank, world=world, progress=progress),
-               **engine.validate(model, x_sel, y_sel, config, dev)}
+        rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, placed, config, epoch=epoch,
+                                                        rank=rank, world=world, progress=progress)}
+        rec.update(_validate_on_rank0(model, placed, y_sel, config, rank, world))
         history.append(rec)
         score = rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
         improved = score > best_metric
@@ -146,21 +159,37 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     if world > 1:
         torch.distributed.destroy_process_group()
     return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
-            "weights": weights_info, "device": str(dev), "config": config.to_dict()}
+            "weights": weights_info, "device": str(dev), "precision": plan.precision, "rank": rank,
+            "config": config.to_dict()}
+
+
+def _validate_on_rank0(model, placed: engine.Placement, y_sel, config: TrainConfig, rank: int, world: int) -> dict:
+    """The selection metrics, computed by rank 0 alone and sent to the other ranks (which wait meanwhile)."""
+    rec = [engine.validate(model, placed.x_sel, y_sel, config, placed.plan, placed.eval_batch_size)
+           if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(rec, src=0)
+    return rec[0]
 
 
 def _start_processes(device: str | None) -> tuple[int, int, torch.device]:
     """``(world size, rank, device)``; under torchrun, the process group is started and each rank gets its GPU."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = pick_device(device)
+    if world > 1 and (device is None or device in ("auto", "cuda")) and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # each rank its own GPU
+    dev = pick_device(device)  # a CUDA device is made the current one
     if world > 1:
+        import datetime
+
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(dev)
+            # the timeout covers rank 0's first cache build, which the others wait for at a barrier
+            timeout = datetime.timedelta(minutes=default_timeout_minutes())
+            if dev.type == "cuda":
+                dist.init_process_group(backend="nccl", timeout=timeout, device_id=dev)
+            else:
+                dist.init_process_group(backend="gloo", timeout=timeout)
     return world, rank, dev
 
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: the user-error type, atomic writes, device choice and provenance."""
+"""Small shared helpers: the user-error type, atomic writes and provenance."""
 
 from __future__ import annotations
 
@@ -145,6 +145,8 @@ def hardware_name(device=None) -> str:
     chooses): the GPU's name for CUDA, otherwise the CPU's."""
     import torch
 
+    from .device import pick_device
+
     dev = torch.device(device) if device is not None else pick_device(None)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -165,24 +167,6 @@ def versions() -> dict[str, str]:
                 continue
         out[name] = str(getattr(mod, "__version__", "unknown"))
     return out
-
-
-def pick_device(requested: str | None = None):
-    """Return a ``torch.device``: the requested one, else CUDA, then Apple MPS, then CPU."""
-    import torch
-
-    if requested and requested != "auto":
-        dev = torch.device(requested)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DeepLenseError(f"--device {requested}: CUDA is not available on this machine")
-        if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise DeepLenseError(f"--device {requested}: Apple MPS is not available on this machine")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def cache_dir() -> Path:

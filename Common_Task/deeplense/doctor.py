@@ -1,0 +1,185 @@
+"""``python -m deeplense doctor``: what this project will do on this machine, checked before the first real run.
+
+One line each: versions; the device and why; the precision path; memory and the data residency and validation
+batch it implies; whether the ImageNet weights are in the torch hub cache; the dataset and its cache state; free
+disk for the cache; and a few training steps of the real engine on the device, in images/s, so that a broken
+device path shows here first. Every problem is one more line starting ``problem:`` on stderr, and the exit status
+is then 2 (0 when everything works).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import recipe
+from .device import activation_bytes, free_memory, gpu_present_but_unusable, memory_plan, pick_device, plan_for
+from .util import DeepLenseError, cache_dir, hardware_name, versions
+
+FULL_SCALE_BYTES = (30_000 + 6_750) * 150 * 150 * 4
+"""The official set's training and selection images as float32 (what a GPU run would place on the device)."""
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _existing(folder: Path) -> Path:
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return p
+    return Path("/")
+
+
+def doctor(data: str | None = None, device: str | None = None, precision: str = "auto", steps: int = 3,
+           allow_pickle: bool = False, say=print) -> list[str]:
+    """Print what the project will do here (through ``say``); return the problems, one line each."""
+    problems: list[str] = []
+    v = versions()
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    say(f"versions: python {v['python']}, torch {v.get('torch')} ({build}), torchvision {v.get('torchvision')}, "
+        f"numpy {v.get('numpy')}, deeplense {v.get('deeplense')}")
+
+    # the device, and why
+    warned: list[str] = []
+    try:
+        dev = pick_device(device, warn=warned.append)
+    except DeepLenseError as exc:
+        problems.append(f"device: {exc}")
+        dev = None
+    if dev is not None:
+        if device and device != "auto":
+            why = "requested"
+        elif dev.type == "cuda":
+            why = f"CUDA available ({torch.cuda.device_count()} device(s))"
+        elif dev.type == "mps":
+            why = "Apple MPS available, no CUDA"
+        else:
+            why = "no CUDA GPU, no Apple MPS"
+        say(f"device: {dev} ({hardware_name(dev)}): {why}")
+    if warned or (dev is not None and dev.type == "cpu" and (why := gpu_present_but_unusable())):
+        problems.append(f"device: {(warned[0].removeprefix('warning: ') if warned else why)}")
+
+    # precision
+    plan = None
+    if dev is not None:
+        try:
+            plan = plan_for(dev, precision)
+            say(f"precision: {plan.describe()}")
+        except DeepLenseError as exc:
+            problems.append(f"precision: {exc}")
+
+    # the dataset and its cache
+    need_cache, data_bytes = 0, FULL_SCALE_BYTES
+    if data:
+        from .data import cache_state
+
+        try:
+            state = cache_state(data, allow_pickle=allow_pickle)
+            parts = ", ".join(f"{s} {st['n']} images" for s, st in state.items())
+            shape = next(iter(state.values()))["shape"]
+            uncached = [s for s, st in state.items() if not st["cached"]]
+            need_cache = sum(state[s]["bytes"] for s in uncached)
+            data_bytes = sum(st["bytes"] for st in state.values())
+            cache = ("cache built" if not uncached else
+                     f"cache not built yet for {', '.join(uncached)} ({need_cache / 1e9:.2f} GB; the first run or "
+                     f"`python -m deeplense inspect --data {data}` builds it)")
+            say(f"data: {data}: {parts} of {shape[0]}x{shape[1]}; {cache}")
+        except DeepLenseError as exc:
+            problems.append(f"data: {exc}")
+    else:
+        say("data: none given (--data DIR): train and the notebook would use a simulated set")
+
+    # disk for the cache
+    folder = cache_dir()
+    free_disk = shutil.disk_usage(_existing(folder)).free
+    say(f"disk: {free_disk / 1e9:.1f} GB free for the cache ({folder}; DEEPLENSE_CACHE moves it)")
+    if need_cache and free_disk < need_cache * 1.02:
+        problems.append(f"disk: {folder}: {free_disk / 1e9:.2f} GB free, the cache of {data} needs "
+                        f"{need_cache / 1e9:.2f} GB; free some space or point DEEPLENSE_CACHE at a larger disk")
+
+    # memory
+    config = recipe("default", weights="none")
+    if plan is not None and plan.kind == "cuda":
+        from .model import build_model
+
+        n_params = sum(p.numel() for p in build_model("none")[0].parameters())
+        mem = memory_plan(config.arch, config.image_size, config.batch_size, n_params, data_bytes,
+                          free_memory(plan.device), element_bytes=2 if plan.autocast_dtype else 4)
+        say(f"memory: {mem.describe()} (resnet34, 224 px, batch {config.batch_size})")
+    elif dev is not None:
+        ram = _available_ram()
+        per = activation_bytes("resnet34", 64, 4)[0] * 32
+        say(f"memory: {'unknown' if ram is None else f'{ram / 1e9:.1f} GB'} of RAM available; the images are "
+            f"memory-mapped from the cache; a demo-input training step (64 px, batch 32) needs about "
+            f"{per / 1e9:.2f} GB")
+
+    # weights
+    from .model import hub_checkpoint_path
+
+    cached = hub_checkpoint_path("resnet34")
+    if cached.is_file():
+        say(f"weights: ImageNet ResNet34 weights in the torch hub cache ({cached})")
+    else:
+        problems.append(f"weights: no ImageNet ResNet34 weights at {cached}: training would start from random "
+                        f"weights; copy {cached.name} there (TORCH_HOME sets the folder) or pass --weights FILE")
+
+    # a few real training steps
+    if plan is not None and steps > 0:
+        rate, err = _steps(plan, steps)
+        if err:
+            problems.append(f"speed: the training step fails on {plan.device} ({plan.precision}): {err}")
+        else:
+            size = "224 px, batch 64" if plan.kind == "cuda" else "the demo input (64 px, batch 32)"
+            say(f"speed: {rate:.1f} training images/s on {plan.device} ({plan.precision}; resnet34 at {size}; "
+                f"{steps} steps of the real engine after one warm-up)")
+    return problems
+
+
+def _steps(plan, steps: int) -> tuple[float, str | None]:
+    """Images/s of ``steps`` training steps of the engine (after one warm-up), or the error."""
+    from . import engine
+    from .model import build_model
+
+    cuda = plan.kind == "cuda"
+    cfg = recipe("default", weights="none", **({} if cuda else {"image_size": 64, "crop": 96, "batch_size": 32}))
+    try:
+        torch.manual_seed(0)
+        model = build_model("none")[0].to(plan.device).train()
+        opt = engine.build_optimizer(model, cfg, plan)
+        scaler = plan.grad_scaler()
+        side = cfg.crop or 150
+        x = torch.rand(cfg.batch_size, 1, side, side, device=plan.device)
+        y = torch.randint(0, 3, (cfg.batch_size,), device=plan.device)
+        draws = torch.randint(0, 8, (cfg.batch_size,), device=plan.device)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        loss = engine.train_step(model, opt, scaler, x, y, cfg, plan, draws)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = engine.train_step(model, opt, scaler, x, y, cfg, plan, draws)
+        if not torch.isfinite(loss).item():
+            return 0.0, f"the loss is {float(loss)}"
+        sync()
+        return steps * cfg.batch_size / (time.perf_counter() - t0), None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def main(args) -> int:
+    problems = doctor(args.data, args.device, args.precision or "auto", args.steps, args.allow_pickle)
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    if not problems:
+        print("doctor: everything works")
+    return 2 if problems else 0
