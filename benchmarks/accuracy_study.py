@@ -17,6 +17,8 @@ Arms (``--arms`` picks a subset):
 - ``default_ls``: ``default`` with label smoothing 0.1;
 - ``default_onecycle``: ``default`` with a one-cycle schedule instead of warm-up + cosine;
 - ``resnet18``: ``default`` on torchvision's ResNet18 (11.2 M parameters instead of 21.3 M);
+- ``default_bf16``: ``default`` under bf16 autocast (on a CPU only where bf16 is native; not in the default arms:
+  ``--arms default_bf16`` answers whether bf16 keeps the held-out macro AUC of fp32 within noise);
 - ``lensnet``: ``default`` on the small from-scratch network (2.7 M parameters, 1 channel, the native pixels:
   the central 96 px at the quick scale, the whole 150 px image on a GPU).
 
@@ -57,10 +59,10 @@ from deeplense.train import train
 from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, replace_section, versions, write_json_atomic
 
 ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px", "default_ls", "default_onecycle",
-        "resnet18", "lensnet")
+        "resnet18", "lensnet", "default_bf16")
 SCALES = {
     "quick": {"train_per_class": 800, "val_per_class": 1000, "seeds": 4,
-              "arms": tuple(a for a in ARMS if a not in ("default_150px", "reference"))},
+              "arms": tuple(a for a in ARMS if a not in ("default_150px", "reference", "default_bf16"))},
     "gpu": {"train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
 }
 DATA_SEED = 1234
@@ -83,6 +85,7 @@ def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | Non
     cfgs.update({"default_no_d4": default.replace(augmentation="none"),
                  "default_ls": default.replace(label_smoothing=0.1),
                  "default_onecycle": default.replace(schedule="onecycle"),
+                 "default_bf16": default.replace(precision="bf16"),
                  "resnet18": default.replace(arch="resnet18")})
     cfg = cfgs["default" if arm == "default_tta" else arm]
     return cfg.replace(epochs=epochs) if epochs else cfg
@@ -174,7 +177,8 @@ def describe(arm: dict) -> str:
     extra = (", one-cycle" if c.get("schedule") == "onecycle" else "") + (
         f", label smoothing {c['label_smoothing']:g}" if c.get("label_smoothing") else "")
     net = "" if c.get("arch", "resnet34") == "resnet34" else f"{c['arch']}, "
-    return f"{net}{opt}{extra}, {aug}, {geometry}" + (", D4 TTA" if arm.get("tta") else "")
+    precision = f", {c['precision']}" if c.get("precision", "auto") != "auto" else ""
+    return f"{net}{opt}{extra}, {aug}, {geometry}{precision}" + (", D4 TTA" if arm.get("tta") else "")
 
 
 def _delta(d: dict | None) -> str:

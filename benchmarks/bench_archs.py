@@ -7,10 +7,11 @@ For each arch, at two inputs:
 - the quick scale of the accuracy study (``benchmarks/accuracy_study.py``): the central 96 px shrunk to 64 px
   (``lensnet``: the central 96 native px, 1 channel).
 
-``train`` is images/s of the real training step (engine's optimiser, D4 augmentation, input transform,
-forward, backward, step) on a fixed batch in memory, median of a few steps after a warm-up; ``predict`` is
-``engine.predict_proba`` in eval mode. Each line: ``arch_<name>: ...``. With ``--readme`` the table between the
-README's ``archs`` markers is rewritten, with the held-out macro AUC of the arms the committed study holds
+``train`` is images/s of the engine's own training step (``engine.train_step``: D4 augmentation, input
+transform, forward, backward, fused AdamW step; fp32) on a fixed batch in memory, median of a few steps after a
+warm-up; ``predict`` is ``engine.predict_proba`` in eval mode. Each line: ``arch_<name>: ...``. With ``--readme``
+the table between the README's ``archs`` markers is rewritten, with the held-out macro AUC of the arms the
+committed study holds
 (``benchmarks/results/study.json``: ``default`` is resnet34, ``resnet18``, ``lensnet``).
 
 Usage: ``python benchmarks/bench_archs.py [--archs resnet34,lensnet] [--readme]``.
@@ -25,11 +26,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deeplense.config import ARCHS, input_channels, recipe
-from deeplense.data import augment, input_fn
-from deeplense.engine import build_optimizer, predict_proba
+from deeplense.data import augmentation_draws
+from deeplense.engine import as_plan, build_optimizer, predict_proba, train_step
 from deeplense.model import build_model, parameter_count
 from deeplense.util import REPO, cpu_name, replace_section
 
@@ -46,31 +46,29 @@ def configs(arch: str) -> dict:
 def speed(arch: str, cfg, steps: int) -> tuple[float, float]:
     """(train images/s, predict images/s) on the CPU for ``cfg``'s input at its batch size (16 at most at the
     recipe's input, to keep the run short)."""
-    dev = torch.device("cpu")
+    plan = as_plan(torch.device("cpu"), cfg.replace(precision="fp32"))
     torch.manual_seed(0)
     model = build_model("none", arch=arch)[0]
-    opt = build_optimizer(model, cfg, dev)
+    opt = build_optimizer(model, cfg, plan)
+    scaler = plan.grad_scaler()
     batch = min(cfg.batch_size, 16 if (cfg.crop is None) else cfg.batch_size)
     side = cfg.crop or 150
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, side, side, generator=gen)
     y = torch.randint(0, 3, (batch,), generator=gen)
-    fn = input_fn(cfg)
     times = []
     model.train()
     for s in range(steps + 1):  # step 0 warms up
+        draws = augmentation_draws(cfg.augmentation, batch, gen)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(fn(augment(x, cfg.augmentation, generator=gen))), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, scaler, x, y, cfg, plan, draws)
         if s:
             times.append(time.perf_counter() - t0)
     train_rate = batch / float(np.median(times))
     xp = torch.rand(4 * batch, 1, side, side, generator=gen)
-    predict_proba(model, xp[:batch], cfg, dev, batch_size=batch)
+    predict_proba(model, xp[:batch], cfg, plan, batch_size=batch)
     t0 = time.perf_counter()
-    predict_proba(model, xp, cfg, dev, batch_size=batch)
+    predict_proba(model, xp, cfg, plan, batch_size=batch)
     return train_rate, len(xp) / (time.perf_counter() - t0)
 
 

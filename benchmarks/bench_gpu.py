@@ -1,12 +1,17 @@
 """GPU benchmarks, every figure from one process and one run (``make bench-gpu``; about 4 minutes on one H100).
 
-- ``gpu_train_step``: the real engine's training step (``default`` recipe, 224 px, its batch; data on the device,
-  D4 on the device, bf16 autocast, channels_last, fused AdamW) against the model alone on a fixed batch at the
-  same batch size. Goal: >= 0.9.
+- ``gpu_train_step``: the engine's own training step (:func:`deeplense.engine.train_step`, the function
+  ``train_one_epoch`` calls: ``default`` recipe, 224 px, its batch; the data on the device as
+  :func:`deeplense.engine.place_data` puts them, indices and D4 draws on the device, the precision
+  :func:`deeplense.device.plan_for` picks, channels_last, fused AdamW) against the model alone on a fixed batch at
+  the same batch size and precision. Goal: >= 0.9.
 - ``gpu_vs_reference``: the same engine against the reference solution's pipeline (per-sample PIL transforms in
-  a DataLoader with ``num_workers=os.cpu_count()``, pin_memory, batch 256, fp32, SGD). Goal: >= 3.
+  a DataLoader with one worker per CPU this process may use (``os.sched_getaffinity``), pin_memory, batch 256,
+  fp32, SGD), timed only after the batches its workers prefetched are used up, so the workers are the bottleneck
+  if they are one. Goal: >= 3.
 - ``gpu_batch``: the engine at batch 64 and at 256 (images/s), and with cudnn.benchmark off and on.
-- ``gpu_compile``: ``torch.compile`` of the training step: compile time and the speed-up after it.
+- ``gpu_compile``: ``torch.compile`` of the training step: compile time and the speed-up after it
+  (``--no-compile`` skips it: compiling takes minutes).
 - ``gpu_epoch``: one full-scale epoch end to end (30,000 images from the cache built on the spot, 224 px,
   validation on 6,750 images included); ``gpu_run_20_epochs``: that times 20 plus the cache build.
   Goal: a 20-epoch full-scale run <= 3 minutes.
@@ -14,6 +19,9 @@
 
 Lines read ``name: value, ratio x vs baseline (goal >= g)``; the GPU's name comes first. Without CUDA the script
 prints one line saying it was skipped and exits 0. ``--quick`` shrinks every measurement (a smoke test).
+
+Needs only torch, torchvision, numpy and this package: on a GPU node with its own torch and no package registry,
+run it from a checkout as ``PYTHONPATH=Common_Task python3 benchmarks/bench_gpu.py``.
 """
 
 from __future__ import annotations
@@ -40,9 +48,63 @@ def _timed(fn, warmup: int, steps: int, sync) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def cpu_workers() -> int:
+    """CPUs this process may run on (a cluster job's allocation, not the whole node's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def engine_step_rate(x_all, y_all, dev, batch: int, steps: int, *, image_size: int = 224, benchmark: bool = True,
+                     compiled: bool = False, arch: str = "resnet34", sync=None) -> tuple[float, float, str]:
+    """``(engine images/s, model-alone images/s, precision)`` at ``batch``: the engine's own
+    :func:`~deeplense.engine.train_step` on batches gathered as ``train_one_epoch`` gathers them (indices and
+    augmentation draws already on the device, no copy per step), against the same step function on one fixed
+    batch already at the input size, with augmentation off."""
+    import torch
+
+    from deeplense import engine
+    from deeplense.config import recipe
+    from deeplense.model import build_model
+
+    sync = sync or (torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
+    torch.backends.cudnn.benchmark = benchmark
+    cfg = recipe("default", batch_size=batch, weights="none", image_size=image_size, arch=arch)
+    torch.manual_seed(0)
+    model = build_model("none", arch=arch)[0]
+    plan = engine.as_plan(dev, cfg)
+    placed = engine.place_data(x_all, y_all, x_all[:batch], plan, cfg, sum(p.numel() for p in model.parameters()))
+    model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format).train()
+    net = torch.compile(model) if compiled else model
+    opt = engine.build_optimizer(model, cfg, plan)
+    scaler = plan.grad_scaler()
+    gen = torch.Generator().manual_seed(0)
+    n_steps = steps + 3
+    perm = torch.randint(0, len(x_all), (n_steps * batch,), generator=gen).to(placed.index_device)
+    draws = plan.to_device(torch.randint(0, 8, (n_steps * batch,), generator=gen))
+    state = {"k": 0}
+
+    def real():
+        k = state["k"] % n_steps
+        state["k"] += 1
+        b = slice(k * batch, (k + 1) * batch)
+        xb, yb = placed.batch(perm[b])
+        engine.train_step(net, opt, scaler, xb, yb, cfg, plan, draws[b])
+
+    fixed_x, fixed_y = placed.batch(perm[:batch])
+    # the model alone: a batch already at the input size (the step then only maps it to [-1, 1]), no augmentation
+    fixed_x = torch.nn.functional.interpolate(fixed_x, size=(cfg.image_size, cfg.image_size), mode="bilinear")
+    alone = cfg.replace(augmentation="none", resize_then_crop=None)
+    t_real = _timed(real, 3, steps, sync)
+    t_alone = _timed(lambda: engine.train_step(net, opt, scaler, fixed_x, fixed_y, alone, plan), 3, steps, sync)
+    return batch / t_real, batch / t_alone, plan.precision
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the script")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile figure (minutes of compiling)")
     args = p.parse_args(argv)
     import torch
 
@@ -53,10 +115,10 @@ def main(argv=None) -> int:
 
     from deeplense import engine
     from deeplense.config import recipe
-    from deeplense.data import augment, input_fn
+    from deeplense.device import pick_device
     from deeplense.model import build_model
 
-    dev = torch.device("cuda")
+    dev = pick_device("cuda")
     sync = torch.cuda.synchronize
     print(f"gpu: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}", flush=True)
     n_images = 2_000 if args.quick else 30_000
@@ -65,57 +127,34 @@ def main(argv=None) -> int:
     x_all = torch.from_numpy(rng.random((min(n_images, 4_096), 1, 150, 150), dtype=np.float32))
     y_all = torch.from_numpy(rng.integers(0, 3, len(x_all)))
 
-    def engine_step_rate(batch: int, benchmark: bool = True, compiled: bool = False) -> tuple[float, float]:
-        """(engine images/s, model-alone images/s) at ``batch``."""
-        torch.backends.cudnn.benchmark = benchmark
-        cfg = recipe("default", batch_size=batch, weights="none")
-        torch.manual_seed(0)
-        model = build_model("none")[0].to(dev, memory_format=torch.channels_last).train()
-        net = torch.compile(model) if compiled else model
-        opt = engine.build_optimizer(model, cfg, dev)
-        xd, yd = x_all.to(dev), y_all.to(dev)
-        gen = torch.Generator().manual_seed(0)
-        fn = input_fn(cfg)
-
-        def step(x, y):
-            with engine.autocast_for(dev):
-                loss = F.cross_entropy(net(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        def real():
-            idx = torch.randint(0, len(xd), (batch,), generator=gen).to(dev)
-            draws = torch.randint(0, 8, (batch,), generator=gen).to(dev)
-            step(engine._layout(fn(augment(xd[idx], "d4", draws=draws)), dev), yd[idx])
-
-        fixed = engine._layout(fn(xd[:batch]), dev)
-        alone_y = yd[:batch]
-        t_real = _timed(real, 3, steps, sync)
-        t_alone = _timed(lambda: step(fixed, alone_y), 3, steps, sync)
-        return batch / t_real, batch / t_alone
-
     # the engine against the model alone, at the default batch and at a card-filling one
     for batch in (64, 256):
-        ours, alone = engine_step_rate(batch)
-        print(f"gpu_train_step_b{batch}: {ours:.0f} img/s (engine, 224 px, D4 on the device, bf16, channels_last), "
-              f"ratio {ours / alone:.3f} vs model alone {alone:.0f} img/s (goal >= 0.9)", flush=True)
+        ours, alone, precision = engine_step_rate(x_all, y_all, dev, batch, steps)
+        print(f"gpu_train_step_b{batch}: {ours:.0f} img/s (engine.train_step, 224 px, D4 on the device, {precision}, "
+              f"channels_last), ratio {ours / alone:.3f} vs model alone {alone:.0f} img/s (goal >= 0.9)", flush=True)
         if batch == 256:
             best = ours
-    off, _ = engine_step_rate(256, benchmark=False)
+    off, _, _ = engine_step_rate(x_all, y_all, dev, 256, steps, benchmark=False)
     print(f"gpu_cudnn_benchmark: {best:.0f} img/s on, ratio {best / off:.3f} vs off {off:.0f} img/s (batch 256)",
           flush=True)
 
     # torch.compile
     t0 = time.perf_counter()
-    try:
-        compiled, _ = engine_step_rate(256, compiled=True)
-        print(f"gpu_compile: {compiled:.0f} img/s compiled, ratio {compiled / best:.3f} vs eager {best:.0f} img/s "
-              f"(compile and measure {time.perf_counter() - t0:.0f} s)", flush=True)
-    except Exception as exc:  # noqa: BLE001 - report, do not stop the other figures
-        print(f"gpu_compile: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", flush=True)
+    if args.no_compile:
+        print("gpu_compile: skipped (--no-compile)", flush=True)
+    else:
+        try:
+            compiled, _, _ = engine_step_rate(x_all, y_all, dev, 256, steps, compiled=True)
+            print(f"gpu_compile: {compiled:.0f} img/s compiled, ratio {compiled / best:.3f} vs eager {best:.0f} "
+                  f"img/s (compile and measure {time.perf_counter() - t0:.0f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report, do not stop the other figures
+            print(f"gpu_compile: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", flush=True)
 
-    # the reference solution's pipeline
+    # the reference solution's pipeline: enough batches that the prefetched ones are used up before the timing
+    workers = cpu_workers()
+    prefetched = 2 * workers + 1  # DataLoader's prefetch_factor 2 per worker, and the first batch
+    n_batches = prefetched + steps
+
     from torchvision import transforms
 
     class Reference(torch.utils.data.Dataset):
@@ -123,38 +162,36 @@ def main(argv=None) -> int:
                                  transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
         def __len__(self):
-            return len(x_all)
+            return n_batches * 256
 
         def __getitem__(self, i):
             from PIL import Image
 
+            i = i % len(x_all)
             img = Image.fromarray((x_all[i, 0].numpy() * 255).astype(np.uint8), mode="L").convert("RGB")
             return self.tf(img), int(y_all[i])
 
-    loader = torch.utils.data.DataLoader(Reference(), batch_size=256, shuffle=True, num_workers=os.cpu_count(),
-                                         pin_memory=True, persistent_workers=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(Reference(), batch_size=256, shuffle=True, num_workers=workers,
+                                         pin_memory=True, drop_last=True)
     torch.backends.cudnn.benchmark = False
     model = build_model("none")[0].to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    it = iter(loader)
-    next(it)  # workers started before the timing
     seen, t0 = 0, None
-    for k, (x, y) in enumerate(it):
-        if k == 2:
+    for k, (x, y) in enumerate(loader):
+        if k == prefetched:  # every batch from here on was made while the GPU waited or worked
             sync()
             t0, seen = time.perf_counter(), 0
         loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        seen += len(y)
-        if k >= 2 + steps // 3 + 3:
-            break
+        if t0 is not None:
+            seen += len(y)
     sync()
     reference = seen / (time.perf_counter() - t0)
     print(f"gpu_vs_reference: {best:.0f} img/s engine at batch 256, ratio {best / reference:.2f} vs the reference "
-          f"pipeline {reference:.0f} img/s (PIL DataLoader, {os.cpu_count()} workers, fp32, SGD; goal >= 3)",
-          flush=True)
+          f"pipeline {reference:.0f} img/s (PIL DataLoader, {workers} workers, {steps} batches timed after "
+          f"{prefetched} prefetched, fp32, SGD; goal >= 3)", flush=True)
 
     # full-scale epochs end to end, through the real train() on a dataset of the official size
     from deeplense.testing import write_dataset
@@ -190,6 +227,25 @@ def main(argv=None) -> int:
         rates[tta] = len(xe) / t
     print(f"gpu_inference: {rates[False]:.0f} img/s at 224 px, 8-way TTA {rates[True]:.0f} img/s, ratio "
           f"{rates[False] / rates[True]:.2f} (expected about 8)", flush=True)
+
+    # peak memory of validation at batch 1024, measured against the estimate the memory plan budgets with
+    from deeplense.device import activation_bytes
+
+    for arch in ("resnet34", "resnet50", "efficientnet_b3"):
+        cfg = recipe("default", weights="none", arch=arch, eval_batch_size=1024)
+        net = build_model("none", arch=arch)[0].to(dev, memory_format=torch.channels_last).eval()
+        xm = x_all[:1024].to(dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        engine.predict_proba(net, xm, cfg, dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        plan = engine.as_plan(dev, cfg)
+        estimate = 1024 * activation_bytes(arch, 224, 2 if plan.autocast_dtype else 4)[1]
+        print(f"gpu_eval_memory_{arch}: {peak / 1e9:.2f} GB peak at batch 1024, 224 px, {plan.precision}, ratio "
+              f"{peak / estimate:.2f} vs the memory plan's estimate {estimate / 1e9:.2f} GB (goal <= 1)", flush=True)
+        del net, xm
+        torch.cuda.empty_cache()
     return 0
 
 

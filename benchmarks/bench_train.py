@@ -1,9 +1,10 @@
 """Training and inference benchmarks, measured side by side in one run.
 
-- ``train_step``: training images/s (model + data pipeline: gather from the cached array, D4 augmentation,
-  resize, [-1, 1], forward, backward, AdamW step) against the model alone fed from a tensor already in
-  memory, at 224 and 150 px, alternating step by step; the line says how much step times vary, so a ratio
-  within that of 1 reads as "no measurable cost". Goal: the pipeline costs under 5% of step time (ratio >= 0.95).
+- ``train_step``: training images/s of the engine's own step (``engine.train_step``; with the data pipeline:
+  gather from the cached array, D4 augmentation, resize, [-1, 1], forward, backward, AdamW step) against the
+  same step on a batch already in memory at the input size, without augmentation, at 224 and 150 px,
+  alternating step by step; the line says how much step times vary, so a ratio within that of 1 reads as "no
+  measurable cost". Goal: the pipeline costs under 5% of step time (ratio >= 0.95).
 - ``input_stem``: ResNet34 with a 1-channel first convolution (the RGB kernels summed) against 3 replicated
   channels: outputs must match to 1e-5 (asserted); forward speed ratio; and a few SGD and AdamW steps in
   float64 with the folded kernel's learning rate x3 and weight decay /3, compared with the 3-channel model.
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deeplense.data import augment, preprocess
+from deeplense import engine
+from deeplense.config import recipe
+from deeplense.data import augmentation_draws
 from deeplense.model import build_model
 
 
@@ -39,32 +42,36 @@ def _model():
 def train_step(size: int, batch: int, steps: int) -> tuple[float, float, float]:
     """Images/s of a training step with the data pipeline and with the model alone, and the step-time spread.
 
-    One model and optimiser take ``steps`` steps of each kind, alternating (pipeline, alone, pipeline, ...),
-    after one warm-up step of each, so a busy moment of the shared machine hits both; each rate is the batch
-    over the median step time. The spread is the larger relative interquartile range of the two kinds' step
-    times: a ratio closer to 1 than that is within noise.
+    Both are the engine's own step (``engine.train_step``, fp32 on the CPU): with the pipeline it gathers a batch
+    from the cached array, draws D4 and resizes 150 px to ``size``; alone it gets one fixed batch already at
+    ``size`` with augmentation off. One model and optimiser take ``steps`` steps of each kind, alternating
+    (pipeline, alone, pipeline, ...), after one warm-up step of each, so a busy moment of the shared machine hits
+    both; each rate is the batch over the median step time. The spread is the larger relative interquartile range
+    of the two kinds' step times: a ratio closer to 1 than that is within noise.
     """
     rng = np.random.default_rng(0)
     cached = rng.random((batch * 8, 1, 150, 150), dtype=np.float32)  # stands in for the mmap cache
     labels = torch.from_numpy(rng.integers(0, 3, len(cached)))
     gen = torch.Generator().manual_seed(0)
+    cfg = recipe("default", image_size=size, batch_size=batch, weights="none", precision="fp32")
+    alone = cfg.replace(augmentation="none")
+    plan = engine.as_plan(torch.device("cpu"), cfg)
     model = _model().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as in training
-    fixed = preprocess(torch.from_numpy(cached[:batch]), size).contiguous()
+    opt = engine.build_optimizer(model, cfg, plan)  # fused AdamW, as in training
+    scaler = plan.grad_scaler()
+    fixed = F.interpolate(torch.from_numpy(cached[:batch]), size=(size, size), mode="bilinear",
+                          antialias=size < 150).contiguous()
     times: dict[bool, list[float]] = {True: [], False: []}
     for s in range(steps + 1):  # step 0 warms up
         for pipeline in (True, False):
             t0 = time.perf_counter()
             if pipeline:
                 idx = torch.randperm(len(cached), generator=gen)[:batch].sort().values
-                x = preprocess(augment(torch.from_numpy(cached[idx.numpy()]), "d4", generator=gen), size)
-                y = labels[idx]
+                draws = augmentation_draws("d4", batch, gen)
+                engine.train_step(model, opt, scaler, torch.from_numpy(cached[idx.numpy()]), labels[idx], cfg, plan,
+                                  draws)
             else:
-                x, y = fixed, labels[:batch]
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                engine.train_step(model, opt, scaler, fixed, labels[:batch], alone, plan)
             if s:
                 times[pipeline].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
@@ -182,14 +189,17 @@ def inference(size: int, n: int, compile_too: bool) -> None:
 
 
 MEMORY_CHILD = r"""
-import json, sys, torch, torch.nn.functional as F
+import json, sys, torch
+from deeplense import engine
+from deeplense.config import recipe
 from deeplense.model import build_model
-from deeplense.data import preprocess, augment
 size = int(sys.argv[1])
-m = build_model("none")[0].train(); opt = torch.optim.AdamW(m.parameters(), 1e-4)
+cfg = recipe("default", image_size=size, batch_size=32, weights="none", precision="fp32")
+plan = engine.as_plan(torch.device("cpu"), cfg)
+m = build_model("none")[0].train(); opt = engine.build_optimizer(m, cfg, plan); scaler = plan.grad_scaler()
 x = torch.rand(32, 1, 150, 150); y = torch.randint(0, 3, (32,))
-for _ in range(2):
-    loss = F.cross_entropy(m(preprocess(augment(x, "d4"), size)), y); opt.zero_grad(); loss.backward(); opt.step()
+for _ in range(2):  # the engine's own training step
+    engine.train_step(m, opt, scaler, x, y, cfg, plan, torch.randint(0, 8, (32,)))
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of a large parent reports the
 # parent's peak
 hwm_kb = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))

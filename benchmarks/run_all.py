@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_data.py", "bench_simulate.py", "bench_train.py"]
+SCRIPTS = ["bench_data.py", "bench_simulate.py", "bench_train.py", "bench_precision.py"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 LINE = re.compile(r"^([a-z0-9_.]+): (.*)$")
 

@@ -254,6 +254,11 @@ MUTANTS = (
     Mutant("doctor_step_errors_hidden", "doctor hides a training step that fails on the device",
            PKG + "doctor.py", "        if err:\n", "        if False:\n",
            ("tests/test_doctor.py::test_each_problem_is_one_line_and_exit_2",)),
+    Mutant("bench_gpu_times_a_copy", "make bench-gpu times a hand-copied training step, not the engine's",
+           "benchmarks/bench_gpu.py", "        engine.train_step(net, opt, scaler, xb, yb, cfg, plan, draws[b])\n",
+           "        loss = torch.nn.functional.cross_entropy(net(xb.expand(-1, 3, -1, -1)).float(), yb)\n"
+           "        opt.zero_grad()\n        loss.backward()\n        opt.step()\n",
+           ("tests/test_bench_gpu.py::test_the_gpu_benchmark_times_the_engines_own_step",)),
 )
 
 

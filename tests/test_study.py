@@ -115,3 +115,5 @@ def test_recipe_column_names_each_arms_geometry():
     cycle = recipe("default", image_size=64, crop=96, schedule="onecycle", label_smoothing=0.1)
     assert describe({"config": asdict(cycle)}) == ("AdamW 0.001, one-cycle, label smoothing 0.1, D4, "
                                                    "central 96 px → 64 px")
+    bf16 = _study_module().arm_config("default_bf16", "quick", 0, "clean")
+    assert bf16.precision == "bf16" and describe({"config": asdict(bf16)}).endswith("central 96 px → 64 px, bf16")
