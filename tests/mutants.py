@@ -259,6 +259,27 @@ MUTANTS = (
            "        loss = torch.nn.functional.cross_entropy(net(xb.expand(-1, 3, -1, -1)).float(), yb)\n"
            "        opt.zero_grad()\n        loss.backward()\n        opt.step()\n",
            ("tests/test_bench_gpu.py::test_the_gpu_benchmark_times_the_engines_own_step",)),
+    # issue 22, item 1: held-out numbers that were trained or selected on
+    Mutant("val_same_folder_unchecked", "a val/ that is a link to train/ passes: the held-out test is training data",
+           PKG + "data.py", "    if a.resolve() == b.resolve():\n", "    if False:\n",
+           ("tests/test_evaluate.py::test_a_val_that_is_train_is_refused",)),
+    Mutant("val_hard_links_unchecked", "val/ files hard-linked to train/ files pass the held-out check",
+           PKG + "data.py", "        if twin is not None:\n", "        if False:\n",
+           ("tests/test_evaluate.py::test_a_val_that_is_train_is_refused",)),
+    Mutant("val_copies_unchecked", "copies of training images in val/ pass the held-out check",
+           PKG + "data.py", "            if np.array_equal(train_images[i], val_images[j]):\n",
+           "            if False:\n",
+           ("tests/test_evaluate.py::test_a_val_that_is_train_is_refused",)),
+    Mutant("train_disjointness_skipped", "training under the reference protocol never checks val/ against train/",
+           TRAIN, "        check_disjoint(data, tr_images, va_images)\n", "        pass\n",
+           ("tests/test_evaluate.py::test_a_val_that_is_train_is_refused",)),
+    Mutant("clean_train_listing_unchecked", "a clean-protocol evaluation accepts a train/ other than the one used",
+           EVALUATE, '        if recorded.get("listings", {}).get("train") not in (None, info["train"].listing):',
+           "        if False:",
+           ("tests/test_evaluate.py::test_clean_protocol_evaluation_checks_the_train_listing",)),
+    Mutant("renamed_files_unchecked", "files renamed within a class move selection images into the held-out test",
+           EVALUATE, "        if digest is not None and pixel_digest(images, idx) != digest:", "        if False:",
+           ("tests/test_evaluate.py::test_files_renamed_within_a_class_are_caught_by_their_pixels",)),
 )
 
 

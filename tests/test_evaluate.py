@@ -195,3 +195,82 @@ def test_predict_names_the_image_of_another_size(small, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run / "best.pt"), str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{folder / '5.npy'}: shape (64, 64) differs" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------- issue 22, item 1
+def _fresh(small, tmp_path, name="data"):
+    d = tmp_path / name
+    shutil.copytree(small, d)
+    return d
+
+
+def test_a_val_that_is_train_is_refused(small, tmp_path):
+    """val/ as a symbolic link to train/, as hard links to its files, or as copies of them: training under the
+    reference protocol and evaluation under either protocol refuse, naming the file."""
+    import os
+
+    cfg = recipe("default", epochs=1, **FAST)
+    linked = _fresh(small, tmp_path, "linked")
+    shutil.rmtree(linked / "val")
+    (linked / "val").symlink_to(linked / "train", target_is_directory=True)
+    with pytest.raises(DeepLenseError, match="is the same folder as"):
+        train(cfg, linked, tmp_path / "r1", **quiet())
+    hard = _fresh(small, tmp_path, "hard")
+    (hard / "val" / "sphere" / "3.npy").unlink()
+    os.link(hard / "train" / "sphere" / "2.npy", hard / "val" / "sphere" / "3.npy")
+    with pytest.raises(DeepLenseError, match=r"val/sphere/3\.npy: is the same file as \S*train/sphere/2\.npy"):
+        train(cfg, hard, tmp_path / "r2", **quiet())
+    copied = _fresh(small, tmp_path, "copied")
+    shutil.copy(copied / "train" / "vort" / "4.npy", copied / "val" / "no" / "7.npy")
+    with pytest.raises(DeepLenseError, match=r"val/no/7\.npy: has the same pixels as \S*train/vort/4\.npy"):
+        train(cfg, copied, tmp_path / "r3", **quiet())
+    assert not (tmp_path / "r3" / "last.pt").exists()
+    # the clean protocol never reads val in training: the evaluation is where it is caught
+    run = tmp_path / "clean"
+    train(cfg.replace(protocol="clean"), small, run, **quiet())
+    with pytest.raises(DeepLenseError, match="same folder as"):
+        evaluate(run / "best.pt", linked, tmp_path / "ev", device="cpu", n_bootstrap=0, progress=False)
+    m = evaluate(run / "best.pt", copied, tmp_path / "ev2", device="cpu", n_bootstrap=0, progress=False,
+                 allow_changed_data=True)
+    assert m["provenance"]["heldout_check"].startswith("NOT CHECKED") and "same pixels" in \
+        m["provenance"]["heldout_check"]
+
+
+def test_clean_protocol_evaluation_checks_the_train_listing(small, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, protocol="clean", **FAST), small, run, **quiet())
+    m = evaluate(run / "best.pt", small, tmp_path / "ev", device="cpu", n_bootstrap=0, progress=False)
+    assert "train/ lists the files it trained on and val/ shares no file or pixels" in m["provenance"]["heldout_check"]
+    moved = _fresh(small, tmp_path)
+    shutil.move(moved / "train" / "no" / "6.npy", moved / "val" / "no" / "11.npy")  # a training image, now in val
+    with pytest.raises(DeepLenseError, match="train/ is not the one .* trained with"):
+        evaluate(run / "best.pt", moved, tmp_path / "ev2", device="cpu", n_bootstrap=0, progress=False)
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(moved), "--out",
+                 str(tmp_path / "ev3"), "--bootstrap", "0", "--device", "cpu", "--allow-changed-data"]) == 0
+    assert "WARNING: NOT CHECKED" in capsys.readouterr().out
+
+
+def test_files_renamed_within_a_class_are_caught_by_their_pixels(small, tmp_path):
+    """Swapping two val files of one class keeps every name and label (the listing) but moves a selection image
+    into a held-out slot: the pixel digest recorded at training catches it; a plain copy of the data passes."""
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    test_idx = load_checkpoint(run / "best.pt")["data"]["heldout_test_indices"]
+    held = int(test_idx[0])  # val index of a held-out image; its class's other files hold selection images
+    cls, number = ("no", "sphere", "vort")[held // 10], held % 10 + 1
+    other = 1 if number != 1 else 2
+    data = _fresh(small, tmp_path)
+    m = evaluate(run / "best.pt", data, tmp_path / "ev", device="cpu", n_bootstrap=0, progress=False)
+    assert "pixels match the recorded digest (file times differ since training: a copy)" in \
+        m["provenance"]["heldout_check"]
+    a, b = data / "val" / cls / f"{number}.npy", data / "val" / cls / f"{other}.npy"
+    tmp = a.with_suffix(".swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    with pytest.raises(DeepLenseError, match="files modified since training"):
+        evaluate(run / "best.pt", data, tmp_path / "ev2", device="cpu", n_bootstrap=0, progress=False)
+    m = evaluate(run / "best.pt", data, tmp_path / "ev3", device="cpu", n_bootstrap=0, progress=False,
+                 allow_changed_data=True)
+    assert m["provenance"]["heldout_check"].startswith("NOT CHECKED: ") and "NOT a checked" in \
+        m["provenance"]["split_description"]

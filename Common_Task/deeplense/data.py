@@ -410,6 +410,50 @@ def combine_fingerprints(split_fingerprints: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- split
+def pixel_digest(images: np.ndarray, idx: np.ndarray) -> str:
+    """A short hash of the pixels of ``images[idx]`` in that order: recorded for the held-out images at training,
+    recomputed at evaluation, so renamed or rewritten files are caught even when the names match."""
+    h = hashlib.sha256()
+    for i in np.asarray(idx, dtype=np.int64):
+        h.update(np.ascontiguousarray(images[i], dtype=np.float32).tobytes())
+    return h.hexdigest()[:32]
+
+
+def check_disjoint(root: str | os.PathLike, train_images: np.ndarray, val_images: np.ndarray) -> None:
+    """Refuse a dataset whose ``val/`` is ``train/`` or shares images with it: the same folder (a symbolic link),
+    the same files (hard or symbolic links: one inode) or the same pixels (copies). Any of these would put
+    training images into the held-out test. The copies are found by one pixel row per image, confirmed on the whole
+    image."""
+    root = find_root(root)
+    a, b = (root / s for s in SPLITS)
+    if a.resolve() == b.resolve():
+        raise DeepLenseError(f"{b}: is the same folder as {a} (a link?): nothing would be held out of training")
+    train_files = list_files(root, "train")
+    inodes = {}
+    for p, _ in train_files:
+        st = os.stat(p)
+        inodes[(st.st_dev, st.st_ino)] = p
+    val_files = list_files(root, "val")
+    for p, _ in val_files:
+        st = os.stat(p)
+        twin = inodes.get((st.st_dev, st.st_ino))
+        if twin is not None:
+            raise DeepLenseError(f"{_display(p, root)}: is the same file as {_display(twin, root)} (a hard or symbolic "
+                                 f"link): val/ must not share images with train/")
+    if train_images.shape[-2:] != val_images.shape[-2:] or not len(train_images) or not len(val_images):
+        return
+    row = train_images.shape[-2] // 2
+    keys: dict[bytes, list[int]] = {}
+    for i in range(len(train_images)):
+        keys.setdefault(np.asarray(train_images[i, 0, row]).tobytes(), []).append(i)
+    for j in range(len(val_images)):
+        for i in keys.get(np.asarray(val_images[j, 0, row]).tobytes(), ()):
+            if np.array_equal(train_images[i], val_images[j]):
+                raise DeepLenseError(f"{_display(val_files[j][0], root)}: has the same pixels as "
+                                     f"{_display(train_files[i][0], root)} (a copy): val/ must not share images "
+                                     f"with train/")
+
+
 def split_holdout(labels: np.ndarray, fraction: float = 0.1, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Cut the official ``val`` split into a model-selection part and a held-out test part.
 

@@ -16,7 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
-from .data import CLASSES, ProtocolSplit, _numeric_key, load_splits, native_crop, read_image, split_holdout
+from .data import (
+    CLASSES,
+    SPLITS,
+    ProtocolSplit,
+    _numeric_key,
+    check_disjoint,
+    load_splits,
+    native_crop,
+    pixel_digest,
+    read_image,
+    split_holdout,
+)
 from .device import pick_device, plan_for
 from .engine import predict_proba
 from .metrics import compute_metrics
@@ -47,9 +58,19 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
         raise DeepLenseError("evaluate: --data is required (the checkpoint does not name its dataset)")
     source = "val" if split == "test" else recorded.get("selection_split", "val")
     info: dict = {}
-    images, labels = load_splits(data, (source,), allow_pickle=allow_pickle, progress=progress, info=info)[source]
+    # the test needs train/ too: to check that val/ shares no file or pixels with it (and, clean: that it is the
+    # train/ the run trained on)
+    loaded = load_splits(data, SPLITS if split == "test" else (source,), allow_pickle=allow_pickle,
+                         progress=progress, info=info)
+    images, labels = loaded[source]
     idx, checked, description = _indices(split, source, config, recorded, labels, info[source].listing, data,
                                          checkpoint, allow_changed_data)
+    if split == "test":
+        verdict = _check_test(checked, config, recorded, loaded, info, images, idx, data, checkpoint,
+                              allow_changed_data)
+        if verdict.startswith("NOT") and not checked.startswith("NOT"):
+            description += ", NOT a checked held-out set"
+        checked = verdict
     if len(idx) == 0:
         raise DeepLenseError(f"{data}: the {description} is empty (holdout_fraction {config.holdout_fraction} of "
                              f"{len(labels)} images); nothing to evaluate")
@@ -101,6 +122,45 @@ def _indices(split: str, source: str, config, recorded: dict, labels: np.ndarray
     rec = ProtocolSplit.from_record(recorded, n if source == "train" else 0, n if source == "val" else None)
     checked = f"the checkpoint's recorded images; {source} lists the same files as in training"
     return (rec.test_idx if split == "test" else rec.selection_idx), checked, description
+
+
+def _check_test(checked: str, config, recorded: dict, loaded: dict, info: dict, images, idx, data, checkpoint,
+                allow_changed_data: bool) -> str:
+    """What backs the claim that the test images were held out, beyond the recorded listing of ``val``: ``val/``
+    shares no file or pixels with ``train/``; under the clean protocol ``train/`` still lists the files the run
+    trained on; under the reference protocol the held-out images' pixels match the digest recorded at training
+    (or, for checkpoints without one, their files' sizes and times). Refused unless ``allow_changed_data``; then
+    the returned description starts with ``NOT CHECKED``."""
+    if checked.startswith("NOT"):
+        return checked
+    problems = []
+    try:
+        check_disjoint(data, loaded["train"][0], loaded["val"][0])
+    except DeepLenseError as exc:
+        problems.append(str(exc))
+    if config.protocol == "clean":
+        if recorded.get("listings", {}).get("train") not in (None, info["train"].listing):
+            problems.append(f"{data}: its train/ is not the one {checkpoint} was trained with (files added, removed "
+                            f"or renamed), so val/ may hold images it trained on")
+        checked = (f"{checked}; train/ lists the files it trained on and val/ shares no file or pixels with it"
+                   if "listings" in recorded else f"{checked}; val/ shares no file or pixels with train/")
+    else:
+        digest = recorded.get("heldout_digest")
+        modified = recorded.get("split_fingerprints", {}).get("val") not in (None, info["val"].fingerprint)
+        if digest is not None and pixel_digest(images, idx) != digest:
+            problems.append(f"{data}: files modified since training: the held-out images' pixels differ from those "
+                            f"{checkpoint} recorded (files renamed within a class, or rewritten)")
+        elif digest is not None:
+            checked += ("; their pixels match the recorded digest" +
+                        (" (file times differ since training: a copy)" if modified else ""))
+        elif modified:
+            return ("NOT CHECKED: files modified since training (val/'s file sizes or times differ from those the "
+                    "checkpoint recorded, and it records no pixel digest to verify the held-out images)")
+        checked += "; val/ shares no file or pixels with train/"
+    if problems and not allow_changed_data:
+        raise DeepLenseError(f"{problems[0]} (evaluate anyway with --allow-changed-data: the result is then not a "
+                             f"held-out test)")
+    return f"NOT CHECKED: {problems[0]} (--allow-changed-data)" if problems else checked
 
 
 def _expand(paths: list[str]) -> list[Path]:

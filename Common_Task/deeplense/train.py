@@ -21,7 +21,17 @@ import torch
 from . import engine
 from .checkpoint import FORMAT, config_of, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import CLASSES, SPLITS, ProtocolSplit, combine_fingerprints, load_splits, native_crop, protocol_split
+from .data import (
+    CLASSES,
+    SPLITS,
+    ProtocolSplit,
+    check_disjoint,
+    combine_fingerprints,
+    load_splits,
+    native_crop,
+    pixel_digest,
+    protocol_split,
+)
 from .device import default_timeout_minutes, pick_device, plan_for
 from .model import build_model
 from .util import (
@@ -214,6 +224,8 @@ def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: to
         split = protocol_split(config.protocol, tr_labels, va_labels, config.holdout_fraction, seed=config.seed)
     elif split.protocol != config.protocol:
         raise DeepLenseError(f"train: a {split.protocol}-protocol split given for a {config.protocol}-protocol run")
+    if va_images is not None:  # a val/ that is train/ (a link, hard links, copies) would hold nothing out
+        check_disjoint(data, tr_images, va_images)
     sel_images, sel_labels = (va_images, va_labels) if split.selection_split == "val" else (tr_images, tr_labels)
     tr_idx = _limit(tr_labels, split.train_idx, config.limit_per_class)
     sel_idx = _limit(sel_labels, split.selection_idx, config.limit_per_class)
@@ -227,7 +239,9 @@ def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: to
                  "listings": {s: info[s].listing for s in needed},
                  "n_train": int(len(tr_idx)), "n_selection": int(len(sel_idx)),
                  "n_test": n_val if split.test_idx is None else int(len(split.test_idx)),
-                 "test": "all of val" if split.test_idx is None else "held-out part of val", **split.record()}
+                 "test": "all of val" if split.test_idx is None else "held-out part of val",
+                 "heldout_digest": None if split.test_idx is None else pixel_digest(va_images, split.test_idx),
+                 **split.record()}
     return x_train, torch.from_numpy(tr_labels[tr_idx]), x_sel, sel_labels[sel_idx], data_info
 
 
