@@ -152,8 +152,8 @@ MUTANTS = (
            PKG + "data.py", "channels=config.in_channels)", "channels=3)",
            ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_and_predicts",)),
     Mutant("sigterm_ignored", "SIGTERM (timeout, docker stop, a queue's limit) leaves half-written files",
-           PKG + "cli.py", "        previous = signal.signal(signal.SIGTERM, _on_sigterm)\n",
-           "        previous = None\n",
+           PKG + "cli.py", "        previous = {sig: signal.signal(sig, _on_signal) for sig in handled}\n",
+           "        previous = {}\n",
            ("tests/test_cli.py::test_sigterm_cleans_up_like_ctrl_c",)),
     Mutant("os_error_traceback", "an OSError (full disk, a path that is a file) ends in a traceback",
            PKG + "cli.py", "    except OSError as exc:  # a full disk",
@@ -280,6 +280,13 @@ MUTANTS = (
     Mutant("renamed_files_unchecked", "files renamed within a class move selection images into the held-out test",
            EVALUATE, "        if digest is not None and pixel_digest(images, idx) != digest:", "        if False:",
            ("tests/test_evaluate.py::test_files_renamed_within_a_class_are_caught_by_their_pixels",)),
+    Mutant("sighup_ignored", "closing the terminal (SIGHUP) leaves half-written files behind",
+           PKG + "cli.py", '    handled = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])\n',
+           "    handled = [signal.SIGTERM]\n",
+           ("tests/test_cli.py::test_sigterm_cleans_up_like_ctrl_c",)),
+    Mutant("new_run_keeps_dead_temps", "a killed run's hidden checkpoint temp file stays forever beside a new run",
+           TRAIN, "        sweep_stale_temps(run)  # half-written", "        pass  # half-written",
+           ("tests/test_cli.py::test_a_new_run_sweeps_dead_writers_temp_files_and_says_how_to_resume",)),
 )
 
 

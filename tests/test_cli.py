@@ -101,9 +101,12 @@ def test_arguments_are_checked_before_any_work(argv, expected, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == [] and time.time() - t0 < 10
 
 
-def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
-    """What `timeout`, `kill`, `docker stop` and a queue's time limit send, during a cache build: exit 143, one
-    line, no temporary file left in the cache."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, sig):
+    """What `timeout`, `kill`, `docker stop` and a queue's time limit send (SIGTERM), and what closing the terminal
+    or the SSH session sends (SIGHUP), during a cache build: exit 128 + the signal, one line, no temporary file
+    left in the cache."""
+    signum = getattr(signal, sig)
     data = write_dataset(tmp_path / "d", n_train=300, n_val=2)
     cache = tmp_path / "cache"
     env = {**subprocess_env(), "DEEPLENSE_CACHE": str(cache)}
@@ -113,10 +116,11 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     while time.time() < deadline and not list(cache.glob("*.tmp")):
         time.sleep(0.01)
     assert list(cache.glob("*.tmp")), "the cache build did not start"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
+    assert proc.returncode == 128 + signum, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated: " if sig == "SIGTERM" else "hung up: ") and "Traceback" not in err
     assert not [p for p in cache.iterdir() if "tmp" in p.name]
 
 
@@ -136,3 +140,29 @@ def test_no_traceback_for_os_errors_raised_deep_inside(world, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {world['run'] / 'x.pt'}: No space left on device"
     assert not [p for p in out.iterdir() if "tmp" in p.name]
+
+
+def test_a_new_run_sweeps_dead_writers_temp_files_and_says_how_to_resume(small, tmp_path, monkeypatch, capsys):
+    """A killed first try leaves a hidden checkpoint temp file (tens of MB at full scale): the next `train --out`
+    removes it when its writer is dead, keeps a live writer's; an interrupted new run says to use --resume."""
+    import os
+
+    import deeplense.train as train_mod
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = run / f".last.pt.{2**22 + 7}.abc123.tmp"  # above Linux's pid_max: no such process
+    live = run / f".best.pt.{os.getppid()}.def456.tmp"
+    dead.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"another job's file")
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    assert not dead.exists() and live.exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    assert main(["train", "--data", str(small), "--out", str(tmp_path / "r2"), "--weights", "none"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted: finished work is kept; continue with `python -m deeplense train --resume "
+                   f"{tmp_path / 'r2'}`"]

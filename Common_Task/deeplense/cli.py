@@ -348,12 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, ``docker stop``, a queue's time limit), handled like Ctrl-C: every
-    half-written file is removed on the way out."""
+    """SIGTERM (``kill``, ``timeout``, ``docker stop``, a queue's time limit) or SIGHUP (the terminal or SSH session
+    closed), handled like Ctrl-C: every half-written file is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
+def _resume_hint(args) -> str:
+    """How to continue after an interruption: the same command, except for a new training run."""
+    if getattr(args, "command", None) == "train" and not getattr(args, "resume", None) and getattr(args, "out", None):
+        return f"continue with `python -m deeplense train --resume {args.out}`"
+    return "run the same command again to resume"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    handled = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    else:  # pragma: no cover - signals can only be handled in the main thread
-        previous = None
+        previous = {sig: signal.signal(sig, _on_signal) for sig in handled}
     try:
         return int(args.func(args) or 0)
     except DeepLenseError as exc:
@@ -380,12 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}: {reason}" if where else f"error: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{what}: finished work is kept; run the same command again to resume", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        hung_up = isinstance(exc, Terminated) and exc.signum == getattr(signal, "SIGHUP", None)
+        what = "hung up" if hung_up else "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}: finished work is kept; {_resume_hint(args)}", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
         raise DeepLenseError("train: --out RUN is required (or --resume RUN)")
     elif (run / "last.pt").exists():
         raise DeepLenseError(f"{run}: already holds a run (last.pt); use --resume {run} or another --out")
+    elif rank == 0 and run.is_dir():
+        sweep_stale_temps(run)  # half-written checkpoints of a killed earlier try (a dead writer's only)
     if data is None:
         raise DeepLenseError("train: no dataset given")
     plan = plan_for(dev, config.precision)  # a precision the device cannot do is refused before any work
