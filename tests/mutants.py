@@ -287,6 +287,13 @@ MUTANTS = (
     Mutant("new_run_keeps_dead_temps", "a killed run's hidden checkpoint temp file stays forever beside a new run",
            TRAIN, "        sweep_stale_temps(run)  # half-written", "        pass  # half-written",
            ("tests/test_cli.py::test_a_new_run_sweeps_dead_writers_temp_files_and_says_how_to_resume",)),
+    Mutant("special_file_replaced", "predict --output /dev/null (as root) replaces the system's /dev/null",
+           PKG + "util.py", "    if final.exists() and not final.is_file() and not final.is_dir():\n",
+           "    if False:\n",
+           ("tests/test_evaluate.py::test_predict_output_writes_into_special_files_and_through_links",)),
+    Mutant("symlink_replaced", "an output that is a symbolic link is replaced by a regular file",
+           PKG + "util.py", "    if final.is_symlink():\n        final = Path(os.path.realpath(final))\n", "",
+           ("tests/test_evaluate.py::test_predict_output_writes_into_special_files_and_through_links",)),
 )
 
 

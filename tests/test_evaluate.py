@@ -274,3 +274,32 @@ def test_files_renamed_within_a_class_are_caught_by_their_pixels(small, tmp_path
                  allow_changed_data=True)
     assert m["provenance"]["heldout_check"].startswith("NOT CHECKED: ") and "NOT a checked" in \
         m["provenance"]["split_description"]
+
+
+def test_predict_output_writes_into_special_files_and_through_links(small, tmp_path):
+    """`--output` that is a FIFO (or /dev/null, /dev/stdout) is written into, never replaced by a regular file; a
+    symbolic link stays a link and its target gets the CSV; a long legal name works (issue 22, item 3)."""
+    import os
+    import stat
+    import threading
+
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    one = str(small / "val" / "no" / "1.npy")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), one, "--output", str(fifo), "--device", "cpu"]) == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert got and got[0].startswith("path,predicted,p_no,p_sphere,p_vort\n")
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), one, "--output", str(link), "--device", "cpu"]) == 0
+    assert link.is_symlink() and target.read_text().startswith("path,predicted")
+    long = tmp_path / ("p" * 240 + ".csv")
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), one, "--output", str(long), "--device", "cpu"]) == 0
+    assert long.read_text().startswith("path,predicted") and not list(tmp_path.glob(".*tmp*"))

@@ -25,12 +25,21 @@ class DeepLenseError(Exception):
 def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
 
-    Readers never see a half-written file: either the old file (or none) or the complete new one.
+    Readers never see a half-written file: either the old file (or none) or the complete new one. Only regular files
+    are replaced so: a symbolic link is followed (the file it points to is replaced, the link stays), and anything
+    else that exists at ``final`` (a FIFO, ``/dev/null``, ``/dev/stdout``, a socket) is written directly, never
+    replaced by a regular file.
     """
     final = Path(final)
+    if final.is_symlink():
+        final = Path(os.path.realpath(final))
+    if final.exists() and not final.is_file() and not final.is_dir():
+        yield final  # a special file: write into it
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
-    # the process id in the name lets sweep_stale_temps() tell a dead writer's leftovers from a live one's file
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=final.parent)
+    # the process id in the name lets sweep_stale_temps() tell a dead writer's leftovers from a live one's file;
+    # the name is cut so that a legal long file name still leaves room for the temporary one's
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name[:80]}.{os.getpid()}.", suffix=".tmp" + suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
