@@ -166,3 +166,25 @@ def test_a_new_run_sweeps_dead_writers_temp_files_and_says_how_to_resume(small, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"interrupted: finished work is kept; continue with `python -m deeplense train --resume "
                    f"{tmp_path / 'r2'}`"]
+
+
+def test_messages_say_what_is_true(small, tmp_path):
+    """A finished run whose last.pt was deleted is not "stopped before its first epoch"; a pixel just above 1 is
+    printed with enough digits to see it (issue 22, item 9)."""
+    import numpy as np
+
+    from deeplense.data import read_image
+    from deeplense.util import DeepLenseError
+
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    (run / "last.pt").unlink()
+    with pytest.raises(DeepLenseError, match=r"missing \(deleted\?\), but the run finished 1 epoch\(s\)"):
+        train(None, None, None, resume=run, **quiet())
+    f = tmp_path / "x.npy"
+    np.save(f, np.full((1, 8, 8), 1.000002, dtype=np.float32))
+    shown = f"{float(np.float32(1.000002)):.9g}"
+    with pytest.raises(DeepLenseError, match=rf"span \[{shown}, {shown}\], expected") as e:
+        read_image(f)
+    assert shown != "1"
+    assert "[1, 1]" not in str(e.value)

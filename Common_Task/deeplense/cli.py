@@ -218,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow pickled object arrays (Model I sets); pickles can run code: trusted files only")
     data = argparse.ArgumentParser(add_help=False, parents=[pickle])
     data.add_argument("--data", metavar="DIR", help="dataset folder (holding train/ and val/) or a wrapper above "
-                                                    "it; omitted: the run's own or a small simulated set")
+                                                    "it; omitted: a small simulated set (with --resume: the run's own)")
+    recorded_data = argparse.ArgumentParser(add_help=False, parents=[pickle])
+    recorded_data.add_argument("--data", metavar="DIR", help="dataset folder (holding train/ and val/) or a wrapper "
+                                                             "above it; omitted: the one the checkpoint recorded")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
     device.add_argument("--precision", choices=PRECISIONS,
@@ -288,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-per-class", type=int, metavar="N", help="use at most N images per class")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (for GPUs; the first steps take a while longer)")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (--out is then ignored)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt with the settings it started with "
+                                                   "(--out, --recipe and training options are refused; --data, "
+                                                   "--device and --precision may change)")
     p.add_argument("--stop-after-epoch", type=int, metavar="E",
                    help="end this job after epoch E (the schedule still spans all epochs); --resume continues")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", parents=[data, device, tta],
+    p = sub.add_parser("evaluate", parents=[recorded_data, device, tta],
                        help="metrics.json and predictions.npz on the held-out test set",
                        description="Evaluate a checkpoint on its test images (--split test: the held-out part of "
                                    "val the checkpoint recorded, or all of val under the clean protocol) or on the "
@@ -340,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="execute the notebook end to end (what `make demo` runs)",
                        description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place. "
-                                   "Uses $DEEPLENSE_DATA (or ./dataset) if present, else a simulated set.")
+                                   "Uses $DEEPLENSE_DATA (or the repository's own dataset/ folder) if present, "
+                                   "else a simulated set.")
     p.add_argument("--out", metavar="DIR", help="output folder for the run (default demo_output/)")
     p.add_argument("--no-readme", action="store_true", help="do not copy the results table into README.md")
     p.set_defaults(func=_cmd_demo)

@@ -175,7 +175,7 @@ def read_image(path: str | os.PathLike, *, allow_pickle: bool = False, name: str
         raise DeepLenseError(f"{name}: contains NaN or infinite pixels")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise DeepLenseError(f"{name}: pixel values span [{lo:.4g}, {hi:.4g}], expected min-max normalised [0, 1]")
+        raise DeepLenseError(f"{name}: pixel values span [{lo:.9g}, {hi:.9g}], expected min-max normalised [0, 1]")
     return np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False)
 
 

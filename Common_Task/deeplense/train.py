@@ -69,6 +69,11 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     run, ckpt = Path(resume or out or ""), None
     if resume is not None:
         if not (run / "last.pt").is_file() and (run / "config.json").is_file():
+            done = read_jsonl(run / "history.jsonl")
+            if done or (run / "best.pt").exists():
+                raise DeepLenseError(f"{run / 'last.pt'}: missing (deleted?), but the run finished "
+                                     f"{len(done)} epoch(s): it cannot be resumed without it; its best.pt still "
+                                     f"evaluates, and a new run needs another --out")
             raise DeepLenseError(f"{run / 'last.pt'}: not there: the run stopped before it finished its first epoch; "
                                  f"start it again with `train --out {run}` and the same options")
         ckpt = load_checkpoint(run / "last.pt", map_location="cpu")
