@@ -294,6 +294,15 @@ MUTANTS = (
     Mutant("symlink_replaced", "an output that is a symbolic link is replaced by a regular file",
            PKG + "util.py", "    if final.is_symlink():\n        final = Path(os.path.realpath(final))\n", "",
            ("tests/test_evaluate.py::test_predict_output_writes_into_special_files_and_through_links",)),
+    Mutant("divergence_unnoticed", "a NaN loss trains on silently and saves NaN weights as the run's result",
+           TRAIN, '        if not math.isfinite(rec["train_loss"]):', "        if False:",
+           ("tests/test_cli.py::test_a_diverged_run_is_one_line",)),
+    Mutant("batch_of_one_accepted", "--batch-size 1 ends in a BatchNorm traceback in the first step",
+           PKG + "config.py", "            (self.batch_size >= 2,", "            (self.batch_size >= 1,",
+           ("tests/test_cli.py::test_arguments_are_checked_before_any_work",)),
+    Mutant("device_checked_late", "a mistyped --device is found only after simulating a dataset",
+           PKG + "cli.py", "        plan_for(pick_device(args.device), cfg.precision)  # so are", "        None  # so are",
+           ("tests/test_cli.py::test_arguments_are_checked_before_any_work",)),
 )
 
 

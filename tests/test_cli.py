@@ -83,6 +83,14 @@ def test_a_cache_setting_that_is_a_file_is_one_line(world, cache, monkeypatch, c
 @pytest.mark.parametrize("argv, expected", [
     (["train"], "--out RUN is required"),
     (["train", "--out", "{tmp}/run", "--seed", "-1"], "seed must be 0 or more"),
+    (["train", "--out", "{tmp}/run", "--seed", "20261201120000"], "below 2**31"),
+    (["train", "--out", "{tmp}/run", "--device", "gpu"], "--device gpu: not a device"),
+    (["train", "--out", "{tmp}/run", "--device", "CUDA"], "--device CUDA: not a device"),
+    (["train", "--out", "{tmp}/run", "--device", "cuda:x"], "--device cuda:x: not a device"),
+    (["train", "--out", "{tmp}/run", "--device", "cpu", "--precision", "fp16"], "--precision fp16: needs a CUDA"),
+    (["train", "--out", "{tmp}/run", "--batch-size", "1"], "batch_size must be at least 2"),
+    (["train", "--out", "{tmp}/run", "--image-size", "10000"], "image_size must be between 16 and 1024"),
+    (["train", "--out", "{tmp}/run", "--eval-batch-size", "0"], "eval_batch_size must be at least 1"),
     (["train", "--out", "{tmp}/run", "--crop", "0"], "crop must be at least 16"),
     (["train", "--out", "{tmp}/run", "--limit-per-class", "-1"], "limit_per_class must be at least 1"),
     (["train", "--out", "{tmp}/run", "--stop-after-epoch", "0"], "--stop-after-epoch 0"),
@@ -188,3 +196,16 @@ def test_messages_say_what_is_true(small, tmp_path):
         read_image(f)
     assert shown != "1"
     assert "[1, 1]" not in str(e.value)
+
+
+def test_a_diverged_run_is_one_line(small, tmp_path, monkeypatch, capsys):
+    import deeplense.engine as engine
+
+    real = engine.F.cross_entropy
+    monkeypatch.setattr(engine.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(small), "--out", str(run), "--epochs", "2", "--image-size", "32",
+                 "--batch-size", "8", "--weights", "none", "--device", "cpu", "--lr", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training diverged at epoch 1 (loss nan); lower --lr (now 5)" in err[0], err
+    assert not (run / "last.pt").exists()

@@ -101,6 +101,9 @@ def _cmd_train(args) -> int:
         if not args.out:
             raise DeepLenseError("train: --out RUN is required (or --resume RUN)")
         cfg = recipe(args.recipe or "default", **given)  # checked before any data is simulated or loaded
+        from .device import pick_device, plan_for
+
+        plan_for(pick_device(args.device), cfg.precision)  # so are the device and its precision
         _check_writable(args.out)
         summary = train(cfg, _data_or_simulated(args), args.out, device=args.device, allow_pickle=args.allow_pickle,
                         stop_after_epoch=args.stop_after_epoch, compile_model=args.compile)

@@ -154,6 +154,9 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
         rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, placed, config, epoch=epoch,
                                                         rank=rank, world=world, progress=progress)}
+        if not math.isfinite(rec["train_loss"]):  # every rank sees the same all-reduced loss
+            raise DeepLenseError(f"{run}: training diverged at epoch {epoch} (loss {rec['train_loss']}); lower "
+                                 f"--lr (now {config.lr:g}) and start again; the epochs before it are kept")
         rec.update(_validate_on_rank0(model, placed, y_sel, config, rank, world))
         history.append(rec)
         score = rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
