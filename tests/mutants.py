@@ -301,8 +301,19 @@ MUTANTS = (
            PKG + "config.py", "            (self.batch_size >= 2,", "            (self.batch_size >= 1,",
            ("tests/test_cli.py::test_arguments_are_checked_before_any_work",)),
     Mutant("device_checked_late", "a mistyped --device is found only after simulating a dataset",
-           PKG + "cli.py", "        plan_for(pick_device(args.device), cfg.precision)  # so are", "        None  # so are",
+           PKG + "cli.py", "        plan_for(pick_device(args.device), cfg.precision)  # so are",
+           "        None  # so are",
            ("tests/test_cli.py::test_arguments_are_checked_before_any_work",)),
+    Mutant("accuracy_ci_drops_resamples", "with 1 held-out image per class the accuracy interval is [x, x]",
+           METRICS,
+           '        samples["accuracy"].append(float((pred[idx] == yb).mean()))  # defined for every resample\n'
+           '        if np.bincount(yb, minlength=k).min() == 0:\n            skipped += 1\n            continue\n',
+           '        if np.bincount(yb, minlength=k).min() == 0:\n            skipped += 1\n            continue\n'
+           '        samples["accuracy"].append(float((pred[idx] == yb).mean()))\n',
+           ("tests/test_metrics.py::test_no_zero_width_intervals_from_tiny_test_sets",)),
+    Mutant("auc_interval_from_too_few", "AUC intervals from 1-4 images per class are printed as 95% intervals",
+           METRICS, "        if counts.min() < MIN_PER_CLASS_FOR_AUC_CI:\n", "        if False:\n",
+           ("tests/test_metrics.py::test_no_zero_width_intervals_from_tiny_test_sets",)),
 )
 
 

@@ -148,3 +148,31 @@ def test_paired_difference_per_seed_equals_sklearn_and_intervals_behave():
     # identical predictions: exactly zero
     zero = paired_difference(y, better, better, n_bootstrap=50, seed=0)
     assert zero["per_seed"] == [0.0] * 4 and zero["bootstrap_ci"] == [0.0, 0.0]
+
+
+def test_no_zero_width_intervals_from_tiny_test_sets():
+    """One held-out image per class: the accuracy interval uses every resample (so it is not the zero-width
+    [x, x] of the 22% of resamples that hold all three classes), and the AUC intervals are not available, with
+    the reason, in metrics.json, the CLI's format and the README table (issue 22, item 2)."""
+    from deeplense.report import format_ci, results_table
+
+    y = np.array([0, 1, 2])
+    p = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])  # 2 of 3 right
+    m = compute_metrics(y, p, n_bootstrap=400, seed=0)
+    lo, hi = m["ci"]["accuracy"]
+    assert lo < m["accuracy"] < hi and hi - lo > 0.3, m["ci"]["accuracy"]
+    assert m["ci"]["macro_auc"] is None and all(v is None for v in m["ci"]["per_class_auc"].values())
+    why = m["ci"]["auc_unavailable"]
+    assert "1 test image(s) of class no" in why
+    assert format_ci(m["auc"]["macro"], m["ci"]["macro_auc"], 4, why).endswith(f"[interval n/a: {why}]")
+    assert f"interval n/a: {why}" in results_table({**m, "provenance": {}})
+    # 4 per class: still too few, though few resamples miss a class
+    y4 = np.repeat([0, 1, 2], 4)
+    rng = np.random.default_rng(0)
+    p4 = rng.dirichlet([1, 1, 1], len(y4))
+    m4 = compute_metrics(y4, p4, n_bootstrap=200, seed=0)
+    assert m4["ci"]["macro_auc"] is None and m4["ci"]["skipped"] < 20 and "4 test image(s)" in \
+        m4["ci"]["auc_unavailable"]
+    y5 = np.repeat([0, 1, 2], 5)
+    m5 = compute_metrics(y5, rng.dirichlet([1, 1, 1], len(y5)), n_bootstrap=200, seed=0)
+    assert m5["ci"]["macro_auc"] is not None and m5["ci"]["auc_unavailable"] is None

@@ -130,10 +130,11 @@ def _cmd_evaluate(args) -> int:
     if m["provenance"]["heldout_check"].startswith("NOT"):
         print(f"WARNING: {m['provenance']['heldout_check']}")
     print(f"accuracy  {format_ci(m['accuracy'], ci['accuracy'], 4)}")
-    print(f"macro AUC {format_ci(m['auc']['macro'], ci['macro_auc'], 4)}")
-    print(f"micro AUC {format_ci(m['auc']['micro'], ci['micro_auc'], 4)}")
+    why = ci.get("auc_unavailable")
+    print(f"macro AUC {format_ci(m['auc']['macro'], ci['macro_auc'], 4, why)}")
+    print(f"micro AUC {format_ci(m['auc']['micro'], ci['micro_auc'], 4, why)}")
     for c, v in m["auc"]["per_class"].items():
-        print(f"AUC {c:<6} {format_ci(v, ci['per_class_auc'][c], 4)}")
+        print(f"AUC {c:<6} {format_ci(v, ci['per_class_auc'][c], 4, why)}")
     print(f"wrote {out}/metrics.json and {out}/predictions.npz")
     return 0
 

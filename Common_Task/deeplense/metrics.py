@@ -68,6 +68,11 @@ def _resample_aucs(y: np.ndarray, p: np.ndarray) -> tuple[list[float], float]:
     return per_class, auc(p[hit], p[~hit])
 
 
+MIN_PER_CLASS_FOR_AUC_CI = 5
+"""Fewer test images of a class than this and the AUC intervals are reported as not available: resamples of one or
+two images per class give intervals of zero width or nothing at all, not 95% intervals."""
+
+
 def compute_metrics(labels, probabilities, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Accuracy, AUCs (macro, micro, per class), confusion matrix, and bootstrap 95% intervals.
 
@@ -75,8 +80,11 @@ def compute_metrics(labels, probabilities, *, n_bootstrap: int = 1000, seed: int
     ----------
     labels : int array ``(N,)`` indexing :data:`CLASSES`.
     probabilities : float array ``(N, 3)``, softmax rows in :data:`CLASSES` order.
-    n_bootstrap : resamples (with replacement, size N) for the percentile intervals; resamples that
-        miss a class are skipped and counted in ``ci.skipped``.
+    n_bootstrap : resamples (with replacement, size N) for the percentile intervals. The accuracy interval uses
+        every resample; the AUC intervals skip resamples that miss a class (counted in ``ci.skipped``) and are
+        None, with the reason in ``ci.auc_unavailable``, when a class has fewer than
+        :data:`MIN_PER_CLASS_FOR_AUC_CI` test images (with at least 5 per class, under 1% of the resamples miss a
+        class).
     seed : seed of the resampling.
 
     Returns
@@ -102,11 +110,11 @@ def compute_metrics(labels, probabilities, *, n_bootstrap: int = 1000, seed: int
     for _ in range(n_bootstrap if len(y) else 0):
         idx = rng.integers(0, len(y), len(y))
         yb = y[idx]
+        samples["accuracy"].append(float((pred[idx] == yb).mean()))  # defined for every resample
         if np.bincount(yb, minlength=k).min() == 0:
             skipped += 1
             continue
         per_class, micro = _resample_aucs(yb, p[idx])
-        samples["accuracy"].append(float((pred[idx] == yb).mean()))
         samples["macro_auc"].append(float(np.mean(per_class)))
         samples["micro_auc"].append(micro)
         for c, v in zip(CLASSES, per_class, strict=True):
@@ -115,6 +123,16 @@ def compute_metrics(labels, probabilities, *, n_bootstrap: int = 1000, seed: int
     def interval(v):
         return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None
 
+    counts = np.bincount(y, minlength=k)
+    unavailable = None
+    if len(y) and n_bootstrap:
+        if counts.min() < MIN_PER_CLASS_FOR_AUC_CI:
+            c = int(counts.argmin())
+            unavailable = (f"{int(counts[c])} test image(s) of class {CLASSES[c]}, fewer than the "
+                           f"{MIN_PER_CLASS_FOR_AUC_CI} an AUC interval needs")
+    if unavailable:
+        samples.update({key: [] for key in samples if key != "accuracy"})
+
     out["ci"] = {
         "level": 0.95, "method": "percentile bootstrap", "n_bootstrap": int(n_bootstrap), "skipped": int(skipped),
         "seed": int(seed),
@@ -122,6 +140,7 @@ def compute_metrics(labels, probabilities, *, n_bootstrap: int = 1000, seed: int
         "macro_auc": interval(samples["macro_auc"]),
         "micro_auc": interval(samples["micro_auc"]),
         "per_class_auc": {c: interval(samples[f"auc_{c}"]) for c in CLASSES},
+        "auc_unavailable": unavailable,
     }
     return out
 

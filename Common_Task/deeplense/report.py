@@ -18,13 +18,14 @@ from .util import REPO, DeepLenseError, read_jsonl, replace_section
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def format_ci(value, interval, digits: int = 3) -> str:
+def format_ci(value, interval, digits: int = 3, unavailable: str | None = None) -> str:
     """``0.957 [0.925, 0.983]``: a value with its interval (``n/a`` for a missing value; no brackets without an
-    interval)."""
+    interval; ``0.957 [interval n/a: <why>]`` when the interval could not be estimated)."""
     if value is None:
         return "n/a"
-    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else \
-        f"{value:.{digits}f}"
+    if interval:
+        return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return f"{value:.{digits}f}" + (f" [interval n/a: {unavailable}]" if unavailable else "")
 
 
 def results_table(metrics: dict) -> str:
@@ -37,7 +38,9 @@ def results_table(metrics: dict) -> str:
     rows += [(f"AUC {CLASS_LABELS[c]} (`{c}`)", v, ci["per_class_auc"][c])
              for c, v in metrics["auc"]["per_class"].items()]
     lines = ["| metric | value [95% bootstrap interval] |", "|---|---|"]
-    lines += [f"| {name} | {format_ci(v, c)} |" for name, v, c in rows]
+    why = ci.get("auc_unavailable")
+    lines += [f"| {name} | {format_ci(v, c, unavailable=None if name == 'accuracy' else why)} |"
+              for name, v, c in rows]
     cfg = prov.get("config", {})
     if str(prov.get("heldout_check", "")).startswith("NOT"):
         lines += ["", f"**Warning: {prov['heldout_check']}.**"]
@@ -54,7 +57,8 @@ def findings(metrics: dict) -> str:
     wide the macro-AUC interval is (differences smaller than that are not evidence)."""
     auc, ci = metrics["auc"]["per_class"], metrics["ci"]["per_class_auc"]
     order = sorted((c for c in auc if auc[c] is not None), key=lambda c: auc[c], reverse=True)
-    lines = [f"- **{CLASS_LABELS[c]}** (`{c}`): AUC {format_ci(auc[c], ci[c])}" for c in order]
+    why = metrics["ci"].get("auc_unavailable")
+    lines = [f"- **{CLASS_LABELS[c]}** (`{c}`): AUC {format_ci(auc[c], ci[c], unavailable=why)}" for c in order]
     if order:
         lines.append(f"\nHardest class in this run: **{CLASS_LABELS[order[-1]]}**. Confusions (rows true, columns "
                      f"predicted): {metrics['confusion_matrix']}.")
