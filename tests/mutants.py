@@ -49,8 +49,8 @@ NOTEBOOK = "Common_Task/DeepLense_Classification.ipynb"
 
 MUTANTS = (
     Mutant("best_pt_every_epoch", "best.pt is overwritten every epoch: the last epoch is evaluated, not the best",
-           TRAIN, '            if improved:\n                save_checkpoint(run / "best.pt", payload)\n',
-           '            save_checkpoint(run / "best.pt", payload)\n',
+           TRAIN, '                if improved:\n                    save_checkpoint(run / "best.pt", payload)\n',
+           '                save_checkpoint(run / "best.pt", payload)\n',
            ("tests/test_train.py::test_best_checkpoint_holds_the_peak_epoch_also_across_resume",)),
     Mutant("resume_resets_best", "a resumed run forgets its best metric and overwrites best.pt with a worse epoch",
            TRAIN, 'ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]', 'ckpt["epoch"] + 1, -math.inf, 0',
@@ -314,6 +314,19 @@ MUTANTS = (
     Mutant("auc_interval_from_too_few", "AUC intervals from 1-4 images per class are printed as 95% intervals",
            METRICS, "        if counts.min() < MIN_PER_CLASS_FOR_AUC_CI:\n", "        if False:\n",
            ("tests/test_metrics.py::test_no_zero_width_intervals_from_tiny_test_sets",)),
+    Mutant("run_folder_unlocked", "two train jobs on one --out both succeed and interleave their files",
+           TRAIN, '    with folder_lock(run, "a training run") if rank == 0 else contextlib.nullcontext():',
+           "    with contextlib.nullcontext():",
+           ("tests/test_train.py::test_one_writer_per_run_folder_and_no_run_over_results",)),
+    Mutant("eval_folder_unlocked", "an evaluate writes into a folder another process is writing",
+           EVALUATE, '    with folder_lock(out, "an evaluation"):', "    if True:",
+           ("tests/test_train.py::test_one_writer_per_run_folder_and_no_run_over_results",)),
+    Mutant("run_over_results", "train --out on a finished run whose last.pt was deleted overwrites its best.pt",
+           TRAIN, "    elif results := _results_in(run):", "    elif results := []:",
+           ("tests/test_train.py::test_one_writer_per_run_folder_and_no_run_over_results",)),
+    Mutant("report_pair_unchecked", "report draws predictions from another evaluation beside metrics.json",
+           PKG + "report.py", "    if recorded is not None and recorded != file_sha256(ppath):", "    if False:",
+           ("tests/test_report.py::test_report_refuses_predictions_from_another_evaluation",)),
 )
 
 

@@ -53,3 +53,27 @@ def test_update_readme_fills_only_the_marked_section(tmp_path):
     text = readme.read_text()
     assert text.startswith("head\n<!-- results:start -->\nFrom a test.\n\n| metric |") and text.endswith("tail\n")
     assert "old" not in text
+
+
+def test_report_refuses_predictions_from_another_evaluation(small, tmp_path):
+    """metrics.json names the hash of the predictions it was computed from: a predictions.npz written by a second
+    evaluation (or left by a killed one) is refused, not drawn beside the wrong numbers (issue 22, item 4)."""
+    import shutil
+
+    import pytest
+    from conftest import FAST, quiet
+
+    from deeplense.config import recipe
+    from deeplense.evaluate import evaluate
+    from deeplense.report import report
+    from deeplense.train import train
+    from deeplense.util import DeepLenseError
+
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    evaluate(run / "best.pt", small, tmp_path / "a", device="cpu", n_bootstrap=0, progress=False)
+    evaluate(run / "best.pt", small, tmp_path / "b", device="cpu", n_bootstrap=0, progress=False, split="selection")
+    assert report(tmp_path / "a", tmp_path / "figs")
+    shutil.copy(tmp_path / "b" / "predictions.npz", tmp_path / "a" / "predictions.npz")
+    with pytest.raises(DeepLenseError, match="not the predictions metrics.json was computed from"):
+        report(tmp_path / "a", tmp_path / "figs2")

@@ -202,3 +202,32 @@ def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path,
     assert main(["predict", "--checkpoint", str(run / "best.pt"), str(small / "val" / "sphere"), "--device",
                  "cpu"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 11
+
+
+def test_one_writer_per_run_folder_and_no_run_over_results(small, tmp_path, capsys):
+    """A second train (or evaluate) on a folder another process writes stops with one line naming that process;
+    a lock left by a dead process is taken over; a new run is refused where a finished one's results lie
+    (issue 22, item 4)."""
+    import os
+
+    from deeplense.cli import main
+    from deeplense.util import folder_lock
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(small), "--out", str(run), "--epochs", "1", "--image-size", "32", "--batch-size",
+            "8", "--weights", "none", "--device", "cpu"]
+    with folder_lock(run, "a training run"):  # as if another train held it
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {run}: in use by process {os.getpid()} (a training run); wait for it to finish or "
+                       f"use another folder"]
+        assert not (run / "config.json").exists()
+        ev = ["evaluate", "--checkpoint", str(run / "best.pt"), "--out", str(run), "--device", "cpu"]
+    (run / ".lock").write_text("999999999 (a training run)\n")  # its process died: the OS released the lock
+    assert main(args) == 0
+    (run / "last.pt").unlink()  # the first thing users delete to save space
+    assert main(args) == 2
+    assert "already holds a run's results (best.pt, history.jsonl; its last.pt is gone)" in capsys.readouterr().err
+    with folder_lock(run, "a training run"):
+        assert main(ev) == 2
+        assert "in use by process" in capsys.readouterr().err

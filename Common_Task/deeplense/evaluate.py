@@ -31,7 +31,7 @@ from .data import (
 from .device import pick_device, plan_for
 from .engine import predict_proba
 from .metrics import compute_metrics
-from .util import DeepLenseError, atomic_path, versions, write_json_atomic, write_text_atomic
+from .util import DeepLenseError, atomic_path, file_sha256, folder_lock, versions, write_json_atomic, write_text_atomic
 
 
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out: str | os.PathLike, *,
@@ -78,10 +78,22 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
     probs = predict_proba(model, native_crop(images, idx, config.crop), config, plan, tta=tta, progress=progress,
                           desc=f"evaluating {split}")
     out = Path(out)
+    with folder_lock(out, "an evaluation"):  # two evaluations into one folder would mix their two files
+        return _write_results(out, labels[idx].astype(np.int64), probs, {f"{source}_indices": idx}, n_bootstrap,
+                              config, split, description, checked, checkpoint, ckpt, data, source, info, dev, plan,
+                              tta)
+
+
+def _write_results(out: Path, labels, probs, indices: dict, n_bootstrap: int, config, split, description, checked,
+                   checkpoint, ckpt, data, source, info, dev, plan, tta) -> dict:
+    """``predictions.npz``, then ``metrics.json`` computed from exactly the saved arrays and naming their hash, so
+    that ``report`` can tell a pair written by two evaluations (or by a killed one) from a true pair."""
     with atomic_path(out / "predictions.npz", suffix=".npz") as tmp:
-        np.savez(tmp, labels=labels[idx].astype(np.int64), probabilities=probs, **{f"{source}_indices": idx})
+        np.savez(tmp, labels=labels, probabilities=probs, **indices)
+    digest = file_sha256(out / "predictions.npz")
     with np.load(out / "predictions.npz") as saved:  # compute metrics from exactly the saved arrays
         metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap, seed=config.seed)
+    metrics["predictions_sha256"] = digest
     metrics["provenance"] = {
         "split": split, "split_description": description, "protocol": config.protocol, "heldout_check": checked,
         "holdout_fraction": config.holdout_fraction, "seed": config.seed, "tta": bool(tta),

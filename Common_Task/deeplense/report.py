@@ -13,7 +13,7 @@ import numpy as np
 
 from . import plots
 from .data import CLASS_LABELS
-from .util import REPO, DeepLenseError, read_jsonl, replace_section
+from .util import REPO, DeepLenseError, file_sha256, read_jsonl, replace_section
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -104,6 +104,10 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
             labels, probs = z["labels"], z["probabilities"]
     except (ValueError, KeyError, OSError) as exc:
         raise DeepLenseError(f"{run}: unreadable metrics.json or predictions.npz ({exc})") from None
+    recorded = metrics.get("predictions_sha256") if isinstance(metrics, dict) else None
+    if recorded is not None and recorded != file_sha256(ppath):
+        raise DeepLenseError(f"{ppath}: not the predictions {mpath.name} was computed from (written by another "
+                             f"evaluation, or one that was killed between the two files); evaluate again")
     out = Path(figures)
     out.mkdir(parents=True, exist_ok=True)
     what = f"{metrics.get('provenance', {}).get('split_description', 'held-out test')}, " \

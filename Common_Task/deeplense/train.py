@@ -10,6 +10,7 @@ A run folder holds ``config.json``, ``history.jsonl`` (one JSON line per epoch),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from .device import default_timeout_minutes, pick_device, plan_for
 from .model import build_model
 from .util import (
     DeepLenseError,
+    folder_lock,
     read_jsonl,
     sweep_stale_temps,
     versions,
@@ -87,100 +89,112 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
         raise DeepLenseError("train: --out RUN is required (or --resume RUN)")
     elif (run / "last.pt").exists():
         raise DeepLenseError(f"{run}: already holds a run (last.pt); use --resume {run} or another --out")
+    elif results := _results_in(run):
+        raise DeepLenseError(f"{run}: already holds a run's results ({', '.join(results)}; its last.pt is gone); "
+                             f"use another --out, or remove the folder to start again")
     elif rank == 0 and run.is_dir():
         sweep_stale_temps(run)  # half-written checkpoints of a killed earlier try (a dead writer's only)
     if data is None:
         raise DeepLenseError("train: no dataset given")
     plan = plan_for(dev, config.precision)  # a precision the device cannot do is refused before any work
 
-    if world > 1 and rank > 0:
-        torch.distributed.barrier()  # rank 0 builds the cache first; the others then open it
-    x_train, y_train, x_sel, y_sel, data_info = _load(config, data, allow_pickle, progress and rank == 0, dev,
-                                                      split, ckpt["data"] if ckpt else None)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
-    torch.manual_seed(config.seed)
-    model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
-    placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
-                               log=say)
-    resident = placed.resident
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        weights_info = ckpt["weights"]
-    if weights_info.get("warning"):
-        say(f"WARNING: {weights_info['warning']}")
-    model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if plan.kind == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-    if compile_model:
-        net = torch.compile(net)
-    steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
-    if steps == 0:
-        raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
-    opt = engine.build_optimizer(model, config, plan)
-    sched = engine.build_scheduler(opt, config, steps)
-    scaler = plan.grad_scaler()
-    start, best_metric, best_epoch, history = 1, -math.inf, 0, []
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start, best_metric, best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
-        history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
-        if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
-                ckpt["epoch"]:
-            history.append(ckpt["metrics"])  # killed between the checkpoint and the history write: it is in both
-
-    stamp = {"classes": list(CLASSES), "weights": weights_info, "data": data_info, "versions": versions(),
-             "device": str(dev)}
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / "config.json", {
-            "config": config.to_dict(), "world_size": world, **stamp,
-            "execution": {"data_on_device": resident, "compiled": compile_model, "precision": plan.precision,
-                          "precision_reason": plan.reason, "eval_batch_size": placed.eval_batch_size,
-                          "memory": None if placed.memory is None else placed.memory.describe()}})
-        _write_history(run, history)
-    say(f"training {config.recipe} ({config.arch}) on {dev} (world {world}), {config.protocol} protocol: "
-        f"{len(x_train)} train "
-        f"images, {len(x_sel)} selection images ({data_info['selection_split']}), input {config.image_size} px, "
-        f"batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, data "
-        f"{'on the device' if resident else 'in host memory, staged through pinned buffers'}, {plan.describe()}"
-        + (", compiled" if compile_model else ""))
-    for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
-        rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, placed, config, epoch=epoch,
-                                                        rank=rank, world=world, progress=progress)}
-        if not math.isfinite(rec["train_loss"]):  # every rank sees the same all-reduced loss
-            raise DeepLenseError(f"{run}: training diverged at epoch {epoch} (loss {rec['train_loss']}); lower "
-                                 f"--lr (now {config.lr:g}) and start again; the epochs before it are kept")
-        rec.update(_validate_on_rank0(model, placed, y_sel, config, rank, world))
-        history.append(rec)
-        score = rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
-        improved = score > best_metric
-        if improved:
-            best_metric, best_epoch = score, epoch
-        say(f"epoch {epoch}/{config.epochs}: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}, "
-            f"val acc {rec['val_accuracy']:.4f}, val macro AUC {rec['val_macro_auc'] or float('nan'):.4f}, "
-            f"{rec['train_images_per_s']:.1f} img/s" + (" *best*" if improved else ""))
-        if rank == 0:
-            payload = {"model": model.state_dict(), "config": config.to_dict(), "epoch": epoch, "metrics": rec,
-                       "best_metric": best_metric, "best_epoch": best_epoch, "format": FORMAT, **stamp}
-            if improved:
-                save_checkpoint(run / "best.pt", payload)
-            save_checkpoint(run / "last.pt", {**payload, "optimizer": opt.state_dict(),
-                                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict()})
-            _write_history(run, history)
-        if world > 1:
+    # one process writes a run folder at a time (a second train on the same --out stops with one line)
+    with folder_lock(run, "a training run") if rank == 0 else contextlib.nullcontext():
+        if world > 1 and rank > 0:
+            torch.distributed.barrier()  # rank 0 builds the cache first; the others then open it
+        x_train, y_train, x_sel, y_sel, data_info = _load(config, data, allow_pickle, progress and rank == 0, dev,
+                                                          split, ckpt["data"] if ckpt else None)
+        if world > 1 and rank == 0:
             torch.distributed.barrier()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
-            "weights": weights_info, "device": str(dev), "precision": plan.precision, "rank": rank,
-            "config": config.to_dict()}
+        torch.manual_seed(config.seed)
+        model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
+        placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
+                                   log=say)
+        resident = placed.resident
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            weights_info = ckpt["weights"]
+        if weights_info.get("warning"):
+            say(f"WARNING: {weights_info['warning']}")
+        model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format)
+        net = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model,
+                                                            device_ids=[dev.index] if dev.type == "cuda" else None)
+        if plan.kind == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+        if compile_model:
+            net = torch.compile(net)
+        steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
+        if steps == 0:
+            raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
+        opt = engine.build_optimizer(model, config, plan)
+        sched = engine.build_scheduler(opt, config, steps)
+        scaler = plan.grad_scaler()
+        start, best_metric, best_epoch, history = 1, -math.inf, 0, []
+        if ckpt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            start, best_metric, best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
+            history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
+            if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
+                    ckpt["epoch"]:
+                history.append(ckpt["metrics"])  # killed between the checkpoint and the history write: it is in both
+
+        stamp = {"classes": list(CLASSES), "weights": weights_info, "data": data_info, "versions": versions(),
+                 "device": str(dev)}
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run / "config.json", {
+                "config": config.to_dict(), "world_size": world, **stamp,
+                "execution": {"data_on_device": resident, "compiled": compile_model, "precision": plan.precision,
+                              "precision_reason": plan.reason, "eval_batch_size": placed.eval_batch_size,
+                              "memory": None if placed.memory is None else placed.memory.describe()}})
+            _write_history(run, history)
+        say(f"training {config.recipe} ({config.arch}) on {dev} (world {world}), {config.protocol} protocol: "
+            f"{len(x_train)} train "
+            f"images, {len(x_sel)} selection images ({data_info['selection_split']}), input {config.image_size} px, "
+            f"batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, data "
+            f"{'on the device' if resident else 'in host memory, staged through pinned buffers'}, {plan.describe()}"
+            + (", compiled" if compile_model else ""))
+        for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
+            rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, placed, config, epoch=epoch,
+                                                            rank=rank, world=world, progress=progress)}
+            if not math.isfinite(rec["train_loss"]):  # every rank sees the same all-reduced loss
+                raise DeepLenseError(f"{run}: training diverged at epoch {epoch} (loss {rec['train_loss']}); lower "
+                                     f"--lr (now {config.lr:g}) and start again; the epochs before it are kept")
+            rec.update(_validate_on_rank0(model, placed, y_sel, config, rank, world))
+            history.append(rec)
+            score = rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
+            improved = score > best_metric
+            if improved:
+                best_metric, best_epoch = score, epoch
+            say(f"epoch {epoch}/{config.epochs}: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}, "
+                f"val acc {rec['val_accuracy']:.4f}, val macro AUC {rec['val_macro_auc'] or float('nan'):.4f}, "
+                f"{rec['train_images_per_s']:.1f} img/s" + (" *best*" if improved else ""))
+            if rank == 0:
+                payload = {"model": model.state_dict(), "config": config.to_dict(), "epoch": epoch, "metrics": rec,
+                           "best_metric": best_metric, "best_epoch": best_epoch, "format": FORMAT, **stamp}
+                if improved:
+                    save_checkpoint(run / "best.pt", payload)
+                save_checkpoint(run / "last.pt", {**payload, "optimizer": opt.state_dict(),
+                                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict()})
+                _write_history(run, history)
+            if world > 1:
+                torch.distributed.barrier()
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
+                "weights": weights_info, "device": str(dev), "precision": plan.precision, "rank": rank,
+                "config": config.to_dict()}
+
+
+def _results_in(run: Path) -> list[str]:
+    """The files of ``run`` that only a run that finished an epoch (or an evaluation) leaves."""
+    found = [f for f in ("best.pt", "metrics.json", "predictions.npz") if (run / f).exists()]
+    return found + (["history.jsonl"] if read_jsonl(run / "history.jsonl") else [])
 
 
 def _validate_on_rank0(model, placed: engine.Placement, y_sel, config: TrainConfig, rank: int, world: int) -> dict:

@@ -89,6 +89,42 @@ def sweep_stale_temps(folder: str | os.PathLike, *, all_of_them: bool = False) -
     return removed
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "a training run") -> Iterator[None]:
+    """Hold ``folder/.lock`` exclusively while the block runs (an OS lock, ``flock``, on a file naming the owner's
+    pid): a second ``train`` or ``evaluate`` on the same folder stops with one line instead of interleaving its
+    files with the first one's. A killed owner's lock is released by the OS, so a stale one is simply taken over.
+    (``flock`` is per host: two nodes of a cluster writing one folder on NFS are not kept apart.)"""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise DeepLenseError(f"{folder}: in use by process {owner}; wait for it to finish or use another "
+                                 f"folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} ({what})\n".encode(), 0)
+        yield  # the file stays (removing it would let a process that opened it meanwhile lock a dead inode)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
