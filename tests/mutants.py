@@ -44,6 +44,7 @@ class Mutant:
 PKG = "Common_Task/deeplense/"
 TRAIN, ENGINE, EVALUATE, METRICS = PKG + "train.py", PKG + "engine.py", PKG + "evaluate.py", PKG + "metrics.py"
 DEVICE = PKG + "device.py"
+NOTEBOOK_PY = PKG + "notebook.py"
 DEV_TESTS = "tests/test_device.py::"
 NOTEBOOK = "Common_Task/DeepLense_Classification.ipynb"
 
@@ -327,6 +328,16 @@ MUTANTS = (
     Mutant("report_pair_unchecked", "report draws predictions from another evaluation beside metrics.json",
            PKG + "report.py", "    if recorded is not None and recorded != file_sha256(ppath):", "    if False:",
            ("tests/test_report.py::test_report_refuses_predictions_from_another_evaluation",)),
+    Mutant("demo_out_checked_late", "a demo whose --out cannot be written fails only after redrawing the figures",
+           PKG + "cli.py", "    _check_writable(out_dir)  # before the run", "    pass  # before the run",
+           ("tests/test_notebook.py::test_demo_checks_out_first_and_no_readme_touches_nothing_of_the_repo",)),
+    Mutant("no_readme_draws_over_images", "demo --no-readme still overwrites images/ and the committed notebook",
+           PKG + "cli.py", "    if args.no_readme:  # leave the README", "    if False:  # leave the README",
+           ("tests/test_notebook.py::test_demo_checks_out_first_and_no_readme_touches_nothing_of_the_repo",)),
+    Mutant("notebook_error_dumped", "an error in a notebook cell is a 70-line kernel traceback",
+           NOTEBOOK_PY, "    except CellExecutionError as exc:  # one line",
+           "    except ZeroDivisionError as exc:  # one line",
+           ("tests/test_notebook.py::test_a_failing_cell_is_one_line",)),
 )
 
 

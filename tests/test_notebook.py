@@ -149,3 +149,38 @@ def test_notebook_runs_the_clean_protocol(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["provenance"]["protocol"] == "clean" and metrics["n"] == 60
     assert json.loads((run / "config.json").read_text())["data"]["selection_split"] == "train"
+
+
+def test_demo_checks_out_first_and_no_readme_touches_nothing_of_the_repo(tmp_path, monkeypatch, capsys):
+    """`demo --out` that cannot be written stops before the run; `--no-readme` sends the figures and the executed
+    notebook to OUT, never to images/ or the committed notebook (issue 22, item 7)."""
+    import deeplense.notebook as nb_mod
+    from deeplense.cli import main
+
+    calls = []
+    monkeypatch.setattr(nb_mod, "run_notebook", lambda **k: calls.append(k) or k.get("save_to"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["demo", "--out", str(blocker / "out")]) == 2
+    assert not calls and "is a file" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--no-readme"]) == 0
+    (k,) = calls
+    assert k["save_to"] == out / nb_mod.NOTEBOOK.name and k["env"] == {"DEEPLENSE_FIGURES": out / "figures"}
+
+
+def test_a_failing_cell_is_one_line(tmp_path):
+    import nbformat
+
+    from deeplense.notebook import run_notebook
+    from deeplense.util import DeepLenseError
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("1 / 0")])
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_text()
+    with pytest.raises(DeepLenseError) as e:
+        run_notebook(path, timeout=120)
+    assert str(e.value) == f"{path}: cell 2/2 failed: ZeroDivisionError: division by zero (the notebook file is left " \
+                           f"as it was)"
+    assert path.read_text() == before

@@ -173,13 +173,18 @@ def _cmd_doctor(args) -> int:
 def _cmd_demo(args) -> int:
     import time
 
-    from .notebook import run_notebook
+    from .notebook import NOTEBOOK, env_name, run_notebook
     from .report import update_readme
     from .util import REPO, hardware_name
 
     out_dir = Path(args.out or os.environ.get("DEEPLENSE_OUTPUT") or REPO / "demo_output").resolve()
+    _check_writable(out_dir)  # before the run, not after it has drawn over the README's figures
     t0 = time.time()
-    nb = run_notebook(output_dir=out_dir)
+    if args.no_readme:  # leave the README, its figures and the committed notebook alone
+        nb = run_notebook(output_dir=out_dir, env={env_name("FIGURES"): out_dir / "figures"},
+                          save_to=out_dir / NOTEBOOK.name)
+    else:
+        nb = run_notebook(output_dir=out_dir)
     minutes = (time.time() - t0) / 60
     print(f"executed notebook: {nb} ({minutes:.1f} min)")
     if args.no_readme:
@@ -348,11 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("demo", help="execute the notebook end to end (what `make demo` runs)",
-                       description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place. "
+                       description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place (with "
+                                   "--no-readme: into OUT/). "
                                    "Uses $DEEPLENSE_DATA (or the repository's own dataset/ folder) if present, "
                                    "else a simulated set.")
     p.add_argument("--out", metavar="DIR", help="output folder for the run (default demo_output/)")
-    p.add_argument("--no-readme", action="store_true", help="do not copy the results table into README.md")
+    p.add_argument("--no-readme", action="store_true",
+                   help="leave README.md, images/ and the committed notebook alone: the figures go to OUT/figures and "
+                        "the executed notebook to OUT/")
     p.set_defaults(func=_cmd_demo)
     return parser
 

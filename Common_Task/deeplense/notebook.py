@@ -161,17 +161,25 @@ def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | No
     os.environ.update(env)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     t0 = time.time()
+    current = [0]
 
     def on_start(cell, cell_index):
         if cell.cell_type == "code":
             k = code_cells.index(cell) + 1
+            current[0] = k
             first = next((ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")), "")
             print(f"[{time.time() - t0:6.0f} s] cell {k}/{len(code_cells)}: {first[:70]}", file=sys.stderr,
                   flush=True)
 
+    from nbclient.exceptions import CellExecutionError
+
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3", on_cell_start=on_start, coalesce_streams=True,
                        resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    except CellExecutionError as exc:  # one line, not the kernel's whole traceback
+        what = f"{exc.ename}: {str(exc.evalue).strip().splitlines()[0] if str(exc.evalue).strip() else ''}"
+        raise DeepLenseError(f"{notebook}: cell {current[0]}/{len(code_cells)} failed: {what.rstrip(': ')} "
+                             f"(the notebook file is left as it was)") from None
     finally:
         for k, v in old.items():
             if v is None:
