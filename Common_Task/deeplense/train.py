@@ -98,51 +98,53 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
         raise DeepLenseError("train: no dataset given")
     plan = plan_for(dev, config.precision)  # a precision the device cannot do is refused before any work
 
+    if world > 1 and rank > 0:
+        torch.distributed.barrier()  # rank 0 builds the cache first; the others then open it
+    x_train, y_train, x_sel, y_sel, data_info = _load(config, data, allow_pickle, progress and rank == 0, dev,
+                                                      split, ckpt["data"] if ckpt else None)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    torch.manual_seed(config.seed)
+    model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
+    placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
+                               log=say)
+    resident = placed.resident
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        weights_info = ckpt["weights"]
+    if weights_info.get("warning"):
+        say(f"WARNING: {weights_info['warning']}")
+    model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[dev.index] if dev.type == "cuda" else None)
+    if plan.kind == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    if compile_model:
+        net = torch.compile(net)
+    steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
+    if steps == 0:
+        raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
+    opt = engine.build_optimizer(model, config, plan)
+    sched = engine.build_scheduler(opt, config, steps)
+    scaler = plan.grad_scaler()
+    start, best_metric, best_epoch, history = 1, -math.inf, 0, []
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start, best_metric, best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
+        history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
+        if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
+                ckpt["epoch"]:
+            history.append(ckpt["metrics"])  # killed between the checkpoint and the history write: it is in both
+
     # one process writes a run folder at a time (a second train on the same --out stops with one line)
     with folder_lock(run, "a training run") if rank == 0 else contextlib.nullcontext():
-        if world > 1 and rank > 0:
-            torch.distributed.barrier()  # rank 0 builds the cache first; the others then open it
-        x_train, y_train, x_sel, y_sel, data_info = _load(config, data, allow_pickle, progress and rank == 0, dev,
-                                                          split, ckpt["data"] if ckpt else None)
-        if world > 1 and rank == 0:
-            torch.distributed.barrier()
-        torch.manual_seed(config.seed)
-        model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
-        placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
-                                   log=say)
-        resident = placed.resident
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            weights_info = ckpt["weights"]
-        if weights_info.get("warning"):
-            say(f"WARNING: {weights_info['warning']}")
-        model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format)
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model,
-                                                            device_ids=[dev.index] if dev.type == "cuda" else None)
-        if plan.kind == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-        if compile_model:
-            net = torch.compile(net)
-        steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
-        if steps == 0:
-            raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
-        opt = engine.build_optimizer(model, config, plan)
-        sched = engine.build_scheduler(opt, config, steps)
-        scaler = plan.grad_scaler()
-        start, best_metric, best_epoch, history = 1, -math.inf, 0, []
-        if ckpt is not None:
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start, best_metric, best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
-            history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
-            if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
-                    ckpt["epoch"]:
-                history.append(ckpt["metrics"])  # killed between the checkpoint and the history write: it is in both
-
+        if rank == 0 and resume is None and ((run / "last.pt").exists() or _results_in(run)):
+            raise DeepLenseError(f"{run}: another run wrote its results there meanwhile; use another --out")
         stamp = {"classes": list(CLASSES), "weights": weights_info, "data": data_info, "versions": versions(),
                  "device": str(dev)}
         if rank == 0:
