@@ -183,7 +183,7 @@ MUTANTS = (
            "display(Markdown('| accuracy | 0.927 [0.887, 0.967] |'))",
            ("tests/test_notebook.py::test_notebook_executes_and_figures_are_stable",)),
     Mutant("notebook_tta_dropped", "the notebook's TTA = True never reaches the evaluation",
-           PKG + "notebook.py", 'tta=flag("TTA", True))', "tta=False)",
+           PKG + "notebook.py", 'tta=flag("TTA", True),', "tta=False,",
            ("tests/test_notebook.py::test_notebook_executes_and_figures_are_stable",)),
     Mutant("notebook_hardcoded_findings", "the notebook's reading of the curves is typed, not the run's",
            NOTEBOOK, "display(Markdown(report.findings(METRICS)))",
