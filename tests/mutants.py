@@ -338,6 +338,22 @@ MUTANTS = (
            NOTEBOOK_PY, "    except CellExecutionError as exc:  # one line",
            "    except ZeroDivisionError as exc:  # one line",
            ("tests/test_notebook.py::test_a_failing_cell_is_one_line",)),
+    Mutant("extra_class_folder_dropped", "a fourth class folder is left out of the dataset without a word",
+           PKG + "data.py", "    if extra:\n", "    if False:\n",
+           ("tests/test_data.py::test_quiet_surprises_are_named",)),
+    Mutant("twin_numbers_counted", "01.npy beside 1.npy counts one image twice",
+           PKG + "data.py", "        if twins:\n", "        if False:\n",
+           ("tests/test_data.py::test_quiet_surprises_are_named",)),
+    Mutant("crop_larger_ignored", "--crop larger than the images is ignored but recorded",
+           PKG + "data.py", "    if crop is not None and crop > images.shape[-1]:\n", "    if False:\n",
+           ("tests/test_data.py::test_quiet_surprises_are_named",)),
+    Mutant("selection_ignores_limit", "evaluate --split selection reports on more images than chose the checkpoint",
+           EVALUATE, "    return limit_per_class(labels, rec.selection_idx, config.limit_per_class), checked,",
+           "    return rec.selection_idx, checked,",
+           ("tests/test_evaluate.py::test_selection_after_limit_and_predict_of_another_size",)),
+    Mutant("predict_size_unchecked", "predict classifies images of another size than the model was trained on",
+           EVALUATE, "            if trained and tuple(trained) != tuple(shape):", "            if False:",
+           ("tests/test_evaluate.py::test_selection_after_limit_and_predict_of_another_size",)),
 )
 
 

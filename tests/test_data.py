@@ -450,3 +450,27 @@ def test_stale_temp_files_of_dead_writers_are_swept(tiny_dataset):
         p.write_bytes(b"x" * 100)
     load_split(tiny_dataset, "train", progress=False)
     assert not any(p.exists() for p in stale) and live.exists()
+
+
+def test_quiet_surprises_are_named(tmp_path):
+    """An extra class folder, 01.npy beside 1.npy and a --crop larger than the images are each one named error,
+    not a silent drop, a double count or an ignored setting (issue 22, item 8)."""
+    import shutil
+
+    from deeplense.data import list_files, native_crop
+    from deeplense.testing import write_dataset
+    from deeplense.util import DeepLenseError
+
+    root = write_dataset(tmp_path / "d", n_train=3, n_val=2)
+    (root / "train" / "lenses_extra").mkdir()
+    shutil.copy(root / "train" / "no" / "1.npy", root / "train" / "lenses_extra" / "1.npy")
+    with pytest.raises(DeepLenseError, match=r"train/lenses_extra: a folder that is none of the classes"):
+        list_files(root, "train")
+    shutil.rmtree(root / "train" / "lenses_extra")
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden folders are not datasets' classes: ignored
+    assert len(list_files(root, "train")) == 9
+    shutil.copy(root / "val" / "vort" / "1.npy", root / "val" / "vort" / "01.npy")
+    with pytest.raises(DeepLenseError, match=r"val/vort/01\.npy: the same number as 1\.npy"):
+        list_files(root, "val")
+    with pytest.raises(DeepLenseError, match=r"--crop 200: larger than the 150x150 px images"):
+        native_crop(np.zeros((2, 1, 150, 150), np.float32), np.arange(2), 200)

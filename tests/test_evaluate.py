@@ -303,3 +303,19 @@ def test_predict_output_writes_into_special_files_and_through_links(small, tmp_p
     long = tmp_path / ("p" * 240 + ".csv")
     assert main(["predict", "--checkpoint", str(run / "best.pt"), one, "--output", str(long), "--device", "cpu"]) == 0
     assert long.read_text().startswith("path,predicted") and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_selection_after_limit_and_predict_of_another_size(small, tmp_path):
+    """evaluate --split selection reports on the images that chose the checkpoint (with --limit-per-class, only
+    those), and predict refuses images of another size than the model was trained on (issue 22, item 8)."""
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, limit_per_class=4, **FAST), small, run, **quiet())
+    m = evaluate(run / "best.pt", small, tmp_path / "ev", split="selection", device="cpu", n_bootstrap=0,
+                 progress=False)
+    assert m["n"] == 12  # 4 per class, as in training's selection
+    odd = tmp_path / "odd.npy"
+    np.save(odd, np.random.default_rng(0).random((1, 64, 64)))
+    with pytest.raises(DeepLenseError, match=r"odd\.npy: a 64x64 image, but .* was trained on 150x150 images"):
+        from deeplense.evaluate import predict_files
+
+        predict_files(run / "best.pt", [str(odd)], device="cpu")

@@ -97,6 +97,11 @@ def list_files(root: Path, split: str) -> list[tuple[str, int]]:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DeepLenseError(f"{split_dir}: missing '{split}' folder")
+    extra = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and e.name not in CLASSES
+                   and not e.name.startswith((".", "__")))
+    if extra:
+        raise DeepLenseError(f"{split_dir / extra[0]}: a folder that is none of the classes ({', '.join(CLASSES)}); "
+                             f"its images would be left out without a word: move it out of the dataset")
     out: list[tuple[str, int]] = []
     for label, cls in enumerate(CLASSES):
         d = split_dir / cls
@@ -116,8 +121,15 @@ def list_files(root: Path, split: str) -> list[tuple[str, int]]:
         if stray and len(stray) < len(names):
             raise DeepLenseError(f"{d / stray[0]}: not named like the other files of its class (<integer>.npy): a "
                                  f"stray copy? Rename or remove it")
+        ordered = sorted(names, key=_name_key)
+        twins = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False)
+                 if a[:-4].isdigit() and b[:-4].isdigit() and int(a[:-4]) == int(b[:-4])]
+        if twins:
+            a, b = twins[0]
+            raise DeepLenseError(f"{d / a}: the same number as {b} ({int(a[:-4])}): one image counted twice? Rename "
+                                 f"or remove one")
         prefix = f"{d}{os.sep}"
-        out.extend((prefix + name, label) for name in sorted(names, key=_name_key))
+        out.extend((prefix + name, label) for name in ordered)
     return out
 
 
@@ -454,6 +466,13 @@ def check_disjoint(root: str | os.PathLike, train_images: np.ndarray, val_images
                                      f"with train/")
 
 
+def limit_per_class(labels: np.ndarray, idx: np.ndarray, n: int | None) -> np.ndarray:
+    """The first ``n`` of ``idx`` per class (all of them when ``n`` is None): ``--limit-per-class``."""
+    if n is None:
+        return idx
+    return np.sort(np.concatenate([idx[labels[idx] == c][:n] for c in range(len(CLASSES))]))
+
+
 def split_holdout(labels: np.ndarray, fraction: float = 0.1, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Cut the official ``val`` split into a model-selection part and a held-out test part.
 
@@ -546,6 +565,8 @@ def native_crop(images: np.ndarray, idx: np.ndarray, crop: int | None):
     """
     import torch
 
+    if crop is not None and crop > images.shape[-1]:
+        raise DeepLenseError(f"--crop {crop}: larger than the {images.shape[-2]}x{images.shape[-1]} px images")
     idx = np.asarray(idx)
     order = np.argsort(idx, kind="stable")  # memory-mapped reads in file order
     x = np.empty((len(idx), *images.shape[1:]), dtype=np.float32)

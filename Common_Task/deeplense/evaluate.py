@@ -22,6 +22,7 @@ from .data import (
     ProtocolSplit,
     _numeric_key,
     check_disjoint,
+    limit_per_class,
     load_splits,
     native_crop,
     pixel_digest,
@@ -133,7 +134,10 @@ def _indices(split: str, source: str, config, recorded: dict, labels: np.ndarray
     n = len(labels)  # only the split being evaluated is loaded: the other's size does not matter here
     rec = ProtocolSplit.from_record(recorded, n if source == "train" else 0, n if source == "val" else None)
     checked = f"the checkpoint's recorded images; {source} lists the same files as in training"
-    return (rec.test_idx if split == "test" else rec.selection_idx), checked, description
+    if split == "test":
+        return rec.test_idx, checked, description
+    # the images that chose the checkpoint: with --limit-per-class, only the first N per class did
+    return limit_per_class(labels, rec.selection_idx, config.limit_per_class), checked, description
 
 
 def _check_test(checked: str, config, recorded: dict, loaded: dict, info: dict, images, idx, data, checkpoint,
@@ -206,7 +210,12 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
     for s in range(0, len(files), batch_size):
         chunk = files[s : s + batch_size]
         images = [read_image(f, allow_pickle=allow_pickle) for f in chunk]
-        shape = shape or images[0].shape
+        if shape is None:
+            shape = images[0].shape
+            trained = (ckpt.get("data") or {}).get("image_shape")
+            if trained and tuple(trained) != tuple(shape):
+                raise DeepLenseError(f"{chunk[0]}: a {shape[0]}x{shape[1]} image, but {checkpoint} was trained on "
+                                     f"{trained[0]}x{trained[1]} images")
         odd = next((i for i, im in enumerate(images) if im.shape != shape), None)
         if odd is not None:
             raise DeepLenseError(f"{chunk[odd]}: shape {images[odd].shape} differs from {files[0]}'s {shape}; "

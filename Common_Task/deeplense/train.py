@@ -16,7 +16,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import engine
@@ -28,6 +27,7 @@ from .data import (
     ProtocolSplit,
     check_disjoint,
     combine_fingerprints,
+    limit_per_class,
     load_splits,
     native_crop,
     pixel_digest,
@@ -253,8 +253,8 @@ def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: to
     if va_images is not None:  # a val/ that is train/ (a link, hard links, copies) would hold nothing out
         check_disjoint(data, tr_images, va_images)
     sel_images, sel_labels = (va_images, va_labels) if split.selection_split == "val" else (tr_images, tr_labels)
-    tr_idx = _limit(tr_labels, split.train_idx, config.limit_per_class)
-    sel_idx = _limit(sel_labels, split.selection_idx, config.limit_per_class)
+    tr_idx = limit_per_class(tr_labels, split.train_idx, config.limit_per_class)
+    sel_idx = limit_per_class(sel_labels, split.selection_idx, config.limit_per_class)
     if len(sel_idx) == 0:
         raise DeepLenseError(f"{data}: the selection part of {split.selection_split} is empty ({config.protocol} "
                              f"protocol, holdout_fraction {config.holdout_fraction}); use more images")
@@ -264,18 +264,12 @@ def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: to
                  "split_fingerprints": {s: info[s].fingerprint for s in needed},
                  "listings": {s: info[s].listing for s in needed},
                  "n_train": int(len(tr_idx)), "n_selection": int(len(sel_idx)),
+                 "image_shape": [int(v) for v in tr_images.shape[-2:]],
                  "n_test": n_val if split.test_idx is None else int(len(split.test_idx)),
                  "test": "all of val" if split.test_idx is None else "held-out part of val",
                  "heldout_digest": None if split.test_idx is None else pixel_digest(va_images, split.test_idx),
                  **split.record()}
     return x_train, torch.from_numpy(tr_labels[tr_idx]), x_sel, sel_labels[sel_idx], data_info
-
-
-def _limit(labels: np.ndarray, idx: np.ndarray, n: int | None) -> np.ndarray:
-    """The first ``n`` of ``idx`` per class (all of them when ``n`` is None)."""
-    if n is None:
-        return idx
-    return np.sort(np.concatenate([idx[labels[idx] == c][:n] for c in range(len(CLASSES))]))
 
 
 def _write_history(run: Path, history: list[dict]) -> None:
