@@ -354,6 +354,9 @@ MUTANTS = (
     Mutant("predict_size_unchecked", "predict classifies images of another size than the model was trained on",
            EVALUATE, "            if trained and tuple(trained) != tuple(shape):", "            if False:",
            ("tests/test_evaluate.py::test_selection_after_limit_and_predict_of_another_size",)),
+    Mutant("simulate_over_real_images", "simulate into a folder of real images records them as simulated",
+           PKG + "simulate.py", "        if found is not None:\n", "        if False:\n",
+           ("tests/test_simulate.py::test_simulate_refuses_a_folder_of_images_it_did_not_write",)),
 )
 
 

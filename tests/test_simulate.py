@@ -343,3 +343,16 @@ def test_benchmark_preset_keeps_the_common_task_look_and_records_its_draws(tmp_p
     assert float(row["lens_e1"]) == p.value("lens_e1", cfg)
     assert float(row["lens_einstein_radius_arcsec"]) == pytest.approx(
         einstein_radius_arcsec(p.value("lens_mass_msun", cfg), cfg))
+
+
+def test_simulate_refuses_a_folder_of_images_it_did_not_write(tmp_path, capsys):
+    """`simulate --out` pointed at a real dataset would record its images as simulated (issue 22, item 8)."""
+    from deeplense.cli import main
+    from deeplense.testing import write_dataset
+
+    real = write_dataset(tmp_path / "real", n_train=2, n_val=2)
+    before = sorted(p.name for p in real.rglob("*"))
+    assert main(["simulate", "--out", str(real), "--train-per-class", "2", "--val-per-class", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds images but no simulation.json" in err[0]
+    assert sorted(p.name for p in real.rglob("*")) == before

@@ -507,6 +507,11 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
                                      f"for; use the same counts as before or another --out")
     settings = {"seed": int(seed), "config": config.to_dict()}
     settings_path = out / "simulation.json"
+    if not settings_path.exists():  # images here that no simulation wrote (a real dataset?) would be recorded as ours
+        found = next((q for s in SPLITS for c in CLASSES for q in (out / s / c).glob("*.npy")), None)
+        if found is not None:
+            raise DeepLenseError(f"{found}: {out} holds images but no simulation.json: not a simulated set (a real "
+                                 f"dataset?); choose another --out")
     if settings_path.exists():
         try:
             old = json.loads(settings_path.read_text())
