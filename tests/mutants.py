@@ -357,6 +357,13 @@ MUTANTS = (
     Mutant("simulate_over_real_images", "simulate into a folder of real images records them as simulated",
            PKG + "simulate.py", "        if found is not None:\n", "        if False:\n",
            ("tests/test_simulate.py::test_simulate_refuses_a_folder_of_images_it_did_not_write",)),
+    Mutant("metrics_shape_unchecked", "report on a metrics.json of the wrong shape ends in a traceback",
+           PKG + "report.py", "    if not (isinstance(cm, list) and len(cm) == k",
+           "    if False and not (isinstance(cm, list) and len(cm) == k",
+           ("tests/test_report.py::test_a_metrics_json_of_the_wrong_shape_is_one_line",)),
+    Mutant("symlink_loop_is_no_such_folder", "--data on a symbolic link loop says 'no such folder'",
+           PKG + "data.py", "        if start.is_symlink():\n", "        if False:\n",
+           ("tests/test_data.py::test_a_symlink_loop_is_named_as_one",)),
 )
 
 

@@ -474,3 +474,16 @@ def test_quiet_surprises_are_named(tmp_path):
         list_files(root, "val")
     with pytest.raises(DeepLenseError, match=r"--crop 200: larger than the 150x150 px images"):
         native_crop(np.zeros((2, 1, 150, 150), np.float32), np.arange(2), 200)
+
+
+def test_a_symlink_loop_is_named_as_one(tmp_path):
+    from deeplense.data import find_root
+    from deeplense.util import DeepLenseError
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(DeepLenseError, match="a symbolic link loop"):
+        find_root(tmp_path / "a")
+    (tmp_path / "c").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DeepLenseError, match="a symbolic link to .*nowhere, which does not exist"):
+        find_root(tmp_path / "c")

@@ -77,3 +77,25 @@ def test_report_refuses_predictions_from_another_evaluation(small, tmp_path):
     shutil.copy(tmp_path / "b" / "predictions.npz", tmp_path / "a" / "predictions.npz")
     with pytest.raises(DeepLenseError, match="not the predictions metrics.json was computed from"):
         report(tmp_path / "a", tmp_path / "figs2")
+
+
+def test_a_metrics_json_of_the_wrong_shape_is_one_line(small, tmp_path):
+    import json
+
+    import pytest
+    from conftest import FAST, quiet
+
+    from deeplense.config import recipe
+    from deeplense.evaluate import evaluate
+    from deeplense.report import report
+    from deeplense.train import train
+    from deeplense.util import DeepLenseError
+
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    evaluate(run / "best.pt", small, tmp_path / "a", device="cpu", n_bootstrap=0, progress=False)
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    m["confusion_matrix"] = [[1, 2], [3, 4]]
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(DeepLenseError, match="is not what `evaluate` writes"):
+        report(tmp_path / "a", tmp_path / "figs")

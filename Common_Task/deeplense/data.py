@@ -52,6 +52,16 @@ def find_root(path: str | os.PathLike) -> Path:
     """
     start = Path(path).expanduser()
     if not start.exists():
+        if start.is_symlink():
+            try:
+                start.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13
+                raise DeepLenseError(f"{start}: a symbolic link loop") from None
+            except OSError as exc:
+                if exc.errno == 40:  # ELOOP
+                    raise DeepLenseError(f"{start}: a symbolic link loop") from None
+                raise DeepLenseError(f"{start}: a symbolic link to {os.readlink(start)}, which does not exist") \
+                    from None
         raise DeepLenseError(f"{start}: no such folder")
     if not start.is_dir():
         raise DeepLenseError(f"{start}: not a folder (point --data at the folder holding train/ and val/)")

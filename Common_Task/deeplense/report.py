@@ -104,7 +104,14 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
             labels, probs = z["labels"], z["probabilities"]
     except (ValueError, KeyError, OSError) as exc:
         raise DeepLenseError(f"{run}: unreadable metrics.json or predictions.npz ({exc})") from None
-    recorded = metrics.get("predictions_sha256") if isinstance(metrics, dict) else None
+    cm = metrics.get("confusion_matrix") if isinstance(metrics, dict) else None
+    k = len(CLASS_LABELS)
+    if not (isinstance(cm, list) and len(cm) == k and all(isinstance(r, list) and len(r) == k for r in cm)) or \
+            not isinstance(metrics.get("provenance", {}), dict) or probs.ndim != 2 or probs.shape[1:] != (k,) or \
+            labels.shape != probs.shape[:1]:
+        raise DeepLenseError(f"{run}: metrics.json or predictions.npz is not what `evaluate` writes (a "
+                             f"{k}x{k} confusion_matrix, labels (N,) and probabilities (N, {k})); evaluate again")
+    recorded = metrics.get("predictions_sha256")
     if recorded is not None and recorded != file_sha256(ppath):
         raise DeepLenseError(f"{ppath}: not the predictions {mpath.name} was computed from (written by another "
                              f"evaluation, or one that was killed between the two files); evaluate again")
