@@ -235,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
     device.add_argument("--precision", choices=PRECISIONS,
                         help="auto (default): bf16 autocast on GPUs with native bf16, fp16 + gradient scaler on older "
-                             "GPUs (T4, V100), fp32 on MPS and CPUs; bf16 on a CPU only where it is native")
+                             "GPUs (T4, V100), fp32 on MPS and CPUs; bf16 is refused on a CPU without native bf16")
     device.add_argument("--eval-batch-size", type=int, metavar="N",
-                        help="batch size of validation and prediction (default: 128 on a CPU; on a GPU the largest "
-                             "power of 2 up to 1024 that fits; halved once on an out-of-memory error)")
+                        help="batch size of validation and prediction (default: 128 on a CPU, 1024 on a GPU, where "
+                             "train takes the largest power of 2 up to 1024 that fits beside its data; halved once on "
+                             "an out-of-memory error)")
     tta = argparse.ArgumentParser(add_help=False)
     tta.add_argument("--tta", action="store_true", help="average over the 8 D4 flips/rotations")
 
@@ -319,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the checkpoint")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     p.add_argument("--allow-changed-data", action="store_true",
-                   help="evaluate even when the data lists other files than in training; the result is then marked "
-                        "as NOT a held-out test (metrics.json, tables, figure titles)")
+                   help="evaluate even when the data differ from training's (files added, removed, renamed or "
+                        "modified, or val/ sharing files or pixels with train/); the result is then marked as NOT "
+                        "a held-out test (metrics.json, tables, figure titles)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", parents=[pickle, device, tta],
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="execute the notebook end to end (what `make demo` runs)",
                        description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place (with "
-                                   "--no-readme: into OUT/). "
+                                   "--no-readme: into OUT/), then copy its results table into README.md. "
                                    "Uses $DEEPLENSE_DATA (or the repository's own dataset/ folder) if present, "
                                    "else a simulated set.")
     p.add_argument("--out", metavar="DIR", help="output folder for the run (default demo_output/)")
