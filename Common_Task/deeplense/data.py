@@ -107,8 +107,9 @@ def list_files(root: Path, split: str) -> list[tuple[str, int]]:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DeepLenseError(f"{split_dir}: missing '{split}' folder")
-    extra = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and e.name not in CLASSES
-                   and not e.name.startswith((".", "__")))
+    with os.scandir(split_dir) as it:
+        extra = sorted(e.name for e in it if e.is_dir() and e.name not in CLASSES
+                       and not e.name.startswith((".", "__")))
     if extra:
         raise DeepLenseError(f"{split_dir / extra[0]}: a folder that is none of the classes ({', '.join(CLASSES)}); "
                              f"its images would be left out without a word: move it out of the dataset")
