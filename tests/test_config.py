@@ -43,7 +43,8 @@ def test_none_sets_optional_fields_and_is_refused_elsewhere():
 
 
 @pytest.mark.parametrize("bad", [dict(seed=-1), dict(crop=0), dict(limit_per_class=-1), dict(holdout_fraction=1.5),
-                                 dict(image_size=8), dict(batch_size=0)])
+                                 dict(image_size=8), dict(batch_size=0), dict(batch_size=1), dict(image_size=10000),
+                                 dict(seed=2**31), dict(eval_batch_size=0), dict(precision="fp8")])
 def test_nonsense_is_refused_before_any_work(bad):
     with pytest.raises(Exception, match="training config"):
         recipe("default", **bad)
