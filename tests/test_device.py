@@ -309,6 +309,8 @@ def test_torchrun_on_gpus_binds_each_rank_and_waits_long_enough(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train_mod.rank_device(None) == train_mod.rank_device("cuda") == "cuda:1"  # the CLI's early check too
+    assert train_mod.rank_device("cpu") == "cpu"
     world, rank, dev = train_mod._start_processes(None)
     assert (world, rank, dev) == (2, 1, torch.device("cuda", 1)) and torch.cuda.current_device() == 1
     assert calls[0]["backend"] == "nccl" and calls[0]["device_id"] == torch.device("cuda", 1)

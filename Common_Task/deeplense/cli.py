@@ -82,7 +82,7 @@ TRAIN_OPTIONS = ("arch", "epochs", "image_size", "crop", "batch_size", "lr", "sc
 
 def _cmd_train(args) -> int:
     from .config import recipe
-    from .train import train
+    from .train import rank_device, train
 
     given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
@@ -103,7 +103,7 @@ def _cmd_train(args) -> int:
         cfg = recipe(args.recipe or "default", **given)  # checked before any data is simulated or loaded
         from .device import pick_device, plan_for
 
-        plan_for(pick_device(args.device), cfg.precision)  # so are the device and its precision
+        plan_for(pick_device(rank_device(args.device)), cfg.precision)  # so are the device and its precision
         _check_writable(args.out)
         summary = train(cfg, _data_or_simulated(args), args.out, device=args.device, allow_pickle=args.allow_pickle,
                         stop_after_epoch=args.stop_after_epoch, compile_model=args.compile)

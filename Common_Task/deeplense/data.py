@@ -16,6 +16,7 @@ resize, [-1, 1], 3 channels.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -54,14 +55,11 @@ def find_root(path: str | os.PathLike) -> Path:
     if not start.exists():
         if start.is_symlink():
             try:
-                start.resolve(strict=True)
-            except RuntimeError:  # Python < 3.13
-                raise DeepLenseError(f"{start}: a symbolic link loop") from None
+                os.stat(start)
             except OSError as exc:
-                if exc.errno == 40:  # ELOOP
+                if exc.errno == errno.ELOOP:
                     raise DeepLenseError(f"{start}: a symbolic link loop") from None
-                raise DeepLenseError(f"{start}: a symbolic link to {os.readlink(start)}, which does not exist") \
-                    from None
+            raise DeepLenseError(f"{start}: a symbolic link to {os.readlink(start)}, which does not exist")
         raise DeepLenseError(f"{start}: no such folder")
     if not start.is_dir():
         raise DeepLenseError(f"{start}: not a folder (point --data at the folder holding train/ and val/)")
@@ -203,17 +201,26 @@ def read_image(path: str | os.PathLike, *, allow_pickle: bool = False, name: str
 
 
 # --------------------------------------------------------------------------------------------- cache
-def _fingerprint(root: Path, files: list[tuple[str, int]]) -> tuple[list[str], str]:
+def _fingerprint(root: Path, files: list[tuple[str, int]]) -> tuple[list[str], str, list[tuple[int, int]]]:
+    """``(paths relative to root, fingerprint, (device, inode) per file)`` from one ``stat`` of each file."""
     h = hashlib.sha256()
-    rel = []
+    rel, inodes = [], []
     skip = len(str(root)) + 1
     for p, label in files:
         st = os.stat(p)
         r = p[skip:]  # relative to root
         rel.append(r)
+        inodes.append((st.st_dev, st.st_ino))
         # ctime too: `cp -p`, `rsync -a` and `tar x` restore a changed file's size and mtime, never its ctime
         h.update(f"{r}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n".encode())
-    return rel, h.hexdigest()
+    return rel, h.hexdigest(), inodes
+
+
+def _cached(root: Path, split: str, files: list[tuple[str, int]], allow_pickle: bool):
+    """``(rel, fingerprint, inodes, cache paths, the cache if it holds these files as they are now, else None)``."""
+    rel, fp, inodes = _fingerprint(root, files)
+    paths = _cache_paths(root, split, allow_pickle)
+    return rel, fp, inodes, paths, _try_open_cache(paths, fp, len(rel))
 
 
 def _cache_paths(root: Path, split: str, allow_pickle: bool) -> dict[str, Path]:
@@ -246,6 +253,8 @@ class SplitInfo:
     fingerprint: str  # names, labels, sizes and modification times: decides whether the cache is current
     listing: str  # names and labels in loading order only: what split indices refer to (see listing_fingerprint)
     from_cache: bool
+    files: tuple[str, ...] = ()  # the image files in loading order (what the rows of the arrays are)
+    inodes: tuple[tuple[int, int], ...] = ()  # (device, inode) of each file: which files are the same file
 
 
 def load_splits(
@@ -265,11 +274,10 @@ def load_splits(
     listed = {s: list_files(root, s) for s in splits}  # structure errors first, before any reading
     out, to_build = {}, []
     for s in splits:
-        rel, fp = _fingerprint(root, listed[s])
-        paths = _cache_paths(root, s, allow_pickle)
-        hit = _try_open_cache(paths, fp, len(rel))
+        rel, fp, inodes, paths, hit = _cached(root, s, listed[s], allow_pickle)
         if info is not None:
-            info[s] = SplitInfo(root, s, fp, _listing(rel, listed[s]), hit is not None)
+            info[s] = SplitInfo(root, s, fp, _listing(rel, listed[s]), hit is not None,
+                                tuple(p for p, _ in listed[s]), tuple(inodes))
         if hit is not None:
             out[s] = hit
         else:
@@ -343,8 +351,7 @@ def cache_state(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS, *,
         files = list_files(root, s)
         if not files:
             raise DeepLenseError(f"{root / s}: no .npy images")
-        rel, fp = _fingerprint(root, files)
-        hit = _try_open_cache(_cache_paths(root, s, allow_pickle), fp, len(rel))
+        *_, hit = _cached(root, s, files, allow_pickle)
         first = read_image(files[0][0], allow_pickle=allow_pickle, name=_display(files[0][0], root))
         out[s] = {"n": len(files), "cached": hit is not None, "bytes": len(files) * first.size * 4,
                   "shape": first.shape}
@@ -442,24 +449,18 @@ def pixel_digest(images: np.ndarray, idx: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
-def check_disjoint(root: str | os.PathLike, train_images: np.ndarray, val_images: np.ndarray) -> None:
+def check_disjoint(train: SplitInfo, val: SplitInfo, train_images: np.ndarray, val_images: np.ndarray) -> None:
     """Refuse a dataset whose ``val/`` is ``train/`` or shares images with it: the same folder (a symbolic link),
-    the same files (hard or symbolic links: one inode) or the same pixels (copies). Any of these would put
-    training images into the held-out test. The copies are found by one pixel row per image, confirmed on the whole
-    image."""
-    root = find_root(root)
+    the same files (hard or symbolic links: one inode, from the ``stat`` :func:`load_splits` already made) or the
+    same pixels (copies). Any of these would put training images into the held-out test. The copies are found by
+    one pixel row per image, confirmed on the whole image."""
+    root = train.root
     a, b = (root / s for s in SPLITS)
     if a.resolve() == b.resolve():
         raise DeepLenseError(f"{b}: is the same folder as {a} (a link?): nothing would be held out of training")
-    train_files = list_files(root, "train")
-    inodes = {}
-    for p, _ in train_files:
-        st = os.stat(p)
-        inodes[(st.st_dev, st.st_ino)] = p
-    val_files = list_files(root, "val")
-    for p, _ in val_files:
-        st = os.stat(p)
-        twin = inodes.get((st.st_dev, st.st_ino))
+    inodes = dict(zip(train.inodes, train.files, strict=True))
+    for p, ino in zip(val.files, val.inodes, strict=True):
+        twin = inodes.get(ino)
         if twin is not None:
             raise DeepLenseError(f"{_display(p, root)}: is the same file as {_display(twin, root)} (a hard or symbolic "
                                  f"link): val/ must not share images with train/")
@@ -472,8 +473,8 @@ def check_disjoint(root: str | os.PathLike, train_images: np.ndarray, val_images
     for j in range(len(val_images)):
         for i in keys.get(np.asarray(val_images[j, 0, row]).tobytes(), ()):
             if np.array_equal(train_images[i], val_images[j]):
-                raise DeepLenseError(f"{_display(val_files[j][0], root)}: has the same pixels as "
-                                     f"{_display(train_files[i][0], root)} (a copy): val/ must not share images "
+                raise DeepLenseError(f"{_display(val.files[j], root)}: has the same pixels as "
+                                     f"{_display(train.files[i], root)} (a copy): val/ must not share images "
                                      f"with train/")
 
 

@@ -67,8 +67,10 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
         else:
             why = "no CUDA GPU, no Apple MPS"
         say(f"device: {dev} ({hardware_name(dev)}): {why}")
-    if warned or (dev is not None and dev.type == "cpu" and (why := gpu_present_but_unusable())):
-        problems.append(f"device: {(warned[0].removeprefix('warning: ') if warned else why)}")
+    unusable = warned[0].removeprefix("warning: ") if warned else (
+        gpu_present_but_unusable() if dev is not None and dev.type == "cpu" else None)  # also when cpu was asked for
+    if unusable:
+        problems.append(f"device: {unusable}")
 
     # precision
     plan = None

@@ -65,7 +65,7 @@ def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: b
                     logits = model(d4_transform(xb, k) if k else xb)
                 probs = probs + torch.softmax(logits.float(), dim=1)
             out.append((probs / (8 if tta else 1)).cpu())
-        except (RuntimeError, torch.OutOfMemoryError) as exc:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if retried or bs < 2 or not is_out_of_memory(exc):
                 raise
             retried, xb, probs = True, None, None
@@ -164,8 +164,8 @@ def new_event():
     return torch.cuda.Event()
 
 
-def place_data(x_train: torch.Tensor, y_train: torch.Tensor, x_sel: torch.Tensor, device,
-               config: TrainConfig | None = None, n_params: int | None = None, log=None) -> Placement:
+def place_data(x_train: torch.Tensor, y_train: torch.Tensor, x_sel: torch.Tensor, device, config: TrainConfig,
+               n_params: int, log=None) -> Placement:
     """Where the images live during training (a :class:`Placement`).
 
     On CUDA they are copied to the device once when they fit together with the model, its optimiser state, the
@@ -173,11 +173,10 @@ def place_data(x_train: torch.Tensor, y_train: torch.Tensor, x_sel: torch.Tensor
     holds counted as free); every step then gathers, augments and resizes there without a host-to-device copy.
     Otherwise each batch is staged through pinned buffers. On the CPU (and MPS) they stay where they are.
     """
-    config = config or TrainConfig()
     plan = as_plan(device, config)
     if plan.kind != "cuda":
         return Placement(x_train, y_train, x_sel, plan, True, config.eval_batch_size, batch_size=config.batch_size)
-    mem = memory_plan(config.arch, config.image_size, config.batch_size, n_params or 0,
+    mem = memory_plan(config.arch, config.image_size, config.batch_size, n_params,
                       x_train.nbytes + y_train.nbytes + x_sel.nbytes, free_memory(plan.device),
                       eval_batch_size=config.eval_batch_size, element_bytes=2 if plan.autocast_dtype else 4)
     if log is not None:

@@ -79,33 +79,28 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
     probs = predict_proba(model, native_crop(images, idx, config.crop), config, plan, tta=tta, progress=progress,
                           desc=f"evaluating {split}")
     out = Path(out)
-    with folder_lock(out, "an evaluation"):  # two evaluations into one folder would mix their two files
-        return _write_results(out, labels[idx].astype(np.int64), probs, {f"{source}_indices": idx}, n_bootstrap,
-                              config, split, description, checked, checkpoint, ckpt, data, source, info, dev, plan,
-                              tta)
-
-
-def _write_results(out: Path, labels, probs, indices: dict, n_bootstrap: int, config, split, description, checked,
-                   checkpoint, ckpt, data, source, info, dev, plan, tta) -> dict:
-    """``predictions.npz``, then ``metrics.json`` computed from exactly the saved arrays and naming their hash, so
-    that ``report`` can tell a pair written by two evaluations (or by a killed one) from a true pair."""
-    with atomic_path(out / "predictions.npz", suffix=".npz") as tmp:
-        np.savez(tmp, labels=labels, probabilities=probs, **indices)
-    digest = file_sha256(out / "predictions.npz")
-    with np.load(out / "predictions.npz") as saved:  # compute metrics from exactly the saved arrays
-        metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap, seed=config.seed)
-    metrics["predictions_sha256"] = digest
-    metrics["provenance"] = {
-        "split": split, "split_description": description, "protocol": config.protocol, "heldout_check": checked,
-        "holdout_fraction": config.holdout_fraction, "seed": config.seed, "tta": bool(tta),
-        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_epoch": int(ckpt["epoch"]),
-        "recipe": config.recipe, "config": config.to_dict(),
-        "data": {"root": str(Path(data).resolve()), "split": source, "fingerprint": info[source].fingerprint,
-                 "listing": info[source].listing},
-        "weights": ckpt.get("weights"), "pretrained": bool((ckpt.get("weights") or {}).get("pretrained")),
-        "device": str(dev), "precision": plan.precision, "versions": versions(), "trained_with": ckpt.get("versions"),
-    }
-    write_json_atomic(out / "metrics.json", metrics)
+    # two evaluations into one folder would mix their two files; metrics.json names the hash of the predictions
+    # it was computed from, so that report can tell a true pair from a pair left by two evaluations (or a kill)
+    with folder_lock(out, "an evaluation"):
+        with atomic_path(out / "predictions.npz", suffix=".npz") as tmp:
+            np.savez(tmp, labels=labels[idx].astype(np.int64), probabilities=probs, **{f"{source}_indices": idx})
+        digest = file_sha256(out / "predictions.npz")
+        with np.load(out / "predictions.npz") as saved:  # compute metrics from exactly the saved arrays
+            metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap,
+                                      seed=config.seed)
+        metrics["predictions_sha256"] = digest
+        metrics["provenance"] = {
+            "split": split, "split_description": description, "protocol": config.protocol, "heldout_check": checked,
+            "holdout_fraction": config.holdout_fraction, "seed": config.seed, "tta": bool(tta),
+            "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_epoch": int(ckpt["epoch"]),
+            "recipe": config.recipe, "config": config.to_dict(),
+            "data": {"root": str(Path(data).resolve()), "split": source, "fingerprint": info[source].fingerprint,
+                     "listing": info[source].listing},
+            "weights": ckpt.get("weights"), "pretrained": bool((ckpt.get("weights") or {}).get("pretrained")),
+            "device": str(dev), "precision": plan.precision, "versions": versions(),
+            "trained_with": ckpt.get("versions"),
+        }
+        write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 
@@ -151,7 +146,7 @@ def _check_test(checked: str, config, recorded: dict, loaded: dict, info: dict, 
         return checked
     problems = []
     try:
-        check_disjoint(data, loaded["train"][0], loaded["val"][0])
+        check_disjoint(info["train"], info["val"], loaded["train"][0], loaded["val"][0])
     except DeepLenseError as exc:
         problems.append(str(exc))
     if config.protocol == "clean":

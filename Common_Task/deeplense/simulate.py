@@ -512,7 +512,7 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
         if found is not None:
             raise DeepLenseError(f"{found}: {out} holds images but no simulation.json: not a simulated set (a real "
                                  f"dataset?); choose another --out")
-    if settings_path.exists():
+    else:
         try:
             old = json.loads(settings_path.read_text())
         except (OSError, ValueError):

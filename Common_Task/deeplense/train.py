@@ -208,12 +208,18 @@ def _validate_on_rank0(model, placed: engine.Placement, y_sel, config: TrainConf
     return rec[0]
 
 
+def rank_device(device: str | None) -> str | None:
+    """The device this process asks for: under torchrun an unnamed or plain ``cuda`` device becomes the rank's own
+    GPU (``cuda:LOCAL_RANK``), so that no rank touches another's card, not even to check it."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device in (None, "auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
 def _start_processes(device: str | None) -> tuple[int, int, torch.device]:
     """``(world size, rank, device)``; under torchrun, the process group is started and each rank gets its GPU."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1 and (device is None or device in ("auto", "cuda")) and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # each rank its own GPU
-    dev = pick_device(device)  # a CUDA device is made the current one
+    dev = pick_device(rank_device(device))  # a CUDA device is made the current one
     if world > 1:
         import datetime
 
@@ -251,7 +257,7 @@ def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: to
     elif split.protocol != config.protocol:
         raise DeepLenseError(f"train: a {split.protocol}-protocol split given for a {config.protocol}-protocol run")
     if va_images is not None:  # a val/ that is train/ (a link, hard links, copies) would hold nothing out
-        check_disjoint(data, tr_images, va_images)
+        check_disjoint(info["train"], info["val"], tr_images, va_images)
     sel_images, sel_labels = (va_images, va_labels) if split.selection_split == "val" else (tr_images, tr_labels)
     tr_idx = limit_per_class(tr_labels, split.train_idx, config.limit_per_class)
     sel_idx = limit_per_class(sel_labels, split.selection_idx, config.limit_per_class)
