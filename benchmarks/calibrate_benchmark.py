@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--readme", action="store_true", help="only copy the steps so far into README.md and "
                                                          "benchmarks/results/calibration.jsonl")
     p.add_argument("--name", help="name of this step (its folder under OUT)")
+    p.add_argument("--preset", default="benchmark", help="the preset to start from (default benchmark)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="change one SimulationConfig setting of the preset, e.g. 'shear_max=0.05'")
     p.add_argument("--train-per-class", type=int, default=800)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         key, _, value = item.partition("=")
         v = json.loads(value)
         changes[key] = tuple(v) if isinstance(v, list) else v
-    cfg = SimulationConfig.from_preset("benchmark").replace(**changes)
+    cfg = SimulationConfig.from_preset(args.preset).replace(**changes)
     out = Path(args.out) / args.name
     t0 = time.time()
     simulate_dataset(out / "data", train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=1234,
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     if not (run / "last.pt").exists():
         train(run_cfg, out / "data", run, device=args.device)
     m = evaluate(run / "best.pt", out / "data", out / "eval", device=args.device)
-    row = {"name": args.name, "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+    row = {"name": args.name, "preset": args.preset,
+           "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
            "image_statistics": stats, "look_ok": look_ok, "n_test": m["n"], "macro_auc": m["auc"]["macro"],
            "macro_auc_ci95": m["ci"]["macro_auc"], "accuracy": m["accuracy"], "per_class_auc": m["auc"]["per_class"],
            "minutes": (time.time() - t0) / 60,

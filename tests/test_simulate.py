@@ -195,7 +195,7 @@ def test_dataset_workers_shards_and_resume(tmp_path):
 
 
 def test_manifest_content(tmp_path):
-    simulate_dataset(tmp_path, train_per_class=2, val_per_class=1, seed=0, progress=False)
+    simulate_dataset(tmp_path, train_per_class=2, val_per_class=1, seed=0, progress=False, config=CFG)
     with open(tmp_path / "manifest.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["split"], r["class"], r["index"]) for r in rows] == [
@@ -217,7 +217,8 @@ def test_generated_set_loads_through_data_layer(tmp_path):
     simulate_dataset(tmp_path / "sim", train_per_class=2, val_per_class=2, seed=0, progress=False)
     images, labels = load_split(tmp_path / "sim", "train")
     assert images.shape == (6, 1, 150, 150) and labels.tolist() == [0, 0, 1, 1, 2, 2]
-    np.testing.assert_array_equal(images[2], np.load(tmp_path / "sim" / "train" / "sphere" / "1.npy"))
+    on_disk = np.load(tmp_path / "sim" / "train" / "sphere" / "1.npy")  # float64 as the real files; loaded as float32
+    np.testing.assert_array_equal(images[2], on_disk.astype(np.float32))
 
 
 def test_refuses_to_mix_seeds_in_one_folder(tmp_path, capsys):
@@ -356,3 +357,85 @@ def test_simulate_refuses_a_folder_of_images_it_did_not_write(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds images but no simulation.json" in err[0]
     assert sorted(p.name for p in real.rglob("*")) == before
+
+
+# ----------------------------------------------------------------------------------------------- realistic preset
+REAL = SimulationConfig.from_preset("realistic")
+
+
+def test_realistic_is_the_default_and_writes_integer_counts_as_float64(tmp_path):
+    from deeplense.simulate import DEFAULT_PRESET
+
+    assert DEFAULT_PRESET == "realistic"
+    simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False)  # no config: the default
+    arr = np.load(tmp_path / "val" / "sphere" / "1.npy")
+    assert arr.dtype == np.float64 and arr.shape == (1, 150, 150) and arr.min() == 0.0 and arr.max() == 1.0
+    levels = np.unique(arr)
+    k = round(1 / np.diff(levels).min())  # (counts - min) / (max - min): every value a multiple of 1/K
+    assert 500 < k < 1200 and np.allclose(arr * k, np.rint(arr * k), atol=1e-6)
+    # the same bytes as simulate_image with the preset
+    img, _ = simulate_image(REAL, 0, "val", "sphere", 1, dtype=np.float64)
+    np.testing.assert_array_equal(arr, img)
+    with open(tmp_path / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["noise_model"] for r in rows} == {"counts"} and all(r["sky_rate"] for r in rows)
+
+
+def test_counts_noise_is_poisson_on_the_sky_plus_read_noise():
+    from deeplense.simulate import add_noise
+
+    rng = np.random.default_rng(0)
+    pure = REAL.replace(read_noise_counts=0.0)
+    sky = add_noise(np.zeros((300, 300)), 1000.0, pure, rng, sky_rate=0.01)  # 10 counts per pixel
+    assert np.array_equal(sky, np.rint(sky)) and sky.mean() == pytest.approx(10, rel=0.02)
+    assert sky.var() / sky.mean() == pytest.approx(1.0, abs=0.05)
+    read = add_noise(np.zeros((300, 300)), 1000.0, REAL, rng, sky_rate=0.01)
+    assert np.array_equal(read, np.rint(read))  # digitised: still whole counts
+    assert read.var() / read.mean() == pytest.approx(1 + (0.9**2 + 1 / 12) / 10, abs=0.05)
+
+
+def test_realistic_draws_each_setting_in_its_range_along_one_axis():
+    from deeplense.simulate import REALISTIC
+
+    ps = [draw_parameters(REAL, 2, "train", c, i) for c in CLASSES for i in range(1, 41)]
+
+    def within(values, lo, hi):
+        values = np.asarray(values)
+        return values.min() >= lo and values.max() <= hi and values.std() > 0
+
+    e1 = np.array([p.value("lens_e1", REAL) for p in ps])
+    e2 = np.array([p.value("lens_e2", REAL) for p in ps])
+    assert within(np.hypot(e1, e2), *REALISTIC["lens_ellipticity_range"])
+    axis = np.degrees(0.5 * np.arctan2(e2, e1)) % 180  # the ellipticity's position angle
+    assert np.all(np.abs(axis - 90) < 4 * REALISTIC["lens_axis_scatter_deg"]) and np.all(e1 < 0)
+    assert within([p.value("lens_mass_msun", REAL) for p in ps], *REALISTIC["lens_mass_range_msun"])
+    assert within([p.value("source_R_sersic_arcsec", REAL) for p in ps], *REALISTIC["source_R_sersic_range_arcsec"])
+    assert within([p.value("source_amp", REAL) for p in ps], *REALISTIC["source_amp_range"])
+    assert within([p.value("sky_rate", REAL) for p in ps], *REALISTIC["sky_rate_range"])
+    kw = lens_kwargs(REAL, ps[5])
+    assert kw[0]["e1"] == ps[5].value("lens_e1", REAL) and kw[0]["e2"] == ps[5].value("lens_e2", REAL)
+
+
+def test_realistic_images_are_elongated_along_x():
+    from deeplense import realism as R
+
+    imgs = np.stack([simulate_image(REAL, 4, "val", c, i)[0][0] for c in CLASSES for i in range(1, 7)])
+    st = R.statistics(imgs)
+    assert np.median(st["axis_angle_deg"]) < 10 and np.median(st["ellipticity"]) > 0.25
+    # the old presets are round and point anywhere
+    old = np.stack([simulate_image(CFG, 4, "val", c, i)[0][0] for c in CLASSES for i in range(1, 7)])
+    assert np.median(R.statistics(old)["ellipticity"]) < 0.2
+
+
+def test_a_folder_simulated_before_the_new_settings_existed_still_resumes(tmp_path):
+    import json
+
+    simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False, config=CFG)
+    settings = json.loads((tmp_path / "simulation.json").read_text())
+    for key in ("noise_model", "sky_rate", "read_noise_counts", "sky_rate_range", "file_dtype",
+                "lens_ellipticity_range", "lens_axis_deg", "lens_axis_scatter_deg", "shear_axis_deg", "shear_range"):
+        settings["config"].pop(key)
+    (tmp_path / "simulation.json").write_text(json.dumps(settings))
+    simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False, config=CFG)
+    with pytest.raises(Exception, match="another seed or config"):
+        simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False, config=REAL)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import PRECISIONS
+from .simulate import PRESETS
 from .util import DeepLenseError
 
 
@@ -63,6 +64,52 @@ def _cmd_simulate(args) -> int:
         for path in examples_grid(images, np.repeat(np.arange(len(CLASSES)), n), args.figure, per_class=n,
                                   title=f"Simulated examples ({cfg.preset} preset, seed {args.seed})"):
             print(f"wrote {path}")
+    return 0
+
+
+def _cmd_realism(args) -> int:
+    from . import realism as R
+    from .util import versions, write_json_atomic
+
+    if args.list:
+        for name, doc in R.describe().items():
+            print(f"{name}: {doc}")
+        return 0
+    if not args.real:
+        raise DeepLenseError("--real DIR is required (the folder of real images to compare with)")
+    if args.n < 2:
+        raise DeepLenseError(f"--n {args.n}: need at least 2 simulated images per class")
+    _check_writable(args.out)
+    real_images, real_labels = R.read_images(args.real)
+    if args.data:
+        sim_images, sim_labels = R.read_images(args.data, limit_per_class=args.n)
+        label, source = f"data {Path(args.data).name}", {"data": str(args.data)}
+    else:
+        from .simulate import SimulationConfig
+
+        sim_images, sim_labels = R.simulate_images(args.preset, args.n, seed=args.seed)
+        label = f"preset {args.preset}"
+        source = {"preset": args.preset, "n_per_class": args.n, "seed": args.seed,
+                  "config": SimulationConfig.from_preset(args.preset).to_dict()}
+    if real_images.shape[1:] != sim_images.shape[1:]:
+        raise DeepLenseError(f"{args.real}: images of {real_images.shape[1:]} px, the simulated ones "
+                             f"{sim_images.shape[1:]}: the statistics need one size")
+    result, rs, ss = R.realism(real_images, real_labels, sim_images, sim_labels, seed=args.seed,
+                               n_bootstrap=args.bootstrap)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    which = f"--data {args.data}" if args.data else f"--preset {args.preset}"
+    command = (f"python -m deeplense realism --real {args.real} {which} --n {args.n} --seed {args.seed} "
+               f"--bootstrap {args.bootstrap} --out {args.out}")
+    record = {"real": {"folder": str(args.real), "n": int(len(real_labels))}, "simulated": source, **result,
+              "seed": args.seed, "versions": versions(), "command": command}
+    write_json_atomic(out / "realism.json", record)
+    if args.save_targets:
+        write_json_atomic(args.save_targets, R.targets(rs, source=str(args.real)))
+        print(f"wrote {args.save_targets} (the real sample's median and 10-90% of each statistic)")
+    paths = R.figure(rs, ss, out / "realism", label=label, comparison=result["comparison"])
+    print(R.format_table(result, label))
+    print(f"wrote {out / 'realism.json'}, " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -260,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=30, metavar="M", help="val images per class")
     p.add_argument("--seed", type=int, default=0, help="master seed; same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="worker processes (default 1)")
-    p.add_argument("--preset", default="common_task", choices=["common_task", "model_i", "benchmark"],
+    p.add_argument("--preset", default="realistic", choices=list(PRESETS),
                    help="common_task (default: looks like the common-task images), model_i (DeepLenseSim's Model I "
                         "literally) or benchmark (each image its own lens, source and noise, weaker substructure: "
                         "calibrated to be as hard as the real data, for comparing recipes)")
@@ -353,6 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, help="the precision to check (default auto)")
     p.add_argument("--steps", type=int, default=3, metavar="N", help="timed training steps (default 3; 0: none)")
     p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("realism", help="how close simulated images are to real ones: statistics and a two-sample test",
+                       description="Compute per-image statistics (python -m deeplense realism --list says each "
+                                   "one's formula) of the real images under --real and of a simulated set (--data, or "
+                                   "--n images per class of --preset simulated in memory); compare their "
+                                   "distributions (median, 10-90%%, KS) and run a classifier two-sample test "
+                                   "(logistic regression and random forest, stratified 5-fold x 5, AUC with a "
+                                   "bootstrap interval, also per class). Writes OUT/realism.json and OUT/realism.png "
+                                   "and .pdf (histograms of the statistics; no image is drawn).")
+    p.add_argument("--real", metavar="DIR", help="folder with real {no,sphere,vort}/*.npy somewhere below it")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--data", metavar="DIR", help="a simulated (or any) folder with {no,sphere,vort}/*.npy below it")
+    which.add_argument("--preset", default="realistic", choices=list(PRESETS),
+                       help="simulate this preset in memory (default realistic)")
+    p.add_argument("--n", type=int, default=100, metavar="N",
+                   help="simulated images per class (default 100); with --data, at most N per class are read")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulation and of the folds (default 0)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC interval")
+    p.add_argument("--out", metavar="DIR", default="realism", help="output folder (default realism/)")
+    p.add_argument("--list", action="store_true", help="print each statistic and its definition, then exit")
+    p.add_argument("--save-targets", metavar="FILE", help="also write the real sample's median and 10-90%% range of "
+                                                         "each statistic to FILE (the tests' realism targets)")
+    p.set_defaults(func=_cmd_realism)
 
     p = sub.add_parser("demo", help="execute the notebook end to end (what `make demo` runs)",
                        description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place (with "

@@ -20,7 +20,7 @@ import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,8 +29,42 @@ import numpy as np
 from .data import CLASSES, SPLITS
 from .util import DeepLenseError, atomic_path, progress_bar, sweep_stale_temps, write_json_atomic, write_text_atomic
 
-PRESETS = ("common_task", "model_i", "benchmark")
+PRESETS = ("realistic", "common_task", "model_i", "benchmark")
+DEFAULT_PRESET = "realistic"
 DISTANCE_CONVENTIONS = ("deeplense", "angular")
+NOISE_MODELS = ("deeplense", "counts")
+
+
+REALISTIC = {
+    # Matched to 30 real common-task files (../shared/realdata/sample, README "How real is the simulation") by
+    # distributions of per-image statistics (deeplense.realism), never by a classifier's accuracy on them.
+    # Noise: the real files are integer photon counts, min-max normalised, on a sky of ~9.4 counts per pixel.
+    "noise_model": "counts",
+    "log10_exposure_s": (3.0, 3.0),  # t = 1000 s
+    "sky_rate": 0.0094,  # counts/s per pixel (the centre of sky_rate_range)
+    "sky_rate_range": (0.0087, 0.0101),  # 8.7-10.1 counts per pixel, as the real corners (8.7-10.2)
+    "read_noise_counts": 0.9,  # the real sky's variance is 1.09x its mean, not 1.0x as pure Poisson
+    # Source: Model I's exponential disc (n = 1) larger and elongated along x; brightness sets the peak counts
+    # (real: 684-893 above the minimum)
+    "source_n_sersic": 1.0,
+    "source_R_sersic_range_arcsec": (0.38, 0.52),
+    "source_e1": 0.12,
+    "source_e2": 0.0,
+    "source_amp": 65.0,
+    "source_amp_range": (58.0, 73.7),
+    "source_center_max_arcsec": 0.55,
+    # Lens: the real images are all elongated along x (within ~10 degrees), some nearly round rings, some
+    # quads with knots twice as far out along x as along y
+    "lens_mass_range_msun": (1.0e12, 1.3e12),  # theta_E 1.28"-1.46"
+    "lens_ellipticity_range": (0.05, 0.55),
+    "lens_axis_deg": 90.0,  # e1 = -m: elongated along the array's x (columns)
+    "lens_axis_scatter_deg": 3.0,
+    "lens_e1": -0.3,
+    "lens_e2": 0.0,
+    "shear_gamma1": 0.03,
+    "shear_gamma2": 0.0,
+    "file_dtype": "float64",  # as the real files
+}
 
 
 BENCHMARK_VARIATION = {
@@ -143,6 +177,16 @@ class SimulationConfig:
     background_rms_range: tuple[float, float] | None = None
     n_subhalos_range: tuple[int, int] | None = None
     vortex_mass_range_msun: tuple[float, float] | None = None
+    noise_model: str = "deeplense"
+    sky_rate: float = 0.0
+    lens_ellipticity_range: tuple[float, float] | None = None
+    lens_axis_deg: float | None = None
+    lens_axis_scatter_deg: float = 0.0
+    shear_axis_deg: float | None = None
+    shear_range: tuple[float, float] | None = None
+    read_noise_counts: float = 0.0
+    sky_rate_range: tuple[float, float] | None = None
+    file_dtype: str = "float32"
 
     @classmethod
     def from_preset(cls, name: str = "common_task") -> SimulationConfig:
@@ -150,6 +194,8 @@ class SimulationConfig:
         ``common_task`` (default): the same lens and noise recipe with a larger, more concentrated and
         brighter source (R_sersic 1.0", n_sersic 2, amp 30) and 10x the exposure, which reproduces the
         smoother rings and darker sky of the common-task images (statistics in the README)."""
+        if name == "realistic":
+            return cls(preset="realistic", **REALISTIC)
         if name == "common_task":
             return cls()
         if name == "model_i":
@@ -158,6 +204,12 @@ class SimulationConfig:
         if name == "benchmark":
             return cls(preset="benchmark", **BENCHMARK_VARIATION)
         raise DeepLenseError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+
+    def __post_init__(self):
+        if self.noise_model not in NOISE_MODELS:
+            raise DeepLenseError(f"noise_model {self.noise_model!r}: choose from {', '.join(NOISE_MODELS)}")
+        if self.file_dtype not in ("float32", "float64"):
+            raise DeepLenseError(f"file_dtype {self.file_dtype!r}: choose float32 or float64")
 
     def replace(self, **changes) -> SimulationConfig:
         return replace(self, **changes)
@@ -234,6 +286,17 @@ def _polar(rng: np.random.Generator, max_modulus: float) -> tuple[float, float]:
     return float(m * np.cos(2 * phi)), float(m * np.sin(2 * phi))
 
 
+def _axis_polar(rng: np.random.Generator, modulus_range, axis_deg: float | None, scatter_deg: float):
+    """``(m cos 2phi, m sin 2phi)``, m uniform in ``modulus_range``; phi = axis + N(0, scatter) in degrees, or
+    uniform when ``axis_deg`` is None."""
+    m = rng.uniform(*modulus_range)
+    if axis_deg is None:
+        phi = rng.uniform(0, np.pi)
+    else:
+        phi = np.radians(axis_deg + scatter_deg * rng.standard_normal())
+    return float(m * np.cos(2 * phi)), float(m * np.sin(2 * phi))
+
+
 def _log_uniform(rng: np.random.Generator, lo_hi) -> float:
     return float(10 ** rng.uniform(np.log10(lo_hi[0]), np.log10(lo_hi[1])))
 
@@ -286,6 +349,14 @@ def draw_parameters(config: SimulationConfig, seed: int, split: str, cls: str, i
         v["background_rms"] = float(rng.uniform(*c.background_rms_range))
     if cls == "vort" and c.vortex_mass_range_msun is not None:
         v["vortex_mass_msun"] = _log_uniform(rng, c.vortex_mass_range_msun)
+    if c.lens_ellipticity_range is not None:  # modulus in a range, major axis near a fixed angle
+        v["lens_e1"], v["lens_e2"] = _axis_polar(rng, c.lens_ellipticity_range, c.lens_axis_deg,
+                                                 c.lens_axis_scatter_deg)
+    if c.shear_range is not None:
+        v["shear_gamma1"], v["shear_gamma2"] = _axis_polar(rng, c.shear_range, c.shear_axis_deg,
+                                                           c.lens_axis_scatter_deg)
+    if c.sky_rate_range is not None:
+        v["sky_rate"] = float(rng.uniform(*c.sky_rate_range))
     return ImageParameters(split, cls, int(index), float(sx), float(sy), float(exposure), masses, hx, hy,
                            float(m_a), float(length), float(angle), drawn=v)
 
@@ -363,10 +434,17 @@ def render_noise_free(config: SimulationConfig, p: ImageParameters) -> np.ndarra
 
 
 def add_noise(model: np.ndarray, exposure_s: float, config: SimulationConfig, rng: np.random.Generator, *,
-              background_rms: float | None = None):
-    """Poisson noise on the counts, Gaussian sky (``background_rms``, default the config's), and (as DeepLenseSim)
-    a second Poisson draw. counts/s."""
+              background_rms: float | None = None, sky_rate: float | None = None):
+    """``noise_model`` ``deeplense``: Poisson noise on the counts, Gaussian sky (``background_rms``, default the
+    config's), and (as DeepLenseSim) a second Poisson draw, in counts/s. ``counts``: the integer photon counts
+    ``Poisson(t (model + sky_rate))`` of an exposure of t seconds, as the common-task files hold them."""
     t = exposure_s
+    if config.noise_model == "counts":
+        sky = config.sky_rate if sky_rate is None else sky_rate
+        counts = rng.poisson((np.clip(model, 0, None) + sky) * t).astype(np.float64)
+        if config.read_noise_counts > 0:  # the detector's read-out: Gaussian, then digitised to whole counts
+            counts = np.rint(counts + rng.normal(0.0, config.read_noise_counts, model.shape))
+        return counts
     img = rng.poisson(np.clip(model, 0, None) * t) / t
     img = img + rng.normal(0.0, config.background_rms if background_rms is None else background_rms, model.shape)
     if config.double_poisson:
@@ -375,16 +453,16 @@ def add_noise(model: np.ndarray, exposure_s: float, config: SimulationConfig, rn
     return img
 
 
-def simulate_image(config: SimulationConfig, seed: int, split: str, cls: str, index: int,
+def simulate_image(config: SimulationConfig, seed: int, split: str, cls: str, index: int, *, dtype=np.float32,
                    ) -> tuple[np.ndarray, ImageParameters]:
-    """One image as float32 ``(1, num_pix, num_pix)`` min-max normalised to [0, 1], with its parameters."""
+    """One image as ``(1, num_pix, num_pix)`` of ``dtype`` min-max normalised to [0, 1], with its parameters."""
     rng = _rng(seed, split, cls, index)
     p = draw_parameters(config, seed, split, cls, index, rng)
     img = add_noise(render_noise_free(config, p), p.exposure_s, config, rng,
-                    background_rms=p.value("background_rms", config))
+                    background_rms=p.value("background_rms", config), sky_rate=p.value("sky_rate", config))
     lo, hi = img.min(), img.max()
     img = (img - lo) / (hi - lo)
-    return img.astype(np.float32)[None], p
+    return img.astype(dtype)[None], p
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -393,7 +471,8 @@ MANIFEST_COLUMNS = (
     "source_n_sersic", "source_e1", "source_e2", "source_amp", "exposure_s", "background_rms",
     "lens_mass_msun", "lens_einstein_radius_arcsec", "lens_e1", "lens_e2", "shear_gamma1", "shear_gamma2",
     "n_subhalos", "subhalo_mass_total_msun", "subhalo_mass_min_msun", "subhalo_mass_max_msun", "vortex_n_points",
-    "vortex_mass_total_msun", "vortex_half_length_arcsec", "vortex_angle_rad", "axion_mass_ev",
+    "vortex_mass_total_msun", "vortex_half_length_arcsec", "vortex_angle_rad", "axion_mass_ev", "noise_model",
+    "sky_rate", "read_noise_counts",
 )
 
 
@@ -417,7 +496,9 @@ def manifest_row(config: SimulationConfig, p: ImageParameters) -> list[str]:
         f(p.subhalo_masses.sum()) if sphere else "", f(p.subhalo_masses.min()) if sphere else "",
         f(p.subhalo_masses.max()) if sphere else "",
         str(config.vortex_n_points) if vort else "0", g("vortex_mass_msun") if vort else "",
-        f(p.vortex_half_length), f(p.vortex_angle), f(p.axion_mass_ev),
+        f(p.vortex_half_length), f(p.vortex_angle), f(p.axion_mass_ev), config.noise_model,
+        g("sky_rate") if config.noise_model == "counts" else "",
+        f(config.read_noise_counts) if config.noise_model == "counts" else "",
     ]
 
 
@@ -446,7 +527,7 @@ def _work(task) -> int:
     path = Path(_JOB["out"]) / split / cls / f"{index}.npy"
     if path.exists():
         return 0
-    img, _ = simulate_image(_JOB["config"], _JOB["seed"], split, cls, index)
+    img, _ = simulate_image(_JOB["config"], _JOB["seed"], split, cls, index, dtype=np.dtype(_JOB["config"].file_dtype))
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, img, allow_pickle=False)
     return 1
@@ -488,7 +569,7 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
     Returns a dict with ``written``, ``skipped`` and ``manifest`` (path).
     """
 
-    config = config or SimulationConfig()
+    config = config or SimulationConfig.from_preset(DEFAULT_PRESET)
     if train_per_class < 1 or val_per_class < 1:
         raise DeepLenseError("--train-per-class and --val-per-class must be at least 1")
     if workers < 1:
@@ -517,8 +598,9 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
             old = json.loads(settings_path.read_text())
         except (OSError, ValueError):
             raise DeepLenseError(f"{settings_path}: unreadable; remove it or choose another --out") from None
-        # settings this version added (absent from older files) default to None: the behaviour of before
-        old_cfg = {**{k: None for k in settings["config"]}, **(old.get("config") or {})}
+        # settings a later version added (absent from older files) take their defaults: the behaviour of before
+        defaults = json.loads(json.dumps({f.name: f.default for f in fields(SimulationConfig)}))
+        old_cfg = {**defaults, **(old.get("config") or {})}
         if old.get("seed") != settings["seed"] or old_cfg != json.loads(json.dumps(settings["config"])):
             raise DeepLenseError(f"{settings_path}: this folder was simulated with another seed or config; "
                                  f"choose another --out")
@@ -611,12 +693,13 @@ DEMO_VAL_PER_CLASS = 500
 def default_simulated_dataset(seed: int = 0, train_per_class: int = DEMO_TRAIN_PER_CLASS,
                               val_per_class: int = DEMO_VAL_PER_CLASS, workers: int | None = None,
                               progress: bool = True) -> Path:
-    """The simulated ``common_task`` set used when no dataset is given, generated once into
+    """The simulated set of the default preset (``realistic``) used when no dataset is given, generated once into
     ``$DEEPLENSE_CACHE/simulated/...`` (resumable; a finished set is reused)."""
     from .util import cache_dir
 
-    out = cache_dir() / "simulated" / f"common_task-seed{seed}-train{train_per_class}-val{val_per_class}"
+    out = cache_dir() / "simulated" / f"{DEFAULT_PRESET}-seed{seed}-train{train_per_class}-val{val_per_class}"
     if not (out / "manifest.csv").exists():
         simulate_dataset(out, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed,
-                         workers=workers or max(1, os.cpu_count() or 1), progress=progress)
+                         workers=workers or max(1, os.cpu_count() or 1), progress=progress,
+                         config=SimulationConfig.from_preset(DEFAULT_PRESET))
     return out
