@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-full bench-gpu bench-archs study mutants clean-cache help
+.PHONY: demo test lint bench bench-full bench-gpu bench-archs study realism mutants clean-cache help
 
 help:
 	@echo "make demo   - set up .venv, then run the notebook (simulated data unless DEEPLENSE_DATA is set)"
@@ -13,6 +13,7 @@ help:
 	@echo "make bench-gpu - the GPU benchmarks (about 4 minutes on one H100; prints a skip line without CUDA)"
 	@echo "make bench-archs - parameters and CPU speed of every --arch; fills README.md's arch table (minutes)"
 	@echo "make study  - the accuracy study (about 2 h on 2 CPU cores); fills README.md's ablation table"
+	@echo "make realism REAL=DIR - every preset against real images in DIR (statistics, two-sample test); README table"
 	@echo "make mutants - plant known faults one at a time and check the tests catch each (minutes; not in CI)"
 
 $(BIN)/python:
@@ -48,6 +49,15 @@ bench-archs: $(STAMP)
 
 study: $(STAMP)
 	$(BIN)/python benchmarks/accuracy_study.py --readme
+
+REALISM_PRESETS := realistic benchmark common_task model_i benchmark_v1
+
+realism: $(STAMP)
+	@test -n "$(REAL)" || { echo "usage: make realism REAL=path/to/real/images (a folder with no/ sphere/ vort/ below it)"; exit 2; }
+	for p in $(REALISM_PRESETS); do \
+	  $(BIN)/python -m deeplense realism --real $(REAL) --preset $$p --n 100 --seed 0 \
+	    --out benchmarks/results/realism/$$p || exit $$?; done
+	$(BIN)/python benchmarks/realism_table.py --readme
 
 mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py

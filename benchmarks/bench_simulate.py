@@ -1,12 +1,14 @@
 """Simulator benchmark, measured side by side in one run.
 
-- per class: images/s on one core for a whole image (draws, lenstronomy rendering, noise, normalisation)
-  against lenstronomy's own cost for the same noisy image: ``ImageModel.image`` with a prebuilt model
-  and ready arguments, plus lenstronomy's own noise functions (``image_util.add_poisson`` twice and
-  ``add_background``). Goal: our cost within 15% of lenstronomy's (ratio <= 1.15).
+- per class, for the default ``realistic`` preset and the earlier ``common_task``: images/s on one core for a whole
+  image (draws, lenstronomy rendering, noise, normalisation) against lenstronomy's own cost for the same noisy
+  image: ``ImageModel.image`` with a prebuilt model and ready arguments, plus lenstronomy's own noise functions
+  (``realistic``: ``image_util.add_poisson`` on model + sky and ``add_background`` for the read-out noise;
+  ``common_task``: ``add_poisson`` twice and ``add_background``). Goal: our cost within 15% of lenstronomy's
+  (ratio <= 1.15).
 - ``simulate`` with 1 and 2 worker processes over the same set. Goal: speed-up >= 1.7 on an idle machine.
-- six image statistics (``deeplense.simulate.image_statistics``) of both presets, beside those of the
-  published common-task images (measured on 8-bit renderings of them).
+- per preset, how many of the 15 realism statistics (``deeplense.realism``) have their median outside the real
+  sample's 10-90% range (the committed ``realism_targets.json``; no real file is read).
 
 Usage: ``python benchmarks/bench_simulate.py`` (quick) or ``--full`` (more images per measurement).
 """
@@ -23,10 +25,10 @@ from lenstronomy.Util import image_util
 
 from deeplense.data import CLASSES
 from deeplense.simulate import (
+    PRESETS,
     SimulationConfig,
     draw_parameters,
     image_model,
-    image_statistics,
     lens_kwargs,
     simulate_dataset,
     simulate_image,
@@ -35,6 +37,7 @@ from deeplense.simulate import (
 
 
 def per_class(cfg: SimulationConfig, n: int) -> None:
+    counts = cfg.noise_model == "counts"
     for cls in CLASSES:
         simulate_image(cfg, 0, "train", cls, 0)  # build the class's model once, as each worker does
         params = [draw_parameters(cfg, 0, "train", cls, i) for i in range(1, n + 1)]
@@ -43,15 +46,21 @@ def per_class(cfg: SimulationConfig, n: int) -> None:
         t0 = time.perf_counter()
         for (kl, ks), p in zip(args, params, strict=True):
             img = model.image(kwargs_lens=kl, kwargs_source=ks)
-            img = img + image_util.add_poisson(img, p.exposure_s) + image_util.add_background(img, 0.01)
-            img = img + image_util.add_poisson(img, p.exposure_s)
+            if counts:
+                sky = img + p.value("sky_rate", cfg)
+                img = sky + image_util.add_poisson(sky, p.exposure_s) + image_util.add_background(
+                    img, cfg.read_noise_counts / p.exposure_s)
+            else:
+                img = img + image_util.add_poisson(img, p.exposure_s) + image_util.add_background(img, 0.01)
+                img = img + image_util.add_poisson(img, p.exposure_s)
         bare = (time.perf_counter() - t0) / n
         t0 = time.perf_counter()
         for i in range(1, n + 1):
-            simulate_image(cfg, 0, "train", cls, i)
+            simulate_image(cfg, 0, "train", cls, i, dtype=np.dtype(cfg.file_dtype))
         ours = (time.perf_counter() - t0) / n
-        print(f"simulate_{cls}: {1 / ours:.1f} img/s/core ({ours * 1e3:.1f} ms), ratio {ours / bare:.2f} vs "
-              f"lenstronomy rendering + its noise functions {bare * 1e3:.1f} ms (goal <= 1.15)", flush=True)
+        print(f"simulate_{cfg.preset}_{cls}: {1 / ours:.1f} img/s/core ({ours * 1e3:.1f} ms), ratio "
+              f"{ours / bare:.2f} vs lenstronomy rendering + its noise functions {bare * 1e3:.1f} ms (goal <= 1.15)",
+              flush=True)
 
 
 def workers(cfg: SimulationConfig, per_class_n: int) -> None:
@@ -68,21 +77,25 @@ def workers(cfg: SimulationConfig, per_class_n: int) -> None:
 
 
 def statistics(n_per_class: int) -> None:
-    print("# image statistics (median/mean over images; the published common-task images: 17.9 px FWHM, "
-          "frac>0.1 0.158, frac>0.3 0.058, mean 0.062, corner std 0.003 from 8-bit renderings)")
-    for preset in ("common_task", "model_i"):
+    from deeplense import realism as R
+
+    targets = R.load_targets()
+    for preset in PRESETS:
         cfg = SimulationConfig.from_preset(preset)
-        imgs = np.stack([simulate_image(cfg, 1, "val", c, i)[0] for c in CLASSES for i in range(1, n_per_class + 1)])
-        s = image_statistics(imgs)
-        print(f"stats_{preset}: " + ", ".join(f"{k} {v:.4g}" for k, v in s.items()))
+        imgs = np.stack([simulate_image(cfg, 1, "val", c, i, dtype=np.float64)[0] for c in CLASSES
+                         for i in range(1, n_per_class + 1)])
+        outside = R.outside_targets(R.statistics(imgs), targets)
+        print(f"realism_{preset}: {len(outside)} of {len(R.STATISTICS)} statistics with the median outside the real "
+              f"10-90% range" + (f" ({', '.join(sorted(outside))})" if outside else "") + " (goal for the default: 0)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="larger samples (slower, steadier)")
     args = p.parse_args(argv)
-    cfg = SimulationConfig()
+    cfg = SimulationConfig.from_preset("realistic")
     per_class(cfg, 60 if args.full else 20)
+    per_class(SimulationConfig.from_preset("common_task"), 60 if args.full else 20)
     workers(cfg, 300 if args.full else 100)  # enough work that spawning the pool does not dominate
     statistics(30 if args.full else 10)
     return 0

@@ -1,10 +1,12 @@
 """One calibration step of the ``benchmark`` simulation preset: how hard is it for the ``default`` recipe?
 
-Simulates a set with the preset (optionally with some of its settings changed by ``--set``), checks that the
-images keep the common-task look (fraction of pixels > 0.1 in [0.11, 0.21], corner standard deviation <= 0.008,
-ring radius 22-32 px), trains the ``default`` recipe at the quick CPU scale (central 96 px shrunk to 64 px,
-random initial weights) under the clean protocol, and evaluates on all of ``val``. Appends one JSON line with the
-settings, the image statistics and the held-out AUCs to ``OUT/calibration.jsonl`` and prints it.
+Simulates a set with the preset (``--preset``, default ``benchmark``; optionally with some of its settings changed
+by ``--set``), checks that the images keep the common-task look (fraction of pixels > 0.1 in [0.11, 0.21], corner
+standard deviation <= 0.008, ring radius 22-32 px) and lists the realism statistics whose median leaves the real
+sample's 10-90% range (``deeplense/realism_targets.json``), trains the ``default`` recipe at the quick CPU scale
+(central 96 px shrunk to 64 px, random initial weights) under the clean protocol, and evaluates on all of ``val``.
+Appends one JSON line with the settings, the image statistics and the held-out AUCs to ``OUT/calibration.jsonl``
+and prints it.
 
     python benchmarks/calibrate_benchmark.py --name step1
     python benchmarks/calibrate_benchmark.py --name step2 --set 'subhalo_mass_range_msun=[1e6, 3e9]'
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deeplense import realism as R
 from deeplense.config import recipe
 from deeplense.data import CLASSES, read_image
 from deeplense.evaluate import evaluate
@@ -45,15 +48,16 @@ def _fmt(v) -> str:
 
 def table(rows: list[dict]) -> str:
     """The calibration steps as a Markdown table (README, "The benchmark preset")."""
-    lines = ["| step | settings changed from step 1's | pixels > 0.1 | corner std | ring radius | "
-             "test macro AUC [95% CI] | AUC no / sphere / vort |", "|---|---|---|---|---|---|---|"]
+    lines = ["| step | preset | settings changed from the preset's | pixels > 0.1 | corner std | ring radius | "
+             "test macro AUC [95% CI] | AUC no / sphere / vort |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         changes = ", ".join(f"`{k}={_fmt(v)}`" for k, v in r.get("changes", {}).items()) or "none"
+        preset = f"`{r['preset']}`" if "preset" in r else "`benchmark_v1` step 1's"  # rows from before issue 23
         if "macro_auc" not in r:
-            lines.append(f"| {r['name']} | {changes} | | | | {r.get('note', '')} | |")
+            lines.append(f"| {r['name']} | {preset} | {changes} | | | | {r.get('note', '')} | |")
             continue
         st, pc, ci = r["image_statistics"], r["per_class_auc"], r["macro_auc_ci95"]
-        lines.append(f"| {r['name']} | {changes} | {st['frac_gt_0.1']:.3f} | {st['corner_std']:.4f} | "
+        lines.append(f"| {r['name']} | {preset} | {changes} | {st['frac_gt_0.1']:.3f} | {st['corner_std']:.4f} | "
                      f"{st['peak_radius_px']:.1f} px | {r['macro_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
                      f"{pc['no']:.3f} / {pc['sphere']:.3f} / {pc['vort']:.3f} |")
     return "\n".join(lines)
@@ -103,6 +107,8 @@ def main(argv=None) -> int:
     sample = np.stack([read_image(out / "data" / "val" / c / f"{i}.npy")[None] for c in CLASSES for i in range(1, 9)])
     stats = image_statistics(sample)
     look_ok = all(lo <= stats[k] <= hi for k, (lo, hi) in LOOK.items())
+    # and against the real sample: the statistics whose median leaves the real 10-90% range (committed targets)
+    outside = R.outside_targets(R.statistics(sample), R.load_targets())
     run_cfg = recipe("default", image_size=64, crop=96, batch_size=32, epochs=args.epochs, weights="none",
                      seed=args.seed, protocol="clean")
     run = out / "run"
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
     m = evaluate(run / "best.pt", out / "data", out / "eval", device=args.device)
     row = {"name": args.name, "preset": args.preset,
            "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
-           "image_statistics": stats, "look_ok": look_ok, "n_test": m["n"], "macro_auc": m["auc"]["macro"],
+           "image_statistics": stats, "look_ok": look_ok, "realism_outside": sorted(outside), "n_test": m["n"],
+           "macro_auc": m["auc"]["macro"],
            "macro_auc_ci95": m["ci"]["macro_auc"], "accuracy": m["accuracy"], "per_class_auc": m["auc"]["per_class"],
            "minutes": (time.time() - t0) / 60,
            "command": shlex.join(["python", "benchmarks/calibrate_benchmark.py", *(sys.argv[1:] if argv is None

@@ -59,6 +59,7 @@ def test_ellipticity_and_axis_of_an_elongated_blob():
     assert R.axis_angle_deg(along_x.T) == pytest.approx(90.0, abs=0.5)
     diagonal = np.exp(-(((XX - C) + (YY - C)) ** 2 / (2 * 64) + ((XX - C) - (YY - C)) ** 2 / (2 * 16)))
     assert R.axis_angle_deg(diagonal) == pytest.approx(45.0, abs=1.0)
+    assert R.ellipticity(diagonal) == pytest.approx(0.6, abs=0.02)
 
 
 def test_fractions_and_mean():

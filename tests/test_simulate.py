@@ -292,7 +292,7 @@ def test_workers_give_the_same_bytes_with_either_start_method(tmp_path, monkeypa
 def test_benchmark_preset_draws_each_setting_in_its_range():
     from deeplense.simulate import BENCHMARK_VARIATION
 
-    cfg = SimulationConfig.from_preset("benchmark")
+    cfg = SimulationConfig.from_preset("benchmark_v1")
     ps = [draw_parameters(cfg, 5, "train", c, i) for c in CLASSES for i in range(1, 41)]
     v = BENCHMARK_VARIATION
 
@@ -328,7 +328,7 @@ def test_benchmark_preset_draws_each_setting_in_its_range():
 
 
 def test_benchmark_preset_keeps_the_common_task_look_and_records_its_draws(tmp_path):
-    cfg = SimulationConfig.from_preset("benchmark")
+    cfg = SimulationConfig.from_preset("benchmark_v1")
     imgs = np.stack([simulate_image(cfg, 1, "val", c, i)[0] for c in CLASSES for i in range(1, 9)])
     s = image_statistics(imgs)
     assert 0.11 <= s["frac_gt_0.1"] <= 0.21 and s["corner_std"] <= 0.008 and 22 <= s["peak_radius_px"] <= 32, s
@@ -439,3 +439,19 @@ def test_a_folder_simulated_before_the_new_settings_existed_still_resumes(tmp_pa
     simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False, config=CFG)
     with pytest.raises(Exception, match="another seed or config"):
         simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=0, progress=False, config=REAL)
+
+
+def test_benchmark_is_realistic_with_stronger_substructure():
+    from deeplense.simulate import BENCHMARK_SUBSTRUCTURE
+
+    bench = SimulationConfig.from_preset("benchmark")
+    assert bench.to_dict() == {**REAL.to_dict(), **BENCHMARK_SUBSTRUCTURE, "preset": "benchmark"}
+    # the same lens, source and sky draws as realistic for the same image; only the substructure differs
+    for cls in CLASSES:
+        a, b = draw_parameters(REAL, 7, "val", cls, 3), draw_parameters(bench, 7, "val", cls, 3)
+        assert a.drawn == b.drawn and (a.source_x, a.exposure_s) == (b.source_x, b.exposure_s)
+    p = draw_parameters(bench, 7, "val", "sphere", 3)
+    lo, hi = BENCHMARK_SUBSTRUCTURE["subhalo_mass_range_msun"]
+    assert p.subhalo_masses.min() >= lo and p.subhalo_masses.max() <= hi
+    same = simulate_image(REAL, 7, "val", "no", 3)[0]
+    np.testing.assert_array_equal(same, simulate_image(bench, 7, "val", "no", 3)[0])  # no substructure: same image

@@ -37,7 +37,7 @@ class RunSpec:
 
     @property
     def data_kind(self) -> str:
-        return "real (user-supplied)" if self.data else "simulated (lenstronomy, common_task preset)"
+        return "real (user-supplied)" if self.data else "simulated (lenstronomy, realistic preset)"
 
 
 # The parameters cell's names: for each, the TrainConfig field or RunSpec field it sets, and the environment
