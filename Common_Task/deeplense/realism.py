@@ -132,30 +132,35 @@ def ring_width_px(x):
     return float(np.sqrt(np.average((r - np.average(r, weights=w)) ** 2, weights=w)))
 
 
+def _radius_map(x):
+    """(distance of every pixel from the bright centroid, R = ring_radius_px), or None without bright pixels."""
+    yy, xx = np.nonzero(x > THRESHOLD)
+    if yy.size == 0:
+        return None
+    w = x[yy, xx]
+    cx, cy = np.average(xx, weights=w), np.average(yy, weights=w)
+    big_r = np.average(np.hypot(xx - cx, yy - cy), weights=w)
+    gy, gx = np.mgrid[: x.shape[0], : x.shape[1]]
+    return np.hypot(gx - cx, gy - cy), big_r
+
+
 def outer_flux_fraction(x):
     """sum(x - s) over pixels with 1.4 R < r < 2.2 R, divided by sum(x - s) over all, s = corner_mean: the halo."""
-    w, dx, dy = _bright(x)
-    if w.size == 0:
+    m = _radius_map(x)
+    if m is None:
         return float("nan")
-    yy, xx = np.mgrid[: x.shape[0], : x.shape[1]]
-    cx = np.average(np.nonzero(x > THRESHOLD)[1], weights=w)
-    cy = np.average(np.nonzero(x > THRESHOLD)[0], weights=w)
-    r = np.hypot(xx - cx, yy - cy)
-    big_r = np.average(np.hypot(dx, dy), weights=w)
+    r, big_r = m
     f = x - _corners(x).mean()
     return float(f[(r > 1.4 * big_r) & (r < 2.2 * big_r)].sum() / f.sum())
 
 
 def center_level(x):
     """mean of x within 0.3 R of the centroid, R = ring_radius_px: light inside the ring (a central image)."""
-    w, dx, dy = _bright(x)
-    if w.size == 0:
+    m = _radius_map(x)
+    if m is None:
         return float("nan")
-    yy, xx = np.mgrid[: x.shape[0], : x.shape[1]]
-    cx = np.average(np.nonzero(x > THRESHOLD)[1], weights=w)
-    cy = np.average(np.nonzero(x > THRESHOLD)[0], weights=w)
-    big_r = np.average(np.hypot(dx, dy), weights=w)
-    return float(x[np.hypot(xx - cx, yy - cy) < 0.3 * big_r].mean())
+    r, big_r = m
+    return float(x[r < 0.3 * big_r].mean())
 
 
 def knots(x):
