@@ -172,3 +172,15 @@ def test_the_default_preset_keeps_the_real_look():
     old = np.stack([img for c in _sim("common_task", 8, seed=11).values() for img in c])
     assert {"log10_levels", "corner_mean", "ellipticity", "axis_angle_deg"} <= set(R.outside_targets(
         R.statistics(old), t))
+
+
+def test_read_images_keeps_every_accepted_layout_as_float64(tmp_path):
+    x = _norm(ring())
+    d = tmp_path / "no"
+    d.mkdir()
+    np.save(d / "1.npy", x[None])
+    np.save(d / "2.npy", x[:, :, None])
+    np.save(d / "3.npy", x)
+    imgs, labels = R.read_images(tmp_path)
+    assert imgs.dtype == np.float64 and imgs.shape == (3, N, N) and labels.tolist() == [0, 0, 0]
+    assert all(np.array_equal(img, x) for img in imgs)  # no float32 round trip: count levels stay apart

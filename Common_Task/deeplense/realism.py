@@ -231,9 +231,8 @@ def read_images(folder, limit_per_class: int | None = None) -> tuple[np.ndarray,
     for path, cls in files:
         if limit_per_class is not None and per.get(cls, 0) >= limit_per_class:
             continue
-        read_image(path)  # every check of the loader (header, pickle, shape, range), one line naming the file
-        arr = np.load(path, allow_pickle=False).astype(np.float64).reshape(-1, *np.shape(np.load(path))[-2:])
-        img = arr[0] if arr.shape[0] == 1 else arr.reshape(arr.shape[-2], arr.shape[-1])
+        shape = read_image(path).shape  # every check of the loader (header, pickle, shape, range), in one line
+        img = np.load(path, allow_pickle=False).astype(np.float64).reshape(shape)  # (1,H,W), (H,W,1) -> (H,W)
         if images and img.shape != images[0].shape:
             raise DeepLenseError(f"{path}: shape {img.shape}, the others {images[0].shape}")
         images.append(img)
