@@ -391,7 +391,26 @@ def test_counts_noise_is_poisson_on_the_sky_plus_read_noise():
     assert sky.var() / sky.mean() == pytest.approx(1.0, abs=0.05)
     read = add_noise(np.zeros((300, 300)), 1000.0, REAL, rng, sky_rate=0.01)
     assert np.array_equal(read, np.rint(read))  # digitised: still whole counts
+    assert read.mean() == pytest.approx(10, rel=0.02)
     assert read.var() / read.mean() == pytest.approx(1 + (0.9**2 + 1 / 12) / 10, abs=0.05)
+    # the lensed light's photons add their own Poisson noise: 100 + 10 counts, variance 110 + the read-out's
+    lit = add_noise(np.full((300, 300), 0.1), 1000.0, REAL, rng, sky_rate=0.01)
+    assert np.array_equal(lit, np.rint(lit)) and lit.mean() == pytest.approx(110, rel=0.01)
+    assert lit.var() == pytest.approx(110 + 0.9**2 + 1 / 12, rel=0.05)
+
+
+def test_sky_count_distribution_is_poisson_plus_digitised_read_noise():
+    from scipy.stats import poisson
+
+    from deeplense.simulate import sky_count_distribution
+
+    v, p = sky_count_distribution(9.4, 0.0)
+    np.testing.assert_allclose(p, poisson.pmf(v, 9.4), rtol=1e-9, atol=1e-15)
+    v, p = sky_count_distribution(9.4, 0.9)
+    mean = (v * p).sum()
+    assert p.sum() == pytest.approx(1) and mean == pytest.approx(9.4)
+    assert ((v - mean) ** 2 * p).sum() == pytest.approx(9.4 + 0.9**2 + 1 / 12, rel=1e-4)  # rounding adds 1/12
+    assert v.min() < 0  # read-out noise can take a pixel below zero counts, as a detector's can
 
 
 def test_realistic_draws_each_setting_in_its_range_along_one_axis():
@@ -403,17 +422,40 @@ def test_realistic_draws_each_setting_in_its_range_along_one_axis():
         values = np.asarray(values)
         return values.min() >= lo and values.max() <= hi and values.std() > 0
 
-    e1 = np.array([p.value("lens_e1", REAL) for p in ps])
-    e2 = np.array([p.value("lens_e2", REAL) for p in ps])
-    assert within(np.hypot(e1, e2), *REALISTIC["lens_ellipticity_range"])
-    axis = np.degrees(0.5 * np.arctan2(e2, e1)) % 180  # the ellipticity's position angle
-    assert np.all(np.abs(axis - 90) < 4 * REALISTIC["lens_axis_scatter_deg"]) and np.all(e1 < 0)
+    def axis(e1, e2):  # the position angle of an ellipticity or shear, degrees in (-90, 90]
+        return np.degrees(0.5 * np.arctan2(e2, e1))
+
+    g1 = np.array([p.value("shear_gamma1", REAL) for p in ps])
+    g2 = np.array([p.value("shear_gamma2", REAL) for p in ps])
+    assert within(np.hypot(g1, g2), *REALISTIC["shear_range"])
+    assert np.all(np.abs(axis(g1, g2) - REALISTIC["shear_axis_deg"]) < 4 * REALISTIC["lens_axis_scatter_deg"])
+    s1 = np.array([p.value("source_e1", REAL) for p in ps])
+    s2 = np.array([p.value("source_e2", REAL) for p in ps])
+    assert within(np.hypot(s1, s2), *REALISTIC["source_ellipticity_range"])
+    assert np.all(np.abs(axis(s1, s2) - REALISTIC["source_axis_deg"]) < 4 * REALISTIC["lens_axis_scatter_deg"])
+    assert all(p.value("lens_e1", REAL) == p.value("lens_e2", REAL) == 0.0 for p in ps)  # a round lens
     assert within([p.value("lens_mass_msun", REAL) for p in ps], *REALISTIC["lens_mass_range_msun"])
-    assert within([p.value("source_R_sersic_arcsec", REAL) for p in ps], *REALISTIC["source_R_sersic_range_arcsec"])
-    assert within([p.value("source_amp", REAL) for p in ps], *REALISTIC["source_amp_range"])
     assert within([p.value("sky_rate", REAL) for p in ps], *REALISTIC["sky_rate_range"])
     kw = lens_kwargs(REAL, ps[5])
-    assert kw[0]["e1"] == ps[5].value("lens_e1", REAL) and kw[0]["e2"] == ps[5].value("lens_e2", REAL)
+    assert kw[1]["gamma1"] == ps[5].value("shear_gamma1", REAL) and kw[1]["gamma2"] == ps[5].value("shear_gamma2", REAL)
+    src = source_kwargs(REAL, ps[5])[0]
+    assert (src["e1"], src["e2"], src["center_x"]) == (s1[5], s2[5], ps[5].source_x)
+    fixed = (REALISTIC["source_n_sersic"], REALISTIC["source_R_sersic_arcsec"], REALISTIC["source_amp"])
+    assert (src["n_sersic"], src["R_sersic"], src["amp"]) == fixed
+
+
+def test_realistic_source_distance_is_uniform_not_its_area():
+    """The source centre's distance from the lens axis is uniform in [0, max] (a third of the real fits lie within
+    0.1"), not uniform over the disc (which would put 5% there), and its direction is uniform."""
+    from deeplense.simulate import REALISTIC
+
+    ps = [draw_parameters(REAL, 5, "val", c, i) for c in CLASSES for i in range(1, 201)]
+    r = np.hypot([p.source_x for p in ps], [p.source_y for p in ps])
+    r_max = REALISTIC["source_radius_max_arcsec"]
+    assert r.max() <= r_max and r.max() > 0.95 * r_max
+    assert np.mean(r < r_max / 2) == pytest.approx(0.5, abs=0.06)  # disc-uniform: 0.25
+    phi = np.arctan2([p.source_y for p in ps], [p.source_x for p in ps])
+    assert np.histogram(phi, bins=4, range=(-np.pi, np.pi))[0].min() > 100  # every quadrant about 150 of 600
 
 
 def test_realistic_images_are_elongated_along_x():
