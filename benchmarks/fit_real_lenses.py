@@ -123,12 +123,27 @@ def readme_tables(fits: dict, scan: dict | None) -> tuple[str, str]:
         lines.append(f"| `{k}` | {v['median']:.3g} ({v['p10']:.3g} to {v['p90']:.3g}) | {pc} | {p} | {preset} |")
     if scan is None:
         return "\n".join(lines), "(no PSF scan: run the command above)"
-    rows = ["PSF scan (`" + scan["command"] + "`): the same fit with each PSF width; median over the files.", "",
-            "| PSF FWHM | files | reduced chi-square | Sersic n | R_sersic (arcsec) |", "|---|---|---|---|---|"]
-    for fw, v in sorted(scan["summary"].items(), key=lambda kv: float(kv[0])):
-        q = v["parameters"]
-        rows.append(f"| {fw}\" | {v['n']} | {q['chi2_red']['median']:.3f} | {q['source.n_sersic']['median']:.2f} | "
-                    f"{q['source.R_sersic']['median']:.3f} |")
+    by_width: dict[float, dict[str, dict]] = {}
+    for f in scan["fits"]:
+        by_width.setdefault(float(f["psf_fwhm"]), {})[f["image"]] = flat(f["fit"])
+    widths = sorted(by_width)
+    common = sorted(set.intersection(*(set(v) for v in by_width.values())))  # paired: files fitted at every width
+    best = float(fwhm) if float(fwhm) in by_width else widths[0]
+    rows = [f"PSF scan (`{scan['command']}`): the same fit with each PSF width, on the {len(common)} files fitted "
+            f"at every width; medians over those files, and the median over them of each file's chi-square "
+            f"divided by its chi-square at {best:g}\".", "",
+            f"| PSF FWHM | reduced chi-square | chi-square / at {best:g}\" | Sersic n | R_sersic (arcsec) |",
+            "|---|---|---|---|---|"]
+    for w in widths:
+        q = by_width[w]
+
+        def med(k, q=q):
+            return float(np.median([q[i][k] for i in common])) if common else float("nan")
+
+        ratio = float(np.median([q[i]["chi2_red"] / by_width[best][i]["chi2_red"] for i in common])) \
+            if common else float("nan")
+        rows.append(f"| {w:g}\" | {med('chi2_red'):.3f} | {ratio:.3f} | {med('source.n_sersic'):.2f} | "
+                    f"{med('source.R_sersic'):.3f} |")
     return "\n".join(lines), "\n".join(rows)
 
 

@@ -62,7 +62,8 @@ def test_fit_real_lenses_writes_numbers_and_resumes(tmp_path, capsys, monkeypatc
     assert record["summary"]["0.2"]["n"] == 2 and "lens.theta_E" in record["summary"]["0.2"]["parameters"]
     assert "versions" in record and record["command"].startswith("python benchmarks/fit_real_lenses.py")
     a, b = fit_real_lenses.readme_tables(record, record)  # the README's tables, from the file alone
-    assert "| `lens.theta_E` |" in a and "| `source.radius` |" in a and '| 0.2" | 2 |' in b
+    assert "| `lens.theta_E` |" in a and "| `source.radius` |" in a
+    assert "on the 2 files fitted at every width" in b and '| 0.2" |' in b
     before = out.read_text()
 
     def refit(task):
@@ -75,3 +76,26 @@ def test_fit_real_lenses_writes_numbers_and_resumes(tmp_path, capsys, monkeypatc
         fit_real_lenses.main([*args[:-2], "--workers", "1", "--seed", "1"])
     assert fit_real_lenses.main(["--real", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_psf_scan_table_compares_the_same_files_at_every_width():
+    import copy
+
+    import fit_real_lenses
+
+    def fit(chi2, n):
+        return {"lens": {"theta_E": 1.2, "e1": 0.0, "e2": 0.0, "center_x": 0.0, "center_y": 0.0},
+                "shear": {"gamma1": 0.1, "gamma2": 0.0},
+                "source": {"R_sersic": 0.5, "n_sersic": n, "e1": 0.0, "e2": 0.0, "center_x": 0.1, "center_y": 0.0},
+                "amp_counts": 4e4, "K": 800.0, "sky": 9.0, "chi2_red": chi2}
+
+    fits = [{"image": f"no/{i}.npy", "class": "no", "psf_fwhm": w, "fit": fit(c, n)}
+            for i, w, c, n in [(1, 0.2, 1.0, 1.5), (2, 0.2, 1.2, 1.5), (1, 0.1, 1.5, 1.0), (2, 0.1, 1.8, 1.0),
+                               (3, 0.1, 0.5, 9.0)]]  # no/3.npy only at 0.1": left out of the comparison
+    record = {"command": "c", "fits": fits, "summary": {"0.2": {"n": 2, "parameters": {
+        k: {"median": 0.0, "p10": 0.0, "p90": 0.0, "median_per_class": {"no": 0.0}, "kruskal_p": None}
+        for k in fit_real_lenses.flat(fit(1.0, 1.0))}}}}
+    _, b = fit_real_lenses.readme_tables(record, copy.deepcopy(record))
+    assert "on the 2 files fitted at every width" in b
+    assert '| 0.1" | 1.650 | 1.500 | 1.00 | 0.500 |' in b  # medians of files 1 and 2 only; ratios 1.5 and 1.5
+    assert '| 0.2" | 1.100 | 1.000 | 1.50 | 0.500 |' in b
