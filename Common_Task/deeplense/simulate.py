@@ -53,20 +53,21 @@ REALISTIC = {
     "sky_rate": 0.0094,  # counts/s per pixel (the centre of sky_rate_range)
     "sky_rate_range": (0.0087, 0.0101),  # 8.7-10.1 counts per pixel, as the real corners (8.7-10.2)
     "read_noise_counts": 0.9,  # the real sky's variance is 1.09x its mean, not 1.0x as pure Poisson
-    # PSF: the fits' chi-square falls from Model I's 0.087" to a minimum near 0.2" (flat over 0.18-0.25")
+    # PSF: of the widths scanned (0.087" as Model I, 0.13", 0.2", 0.3"; 6 files) each file's chi-square is lowest at
+    # 0.2" (median ratio to it: 1.079, 1.040, 1, 1.046; README "PSF scan")
     "psf_fwhm_arcsec": 0.2,
-    # Lens: a round SIE (the fitted ellipticity of the no-substructure images: median 0.003) at the centre, with an
-    # external shear along x that sets how elongated each image is (fitted 0.004-0.28, spread evenly)
+    # Lens: a round SIE (the fitted ellipticity of the no-substructure images: median 0.002) at the centre, with an
+    # external shear along x that sets how elongated each image is (fitted 0.006-0.28, spread evenly)
     "lens_e1": 0.0,
     "lens_e2": 0.0,
     "lens_mass_range_msun": (0.55e12, 1.66e12),  # theta_E 0.95"-1.65" (fitted 0.95-1.63")
     "shear_gamma1": 0.0,
     "shear_range": (0.0, 0.28),
-    "shear_axis_deg": -3.0,  # fitted gamma2 / gamma1: -3 degrees, +- 2
+    "shear_axis_deg": -3.0,  # fitted: -2.7 degrees (10-90%: -4.6 to -0.5); the source's -2.4 (-5.5 to -0.1)
     "lens_axis_scatter_deg": 2.0,  # of the shear's and the source's axis
-    # Source: one Sersic profile for every image (fitted n 1.47-1.56, R 0.50-0.52", amplitude 37.6-40.9 counts/s at
+    # Source: one Sersic profile for every image (fitted n 1.49-1.56, R 0.50-0.52", amplitude 37.6-40.9 counts/s at
     # t = 1000 s, 10-90%), its ellipticity along x varying (fitted 0-0.40), its centre within 0.47" of the lens
-    # axis with the distance, not the area, uniform (11 of the 30 fitted centres lie within 0.1": the symmetric
+    # axis with the distance, not the area, uniform (10 of the 30 fitted centres lie within 0.1": the symmetric
     # crosses and rings)
     "source_n_sersic": 1.53,
     "source_R_sersic_arcsec": 0.51,
@@ -82,8 +83,9 @@ REALISTIC = {
 
 BENCHMARK_SUBSTRUCTURE = {
     # The benchmark: the realistic preset (every image its own lens, source and sky, as the real ones vary) with
-    # the substructure made stronger until the CPU proxy learns it (README "The benchmark preset", step r4): at
-    # the realistic strength the proxy stays near chance (macro AUC 0.59 after 5 epochs), here 0.85.
+    # the substructure made stronger until the CPU proxy learns it (README "The benchmark preset": step4, found on
+    # the realistic images of e15b7f8, kept on the fitted ones as r4_on_fitted): at the realistic strength the proxy
+    # stays near chance (macro AUC 0.56 after 5 epochs), here 0.89.
     "subhalo_mass_range_msun": (1e7, 2.5e10),  # realistic: (1e6, 1e10); 25 subhalos, dN/dm ∝ m^-0.9 as before
     "vortex_mass_msun": 9.5e10,  # realistic: 3e10
 }
