@@ -209,3 +209,18 @@ def test_a_diverged_run_is_one_line(small, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "training diverged at epoch 1 (loss nan); lower --lr (now 5)" in err[0], err
     assert not (run / "last.pt").exists()
+
+
+def test_preset_help_names_every_preset_and_the_true_default(capsys):
+    """`simulate --help` and `realism --help` are built from simulate.PRESET_HELP: a preset added, or the default
+    changed, cannot leave the help saying something else (it once called common_task the default)."""
+    from deeplense.simulate import DEFAULT_PRESET, PRESET_HELP, PRESETS
+
+    assert PRESETS == tuple(PRESET_HELP) and DEFAULT_PRESET in PRESETS
+    for command in ("simulate", "realism"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for name in PRESETS:
+            assert f"{name}:" in text
+        assert f"(default {DEFAULT_PRESET})" in text and "common_task (default" not in text

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import PRECISIONS
-from .simulate import PRESETS
+from .simulate import DEFAULT_PRESET, PRESET_HELP, PRESETS
 from .util import DeepLenseError
 
 
@@ -261,6 +261,12 @@ def _check_writable(folder, file=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parser
+def _preset_help() -> str:
+    """The presets, one clause each, from :data:`deeplense.simulate.PRESET_HELP` (``%`` escaped for argparse)."""
+    text = "; ".join(f"{name}: {what}" for name, what in PRESET_HELP.items())
+    return f"{text} (default {DEFAULT_PRESET})".replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m deeplense",
@@ -307,10 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=30, metavar="M", help="val images per class")
     p.add_argument("--seed", type=int, default=0, help="master seed; same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="worker processes (default 1)")
-    p.add_argument("--preset", default="realistic", choices=list(PRESETS),
-                   help="common_task (default: looks like the common-task images), model_i (DeepLenseSim's Model I "
-                        "literally) or benchmark (each image its own lens, source and noise, weaker substructure: "
-                        "calibrated to be as hard as the real data, for comparing recipes)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=_preset_help())
     p.add_argument("--distance-convention", choices=["deeplense", "angular"], default=None,
                    help="Einstein radius from luminosity distances with D_ls = D_s - D_l (deeplense, the "
                         "DeepLenseSim convention, default) or from angular-diameter distances (angular)")
@@ -412,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", metavar="DIR", help="folder with real {no,sphere,vort}/*.npy somewhere below it")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--data", metavar="DIR", help="a simulated (or any) folder with {no,sphere,vort}/*.npy below it")
-    which.add_argument("--preset", default="realistic", choices=list(PRESETS),
-                       help="simulate this preset in memory (default realistic)")
+    which.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                       help="simulate this preset in memory; " + _preset_help())
     p.add_argument("--n", type=int, default=100, metavar="N",
                    help="simulated images per class (default 100); with --data, at most N per class are read")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and of the folds (default 0)")

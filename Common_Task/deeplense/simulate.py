@@ -34,7 +34,15 @@ import numpy as np
 from .data import CLASSES, SPLITS
 from .util import DeepLenseError, atomic_path, progress_bar, sweep_stale_temps, write_json_atomic, write_text_atomic
 
-PRESETS = ("realistic", "benchmark", "common_task", "model_i", "benchmark_v1")
+PRESET_HELP = {
+    "realistic": "lens, source, PSF and noise fitted to real common-task files; Model I's substructure",
+    "benchmark": "the realistic images with stronger substructure, calibrated so recipes can be compared on a CPU",
+    "common_task": "the earlier hand-matched recipe (smooth, round rings; a classifier tells it from real data)",
+    "model_i": "DeepLenseSim's Model I literally",
+    "benchmark_v1": "the benchmark before the realistic preset (common_task images, narrowed variation)",
+}
+"""Each preset in one line: what ``--help`` prints, so the help cannot fall behind the list."""
+PRESETS = tuple(PRESET_HELP)
 DEFAULT_PRESET = "realistic"
 DISTANCE_CONVENTIONS = ("deeplense", "angular")
 NOISE_MODELS = ("deeplense", "counts")
