@@ -102,11 +102,10 @@ def test_a_cache_setting_that_is_a_file_is_one_line(world, cache, monkeypatch, c
 def test_arguments_are_checked_before_any_work(argv, expected, tmp_path, capsys):
     """No simulation, no folder, no file before the arguments are known to be good."""
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    t0 = time.time()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
-    assert list(tmp_path.iterdir()) == [] and time.time() - t0 < 10
+    assert list(tmp_path.iterdir()) == []  # nothing simulated or created (timed nowhere: tests check behaviour)
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])

@@ -251,7 +251,7 @@ class SplitInfo:
     root: Path
     split: str
     fingerprint: str  # names, labels, sizes and modification times: decides whether the cache is current
-    listing: str  # names and labels in loading order only: what split indices refer to (see listing_fingerprint)
+    listing: str  # names and labels in loading order only: what split indices refer to (a copy keeps it)
     from_cache: bool
     files: tuple[str, ...] = ()  # the image files in loading order (what the rows of the arrays are)
     inodes: tuple[tuple[int, int], ...] = ()  # (device, inode) of each file: which files are the same file
@@ -418,17 +418,6 @@ def _listing(rel: list[str], files: list[tuple[str, int]]) -> str:
     for r, (_, label) in zip(rel, files, strict=True):
         h.update(f"{r}\t{label}\n".encode())
     return h.hexdigest()[:16]
-
-
-def listing_fingerprint(root: str | os.PathLike, split: str) -> str:
-    """A short hash of a split's file names and labels in loading order: what the indices of a split refer to.
-
-    Unlike the cache fingerprint it ignores sizes and modification times, so a copy of the dataset (``cp``,
-    ``rsync``) keeps it, while an added, removed or renamed file changes it.
-    """
-    root = find_root(root)
-    files = list_files(root, split)
-    return _listing([p[len(str(root)) + 1 :] for p, _ in files], files)
 
 
 def combine_fingerprints(split_fingerprints: list[str]) -> str:
