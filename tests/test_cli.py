@@ -223,3 +223,29 @@ def test_preset_help_names_every_preset_and_the_true_default(capsys):
         for name in PRESETS:
             assert f"{name}:" in text
         assert f"(default {DEFAULT_PRESET})" in text and "common_task (default" not in text
+
+
+def test_every_config_field_is_a_train_option_with_the_configs_choices():
+    """`train`'s options are generated from TrainConfig's fields (help and choices in their metadata): every
+    study arm can be run from the command line, e.g. default_no_d4 (`--augmentation none`), which the hand-kept
+    list of 14 options could not express."""
+    from deeplense.cli import TRAIN_OPTIONS, build_parser
+    from deeplense.config import TrainConfig, choices, settings
+
+    parser = build_parser()
+    train_parser = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    options = {a.dest: a for a in train_parser._actions}
+    for name, *_ in settings():
+        if name != "recipe":
+            assert name in TRAIN_OPTIONS and options[name].help, name
+            assert tuple(options[name].choices or ()) == choices().get(name, ()), name
+    args = parser.parse_args(["train", "--out", "r", "--epochs", "5", "--image-size", "64", "--crop", "96",
+                              "--batch-size", "32", "--protocol", "clean", "--augmentation", "none",
+                              "--warmup-epochs", "0.5", "--limit-per-class", "none"])
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    cfg = recipe("default", **given)
+    assert isinstance(cfg, TrainConfig) and cfg.augmentation == "none" and cfg.warmup_epochs == 0.5
+    assert cfg == recipe("default", epochs=5, image_size=64, crop=96, batch_size=32, protocol="clean",
+                         augmentation="none", warmup_epochs=0.5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--out", "r", "--augmentation", "d8"])

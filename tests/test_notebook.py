@@ -184,3 +184,19 @@ def test_a_failing_cell_is_one_line(tmp_path):
     assert str(e.value) == f"{path}: cell 2/2 failed: ZeroDivisionError: division by zero (the notebook file is left " \
                            f"as it was)"
     assert path.read_text() == before
+
+
+def test_every_training_setting_is_a_notebook_parameter(monkeypatch):
+    """The notebook's training parameters are TrainConfig's fields upper-cased, so a setting the cell does not
+    show (AUGMENTATION) is still reachable, from the cell or from DEEPLENSE_AUGMENTATION."""
+    from dataclasses import fields
+
+    from deeplense.config import TrainConfig
+    from deeplense.notebook import PARAMETERS, resolve
+
+    for name in PARAMETERS:
+        monkeypatch.delenv(f"DEEPLENSE_{name}", raising=False)
+    assert all(f.name.upper() in PARAMETERS for f in fields(TrainConfig))
+    monkeypatch.setenv("DEEPLENSE_AUGMENTATION", "none")
+    cfg, _ = resolve({**_cell_values(SCALE="demo", DEVICE="cpu"), "WARMUP_EPOCHS": 0.5})
+    assert (cfg.augmentation, cfg.warmup_epochs) == ("none", 0.5)

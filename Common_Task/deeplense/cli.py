@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRECISIONS
+from .config import PRECISIONS, RECIPES, settings
 from .simulate import DEFAULT_PRESET, PRESET_HELP, PRESETS
 from .util import DeepLenseError
 
@@ -123,8 +123,10 @@ def _data_or_simulated(args) -> str:
     return str(path)
 
 
-TRAIN_OPTIONS = ("arch", "epochs", "image_size", "crop", "batch_size", "lr", "schedule", "label_smoothing", "weights",
-                 "seed", "limit_per_class", "protocol", "precision", "eval_batch_size")
+TRAIN_OPTIONS = tuple(name for name, *_ in settings() if name != "recipe")
+"""Every :class:`~deeplense.config.TrainConfig` field is a ``train`` option (``--recipe`` picks the base instead)."""
+DEVICE_OPTIONS = ("precision", "eval_batch_size")
+"""How to compute, not what: shared by train, evaluate and predict, and the only settings ``--resume`` may change."""
 
 
 def _cmd_train(args) -> int:
@@ -261,6 +263,34 @@ def _check_writable(folder, file=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parser
+def _add_config_options(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """One ``--name`` option per named :class:`~deeplense.config.TrainConfig` field, with the field's help and
+    choices (:func:`deeplense.config.settings`): the command line cannot fall behind the config. Values are cast
+    and checked by the config itself; an option left out keeps the recipe's (or the checkpoint's) value."""
+    for name, _, _, text, allowed in settings():
+        if name not in names:
+            continue
+        default = getattr(RECIPES["default"], name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=None if allowed else _caster(name), choices=allowed,
+                            metavar=None if allowed else name.upper(),
+                            help=f"{text} (default recipe: {default})".replace("%", "%%"))
+
+
+def _caster(name: str):
+    """argparse's ``type`` for field ``name``: the config's own casting (``none`` for optional fields), its error
+    as argparse's one-line usage error."""
+    from .config import cast
+
+    def parse(text: str):
+        try:
+            return cast(name, text)
+        except DeepLenseError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("training config: ")) from None
+
+    parse.__name__ = name  # what argparse names in "invalid <type> value"
+    return parse
+
+
 def _preset_help() -> str:
     """The presets, one clause each, from :data:`deeplense.simulate.PRESET_HELP` (``%`` escaped for argparse)."""
     text = "; ".join(f"{name}: {what}" for name, what in PRESET_HELP.items())
@@ -286,13 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "above it; omitted: the one the checkpoint recorded")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
-    device.add_argument("--precision", choices=PRECISIONS,
-                        help="auto (default): bf16 autocast on GPUs with native bf16, fp16 + gradient scaler on older "
-                             "GPUs (T4, V100), fp32 on MPS and CPUs; bf16 is refused on a CPU without native bf16")
-    device.add_argument("--eval-batch-size", type=int, metavar="N",
-                        help="batch size of validation and prediction (default: 128 on a CPU, 1024 on a GPU, where "
-                             "train takes the largest power of 2 up to 1024 that fits beside its data; halved once on "
-                             "an out-of-memory error)")
+    _add_config_options(device, DEVICE_OPTIONS)
     tta = argparse.ArgumentParser(add_help=False)
     tta.add_argument("--tta", action="store_true", help="average over the 8 D4 flips/rotations")
 
@@ -330,25 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "never touch val). Writes RUN/config.json, history.jsonl, last.pt and best.pt. "
                                    "Runs under torchrun for several GPUs or nodes.")
     p.add_argument("--out", metavar="RUN", help="run folder to create")
-    p.add_argument("--recipe", choices=["default", "reference"],
-                   help="default (the default): AdamW + cosine + D4; reference: the reference solution's SGD recipe")
-    p.add_argument("--arch", choices=["resnet34", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3",
-                                      "lensnet"],
-                   help="the network: resnet34 (default, the task's), other torchvision ImageNet networks, or lensnet "
-                        "(2.7 M parameters, from scratch, 1 channel at the native 150 px or the crop)")
-    p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
-    p.add_argument("--image-size", type=int, help="model input side in pixels (default 224)")
-    p.add_argument("--crop", help="keep the central CROP native pixels first (ring region), e.g. 96; none: no crop")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size (per process)")
-    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    p.add_argument("--schedule", choices=["cosine", "onecycle", "step"], help="override the recipe's schedule")
-    p.add_argument("--label-smoothing", type=float, metavar="EPS", help="cross-entropy label smoothing (default 0)")
-    p.add_argument("--protocol", choices=["reference", "clean"],
-                   help="reference (default): select on 90%% of val, test on the other 10%%; clean: select on 10%% "
-                        "of train, train on the rest, test on all of val")
-    p.add_argument("--weights", help="auto (default), imagenet, none, or a .pth state dict path")
-    p.add_argument("--seed", type=int, help="seed for split, init, shuffling, augmentation (default 0)")
-    p.add_argument("--limit-per-class", type=int, metavar="N", help="use at most N images per class")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="the settings to start from: default (AdamW + cosine + D4, the default) or reference (the "
+                        "reference solution's SGD recipe); each option below overrides one of them")
+    _add_config_options(p, tuple(n for n in TRAIN_OPTIONS if n not in DEVICE_OPTIONS))
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (for GPUs; the first steps take a while longer)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt with the settings it started with "

@@ -7,7 +7,7 @@ handed down unchanged; ``config.json`` and every checkpoint store it with :func:
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 
 from .util import DeepLenseError
@@ -26,81 +26,75 @@ def input_channels(arch: str) -> int:
     return 1 if arch == "lensnet" else 3
 
 
+def _setting(default, help: str, choices: tuple[str, ...] | None = None):
+    """A :class:`TrainConfig` field: its default, its one-line meaning (what ``train --help`` prints) and, for the
+    settings that take a name, the allowed names (checked by the config and offered by the command line)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run. Saved in ``config.json`` and in every checkpoint.
 
-    Attributes
-    ----------
-    recipe : name of the recipe the values started from (``default`` or ``reference``).
-    arch : the network (:data:`ARCHS`); ``resnet34`` is the task's. Its input geometry is recorded beside the
-        config (``to_dict``: ``input_channels``, ``input_range``) so a checkpoint says how to feed it.
-    epochs, batch_size : training length and per-step batch (per process under torchrun).
-    optimizer : ``adamw`` or ``sgd``; ``lr``, ``momentum`` (SGD), ``weight_decay``.
-    schedule : ``cosine`` (linear warm-up over ``warmup_epochs``, then cosine to zero, per step),
-        ``onecycle`` (OneCycleLR: up to ``lr`` over the first 30% of the steps, then cosine annealing down to
-        lr / 1e4, per step) or ``step`` (StepLR: multiply by ``gamma`` every ``step_size`` epochs).
-    label_smoothing : cross-entropy label smoothing in training (0: none).
-    augmentation : ``d4`` (the 8 exact flips/quarter turns), ``hflip`` (reference) or ``none``.
-    image_size : model input side in pixels; images are resized (bilinear) to it (``lensnet``: the native size
-        or the crop, no resizing).
-    resize_then_crop : resize to this side first, then crop the central ``image_size`` (reference: 256).
-    crop : keep only the central ``crop`` native pixels before resizing (the ring region), or None.
-    select_metric : validation metric choosing ``best.pt``: ``macro_auc`` or ``accuracy``.
-    weights : ``auto``, ``imagenet``, ``none`` or a path to a ``.pth`` state dict.
-    seed : one seed for the split, initialisation, shuffling and augmentation.
-    limit_per_class : use at most this many images per class of ``train`` and of the selection set.
-    protocol : ``reference`` (the reference solution's: select on ``val`` minus a held-out part, report on
-        that part) or ``clean`` (select on a held-out part of ``train``, train on the rest, report on all of
-        ``val``, which training and selection never see).
-    holdout_fraction : the held-out part, per class: of ``val`` for the test (reference), of ``train`` for
-        selection (clean).
-    eval_batch_size : batch size for validation and prediction (None: 128 on a CPU; on a GPU the largest power of
-        2 up to 1024 that fits beside the data, see :func:`deeplense.device.memory_plan`).
-    precision : ``auto`` (bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient scaler on older ones,
-        fp32 on MPS and on the CPU), ``fp32``, ``bf16`` or ``fp16`` (see :mod:`deeplense.device`). What ``auto``
-        became is recorded in ``config.json`` (``execution.precision``).
+    Each field's meaning is in its metadata (``help``; ``choices`` for named settings): the one description that
+    ``python -m deeplense train --help`` and the checks in ``__post_init__`` are built from (:func:`settings`).
+    The input geometry a config implies is recorded beside it (``to_dict``: ``input_channels``, ``input_range``),
+    so a checkpoint says how to feed its network.
     """
 
-    recipe: str = "default"
-    arch: str = "resnet34"
-    epochs: int = 20
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.05
-    schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 1.0
-    step_size: int = 7
-    gamma: float = 0.1
-    augmentation: str = "d4"
-    image_size: int = 224
-    resize_then_crop: int | None = None
-    crop: int | None = None
-    select_metric: str = "macro_auc"
-    weights: str = "auto"
-    seed: int = 0
-    limit_per_class: int | None = None
-    protocol: str = "reference"
-    holdout_fraction: float = 0.1
-    eval_batch_size: int | None = None
-    precision: str = "auto"
+    recipe: str = _setting("default", "name of the recipe (RECIPES) the values started from: a label, not checked")
+    arch: str = _setting("resnet34", "the network: resnet34 (the task's), another torchvision ImageNet network, or "
+                         "lensnet (2.7 M parameters, from scratch, 1 channel at the native 150 px or the crop)", ARCHS)
+    epochs: int = _setting(20, "training length in epochs")
+    batch_size: int = _setting(64, "images per training step (per process under torchrun)")
+    optimizer: str = _setting("adamw", "the optimizer", ("adamw", "sgd"))
+    lr: float = _setting(1e-3, "peak learning rate")
+    momentum: float = _setting(0.9, "SGD momentum (sgd only)")
+    weight_decay: float = _setting(0.05, "weight decay")
+    schedule: str = _setting("cosine", "learning-rate schedule: cosine (linear warm-up over warmup_epochs, then cosine "
+                             "to zero, per step), onecycle (up to lr over the first 30% of the steps, then cosine "
+                             "down to lr/1e4, per step) or step (multiply by gamma every step_size epochs)",
+                             ("cosine", "onecycle", "step"))
+    label_smoothing: float = _setting(0.0, "cross-entropy label smoothing in training (0: none)")
+    warmup_epochs: float = _setting(1.0, "linear warm-up length of the cosine schedule, in epochs")
+    step_size: int = _setting(7, "epochs between learning-rate drops of the step schedule")
+    gamma: float = _setting(0.1, "learning-rate factor at each drop of the step schedule")
+    augmentation: str = _setting("d4", "training augmentation: d4 (one of the 8 exact flips and quarter turns per "
+                                 "image), hflip (the reference's horizontal flip of half the images) or none",
+                                 ("d4", "hflip", "none"))
+    image_size: int = _setting(224, "model input side in pixels; images are resized (bilinear) to it (lensnet: the "
+                               "native size or the crop, no resizing)")
+    resize_then_crop: int | None = _setting(None, "resize to this side first, then keep the central image_size "
+                                            "(the reference: 256); none: no such step")
+    crop: int | None = _setting(None, "keep the central CROP native pixels before resizing (the ring region), e.g. "
+                                "96; none: the whole image")
+    select_metric: str = _setting("macro_auc", "validation metric that chooses best.pt", ("macro_auc", "accuracy"))
+    weights: str = _setting("auto", "initial weights: auto (ImageNet if in the torch hub cache, else random, with "
+                            "a warning), imagenet, none, or a path to a .pth state dict")
+    seed: int = _setting(0, "one seed for the split, initialisation, shuffling and augmentation")
+    limit_per_class: int | None = _setting(None, "use at most this many images per class of train and of the "
+                                           "selection set; none: all")
+    protocol: str = _setting("reference", "reference: select on val minus a held-out part, report on that part; "
+                             "clean: select on a held-out part of train, train on the rest, report on all of val "
+                             "(which training and selection never see)", ("reference", "clean"))
+    holdout_fraction: float = _setting(0.1, "the held-out part per class: of val for the test (reference), of train "
+                                       "for selection (clean)")
+    eval_batch_size: int | None = _setting(None, "batch size of validation and prediction (none: 128 on a CPU; on "
+                                           "a GPU the largest power of 2 up to 1024 that fits beside the data, "
+                                           "halved once on an out-of-memory error)")
+    precision: str = _setting("auto", "auto (bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient "
+                              "scaler on older ones, fp32 on MPS and the CPU), fp32, bf16 or fp16; what auto became "
+                              "is recorded in config.json (execution.precision)", PRECISIONS)
 
     def __post_init__(self):
         for f in fields(self):  # values straight from a constructor call or a checkpoint get the same casting
-            object.__setattr__(self, f.name, _cast(f.name, getattr(self, f.name)))
-        checks = [
-            (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
-            (self.schedule in ("cosine", "onecycle", "step"), "schedule must be cosine, onecycle or step"),
+            object.__setattr__(self, f.name, cast(f.name, getattr(self, f.name)))
+        checks = [(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}")
+                  for name, allowed in choices().items()]
+        checks += [
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.protocol in ("reference", "clean"), "protocol must be reference or clean"),
-            (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}"),
             (self.arch != "lensnet" or (self.resize_then_crop is None and self.image_size == (self.crop or 150)),
              "lensnet takes the native pixels: image_size must equal the crop (or 150) and resize_then_crop none"),
-            (self.augmentation in ("d4", "hflip", "none"), "augmentation must be d4, hflip or none"),
-            (self.select_metric in ("macro_auc", "accuracy"), "select_metric must be macro_auc or accuracy"),
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 2, "batch_size must be at least 2 (BatchNorm cannot train on one image)"),
             (16 <= self.image_size <= 1024, "image_size must be between 16 and 1024 px (the images are 150 px)"),
@@ -110,7 +104,6 @@ class TrainConfig:
             (self.limit_per_class is None or self.limit_per_class >= 1, "limit_per_class must be at least 1"),
             (0 < self.holdout_fraction < 1, "holdout_fraction must be between 0 and 1"),
             (self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
-            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -181,7 +174,19 @@ def _field_types() -> dict[str, tuple[type, bool]]:
     return out
 
 
-def _cast(name: str, value):
+@cache
+def choices() -> dict[str, tuple[str, ...]]:
+    """``{field: allowed names}`` for every named setting of :class:`TrainConfig` (from the fields' metadata)."""
+    return {f.name: f.metadata["choices"] for f in fields(TrainConfig) if f.metadata.get("choices")}
+
+
+def settings() -> list[tuple[str, type, bool, str, tuple[str, ...] | None]]:
+    """``(name, type, may_be_none, help, choices)`` of every field, in order: what the command line is built from."""
+    types = _field_types()
+    return [(f.name, *types[f.name], f.metadata["help"], f.metadata.get("choices")) for f in fields(TrainConfig)]
+
+
+def cast(name: str, value):
     """``value`` as field ``name``'s type: strings from the command line or the environment are parsed."""
     base, optional = _field_types()[name]
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
@@ -217,7 +222,7 @@ def recipe(name: str, **overrides) -> TrainConfig:
         raise DeepLenseError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)})")
     base = RECIPES[name]
     if overrides.get("arch") == "lensnet" and "image_size" not in overrides:  # its input follows the arch
-        crop = _cast("crop", overrides.get("crop", base.crop))
+        crop = cast("crop", overrides.get("crop", base.crop))
         overrides = {**overrides, "image_size": crop or 150, "resize_then_crop": None}
     return base.replace(**overrides)
 

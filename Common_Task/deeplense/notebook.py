@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .config import SCALES, TrainConfig, recipe
@@ -40,11 +40,10 @@ class RunSpec:
         return "real (user-supplied)" if self.data else "simulated (lenstronomy, realistic preset)"
 
 
-# The parameters cell's names: for each, the TrainConfig field or RunSpec field it sets, and the environment
-# variable that overrides it (for CI, papermill-like runs and `make demo`).
-TRAINING = {"RECIPE": "recipe", "ARCH": "arch", "EPOCHS": "epochs", "IMAGE_SIZE": "image_size", "CROP": "crop",
-            "BATCH_SIZE": "batch_size", "PROTOCOL": "protocol", "WEIGHTS": "weights", "SEED": "seed",
-            "PRECISION": "precision", "EVAL_BATCH_SIZE": "eval_batch_size"}
+# The parameters' names: each TrainConfig field upper-cased (the parameters cell shows the common ones; any other,
+# e.g. AUGMENTATION, may be added to it or set as DEEPLENSE_AUGMENTATION), then the RunSpec's. The environment
+# variable DEEPLENSE_<NAME> overrides each (for CI, papermill-like runs and `make demo`).
+TRAINING = {f.name.upper(): f.name for f in fields(TrainConfig)}
 RUN = {"DATA": "data", "SCALE": "scale", "OUTPUT": "output", "FIGURES": "figures", "DEVICE": "device",
        "SIM_TRAIN_PER_CLASS": "sim_train_per_class", "SIM_VAL_PER_CLASS": "sim_val_per_class", "TTA": "tta"}
 PARAMETERS = (*TRAINING, *RUN)
