@@ -77,11 +77,11 @@ def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | Non
                 "default_150px": default.replace(image_size=150),
                 "lensnet": recipe("default", arch="lensnet", **base)}
     else:
-        base = {"seed": seed, "epochs": 5, "protocol": protocol}
-        default = recipe("default", image_size=64, crop=96, batch_size=32, **base)
-        cfgs = {"reference": recipe("reference", image_size=64, resize_then_crop=73, **base), "default": default,
-                "default_150px": default.replace(image_size=150, crop=None),
-                "lensnet": recipe("default", arch="lensnet", crop=96, batch_size=32, **base)}
+        base = {"seed": seed, "protocol": protocol}  # the notebook's demo scale: 5 epochs, central 96 px -> 64
+        default = recipe("default", scale="demo", **base)
+        cfgs = {"reference": recipe("reference", image_size=64, resize_then_crop=73, epochs=default.epochs, **base),
+                "default": default, "default_150px": default.replace(image_size=150, crop=None),
+                "lensnet": recipe("default", scale="demo", arch="lensnet", **base)}
     cfgs.update({"default_no_d4": default.replace(augmentation="none"),
                  "default_ls": default.replace(label_smoothing=0.1),
                  "default_onecycle": default.replace(schedule="onecycle"),

@@ -39,8 +39,7 @@ START, END = "<!-- archs:start -->", "<!-- archs:end -->"
 
 
 def configs(arch: str) -> dict:
-    quick = ({"crop": 96} if arch == "lensnet" else {"image_size": 64, "crop": 96})
-    return {"recipe": recipe("default", arch=arch), "quick": recipe("default", arch=arch, batch_size=32, **quick)}
+    return {"recipe": recipe("default", arch=arch), "quick": recipe("default", scale="demo", arch=arch)}
 
 
 def speed(arch: str, cfg, steps: int) -> tuple[float, float]:

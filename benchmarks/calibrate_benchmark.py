@@ -109,8 +109,7 @@ def main(argv=None) -> int:
     look_ok = all(lo <= stats[k] <= hi for k, (lo, hi) in LOOK.items())
     # and against the real sample: the statistics whose median leaves the real 10-90% range (committed targets)
     outside = R.outside_targets(R.statistics(sample), R.load_targets())
-    run_cfg = recipe("default", image_size=64, crop=96, batch_size=32, epochs=args.epochs, weights="none",
-                     seed=args.seed, protocol="clean")
+    run_cfg = recipe("default", scale="demo", epochs=args.epochs, weights="none", seed=args.seed, protocol="clean")
     run = out / "run"
     if not (run / "last.pt").exists():
         train(run_cfg, out / "data", run, device=args.device)

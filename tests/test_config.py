@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deeplense.config import RECIPES, TrainConfig, recipe
+from deeplense.util import DeepLenseError
 
 
 def test_recipes():
@@ -64,3 +65,21 @@ def test_describe_reads_the_values():
     for part in ("SGD (learning rate 0.0001, momentum 0.9", "multiplied by 0.1 every 7 epochs", "horizontal flip",
                  "resized to 256 px, centre 224 px", "selection accuracy"):
         assert part in text, part
+
+
+def test_a_scale_sets_the_geometry_and_lensnet_keeps_its_native_pixels():
+    """recipe(scale=...) is the one place the demo geometry and the lensnet input rule live: the study, the
+    calibration, the arch benchmark and the notebook all ask it."""
+    from deeplense.config import SCALES, recipe
+
+    demo = SCALES["demo"]
+    cfg = recipe("default", scale="demo", seed=3)
+    assert (cfg.epochs, cfg.image_size, cfg.crop, cfg.batch_size, cfg.seed) == (
+        demo.epochs, demo.image_size, demo.crop, demo.batch_size, 3)
+    lens = recipe("default", scale="demo", arch="lensnet")
+    assert (lens.image_size, lens.crop, lens.batch_size) == (demo.crop, demo.crop, demo.batch_size)
+    assert recipe("default", scale="demo", arch="lensnet", crop=None).image_size == 150
+    assert recipe("default", scale="full", arch="lensnet").image_size == 150
+    assert recipe("default", scale="demo", epochs=2).epochs == 2  # an override wins over the scale
+    with pytest.raises(DeepLenseError, match="unknown scale"):
+        recipe("default", scale="huge")

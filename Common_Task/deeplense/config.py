@@ -216,15 +216,23 @@ RECIPES: dict[str, TrainConfig] = {
 }
 
 
-def recipe(name: str, **overrides) -> TrainConfig:
-    """A named recipe with some fields overridden; every given value is applied (``None`` included)."""
+def recipe(name: str, scale: str | None = None, **overrides) -> TrainConfig:
+    """A named recipe, at a named scale (:data:`SCALES`: its epochs, input and batch) if given, with some fields
+    overridden; every given value is applied (``None`` included).
+
+    The one place of the ``lensnet`` rule: its input is the native pixels, so unless ``image_size`` is given
+    here, it is the crop (or 150) and there is no ``resize_then_crop``; a scale's ``image_size`` does not apply.
+    """
     if name not in RECIPES:
         raise DeepLenseError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)})")
+    if scale is not None and scale not in SCALES:
+        raise DeepLenseError(f"unknown scale {scale!r} (choose from {', '.join(SCALES)})")
     base = RECIPES[name]
+    scaled = SCALES[scale].training() if scale else {}
     if overrides.get("arch") == "lensnet" and "image_size" not in overrides:  # its input follows the arch
-        crop = cast("crop", overrides.get("crop", base.crop))
-        overrides = {**overrides, "image_size": crop or 150, "resize_then_crop": None}
-    return base.replace(**overrides)
+        crop = cast("crop", overrides.get("crop", scaled.get("crop", base.crop)))
+        scaled = {**scaled, "image_size": crop or 150, "resize_then_crop": None}
+    return base.replace(**{**scaled, **overrides})
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,7 @@ def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
     scale = SCALES[scale_name]
     overrides = {field: given[k] for k, field in TRAINING.items()
                  if k != "RECIPE" and (given[k] is not None or k in from_env)}
-    arch = overrides.pop("arch", None) or "resnet34"
-    scaled = {k: v for k, v in scale.training().items() if not (arch == "lensnet" and k == "image_size")}
-    config = recipe(text("RECIPE") or "default", arch=arch, **scaled).replace(**overrides)
+    config = recipe(text("RECIPE") or "default", scale=scale_name, **overrides)
 
     def count(k, default):
         try:
