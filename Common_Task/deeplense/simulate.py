@@ -780,16 +780,16 @@ def image_statistics(images: np.ndarray) -> dict[str, float]:
     }
 
 
-DEMO_TRAIN_PER_CLASS = 1000
-DEMO_VAL_PER_CLASS = 500
-
-
-def default_simulated_dataset(seed: int = 0, train_per_class: int = DEMO_TRAIN_PER_CLASS,
-                              val_per_class: int = DEMO_VAL_PER_CLASS, workers: int | None = None,
-                              progress: bool = True) -> Path:
+def default_simulated_dataset(seed: int = 0, train_per_class: int | None = None, val_per_class: int | None = None,
+                              workers: int | None = None, progress: bool = True) -> Path:
     """The simulated set of the default preset (``realistic``) used when no dataset is given, generated once into
-    ``$DEEPLENSE_CACHE/simulated/...`` (resumable; a finished set is reused)."""
+    ``$DEEPLENSE_CACHE/simulated/...`` (resumable; a finished set is reused). Its size defaults to the demo
+    scale's (:data:`deeplense.config.SCALES`)."""
+    from .config import SCALES
     from .util import cache_dir
+
+    train_per_class = SCALES["demo"].sim_train_per_class if train_per_class is None else train_per_class
+    val_per_class = SCALES["demo"].sim_val_per_class if val_per_class is None else val_per_class
 
     out = cache_dir() / "simulated" / f"{DEFAULT_PRESET}-seed{seed}-train{train_per_class}-val{val_per_class}"
     if not (out / "manifest.csv").exists():
