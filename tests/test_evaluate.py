@@ -319,3 +319,34 @@ def test_selection_after_limit_and_predict_of_another_size(small, tmp_path):
         from deeplense.evaluate import predict_files
 
         predict_files(run / "best.pt", [str(odd)], device="cpu")
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_csv_says_what_evaluate_computed_for_each_file(small, tmp_path, tta):
+    """What `predict`'s CSV says about each file, read as a user reads it, is what `evaluate` computed for the same
+    image: the same probabilities (to the CSV's 6 decimals), the arg-max as `predicted`, each row on its own file;
+    also when the files are read in several batches and with a crop."""
+    from deeplense.data import CLASSES, find_root, list_files
+    from deeplense.evaluate import predict_files
+
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, crop=96, seed=5, **FAST), small, run, **quiet())
+    evaluate(run / "best.pt", small, tmp_path / "ev", split="selection", tta=tta, device="cpu", n_bootstrap=0,
+             progress=False)
+    z = np.load(tmp_path / "ev" / "predictions.npz")
+    files = list_files(find_root(small), "val")  # the loading order the indices refer to
+    expected = {files[i][0]: (p, int(y)) for i, p, y in zip(z["val_indices"], z["probabilities"], z["labels"],
+                                                            strict=True)}
+    order = sorted(expected, reverse=True)  # not the loading order: rows must follow their files
+    argv = ["predict", "--checkpoint", str(run / "best.pt"), *order, "--output", str(tmp_path / "p.csv")]
+    assert main(argv + (["--tta"] if tta else [])) == 0
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in rows] == order
+    predict_files(run / "best.pt", order, tmp_path / "q.csv", tta=tta, device="cpu", batch_size=4)
+    assert (tmp_path / "q.csv").read_text() == (tmp_path / "p.csv").read_text()  # batches do not matter
+    for r in rows:
+        p, label = expected[r["path"]]
+        assert r["path"].split("/")[-2] == CLASSES[label]
+        np.testing.assert_allclose([float(r[f"p_{c}"]) for c in CLASSES], p, atol=2e-6)
+        assert r["predicted"] == CLASSES[int(np.argmax(p))]
