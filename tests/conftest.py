@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny datasets in the real layout, built in a temporary folder."""
+"""Shared fixtures only: tiny datasets in the real layout, built in a temporary folder, and an isolated cache.
+The helpers tests import (``FAST``, ``quiet``, ``write_dataset``, ...) are in :mod:`deeplense.testing`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deeplense.testing import write_dataset
-
-__all__ = ["FAST", "TouchOnLoad", "quiet", "subprocess_env", "write_dataset"]
+from deeplense.testing import write_dataset  # the helpers tests import live in deeplense.testing
 
 
 @pytest.fixture(autouse=True)
@@ -36,27 +35,3 @@ def toy(tmp_path_factory) -> Path:
 def small(tmp_path_factory) -> Path:
     """6 training and 10 val images per class: runs in seconds."""
     return write_dataset(tmp_path_factory.mktemp("small") / "dataset", n_train=6, n_val=10)
-
-
-FAST = dict(image_size=32, batch_size=8, weights="none", warmup_epochs=0.0)
-"""Training settings for tests: tiny input, random initial weights, no warm-up."""
-
-
-def quiet(**kw) -> dict:
-    """Keyword arguments for ``train``/``evaluate`` in tests: on the CPU (bitwise repeatable), no output."""
-    return dict(progress=False, log=lambda *a: None, device="cpu", **kw)
-
-
-class TouchOnLoad:
-    """A pickled payload with a visible effect: unpickling it creates the file ``marker`` (and yields a file
-    object, not a tensor). Loading code that unpickles leaves the file behind, whatever error it reports."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}

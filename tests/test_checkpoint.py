@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, TouchOnLoad, quiet
 
 from deeplense.checkpoint import load_checkpoint
 from deeplense.cli import main
 from deeplense.config import recipe
+from deeplense.testing import FAST, TouchOnLoad, quiet
 from deeplense.train import train
 
 

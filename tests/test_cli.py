@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, quiet, subprocess_env, write_dataset
 
 from deeplense.cli import main
 from deeplense.config import recipe
+from deeplense.testing import FAST, quiet, subprocess_env, write_dataset
 from deeplense.train import train
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_dataset
 
 from deeplense.cli import main
 from deeplense.data import (
@@ -28,6 +27,7 @@ from deeplense.data import (
     preprocess,
     split_holdout,
 )
+from deeplense.testing import write_dataset
 from deeplense.util import DeepLenseError, cache_dir
 
 

@@ -14,7 +14,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, quiet
 
 import deeplense.device as device_mod
 import deeplense.engine as engine
@@ -22,6 +21,7 @@ from deeplense.cli import main
 from deeplense.config import TrainConfig, recipe
 from deeplense.device import MemoryPlan, Plan, free_memory, memory_plan, pick_device, plan_for
 from deeplense.model import build_model
+from deeplense.testing import FAST, quiet
 from deeplense.util import DeepLenseError
 
 

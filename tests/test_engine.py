@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import FAST, quiet
 
 from deeplense.checkpoint import load_checkpoint, model_from_checkpoint
 from deeplense.cli import main
@@ -12,6 +11,7 @@ from deeplense.config import TrainConfig, recipe
 from deeplense.data import d4_transform, load_split, native_crop, preprocess
 from deeplense.engine import predict_proba
 from deeplense.model import build_model
+from deeplense.testing import FAST, quiet
 from deeplense.train import train
 
 

@@ -9,13 +9,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FAST, quiet, write_dataset
 
 from deeplense.checkpoint import load_checkpoint
 from deeplense.cli import main
 from deeplense.config import recipe
 from deeplense.data import load_split, split_holdout
 from deeplense.evaluate import evaluate
+from deeplense.testing import FAST, quiet, write_dataset
 from deeplense.train import train
 from deeplense.util import DeepLenseError
 

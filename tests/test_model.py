@@ -5,11 +5,11 @@ import urllib.error
 
 import pytest
 import torch
-from conftest import TouchOnLoad
 from torchvision.models import resnet34
 
 import deeplense.model as model_mod
 from deeplense.model import RESNET34_FILE, build_model, hub_checkpoint_path
+from deeplense.testing import TouchOnLoad
 from deeplense.util import DeepLenseError
 
 

@@ -61,11 +61,11 @@ def test_report_refuses_predictions_from_another_evaluation(small, tmp_path):
     import shutil
 
     import pytest
-    from conftest import FAST, quiet
 
     from deeplense.config import recipe
     from deeplense.evaluate import evaluate
     from deeplense.report import report
+    from deeplense.testing import FAST, quiet
     from deeplense.train import train
     from deeplense.util import DeepLenseError
 
@@ -83,11 +83,11 @@ def test_a_metrics_json_of_the_wrong_shape_is_one_line(small, tmp_path):
     import json
 
     import pytest
-    from conftest import FAST, quiet
 
     from deeplense.config import recipe
     from deeplense.evaluate import evaluate
     from deeplense.report import report
+    from deeplense.testing import FAST, quiet
     from deeplense.train import train
     from deeplense.util import DeepLenseError
 

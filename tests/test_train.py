@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, quiet, subprocess_env
 
 from deeplense.checkpoint import load_checkpoint
 from deeplense.config import recipe
 from deeplense.data import split_holdout
 from deeplense.evaluate import evaluate
 from deeplense.metrics import quick_metrics
+from deeplense.testing import FAST, quiet, subprocess_env
 from deeplense.train import train
 
 

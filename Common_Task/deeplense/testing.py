@@ -1,7 +1,9 @@
-"""Tiny datasets in the official layout with learnable class patterns, for the tests and the benchmarks."""
+"""Helpers for the tests and the benchmarks: tiny datasets in the official layout with learnable class patterns,
+fast training settings, a pickle that shows it was loaded."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +36,27 @@ def write_dataset(root: Path, n_train: int = 4, n_val: int = 10, *, seed: int = 
                 img = (img - img.min()) / (img.max() - img.min())
                 np.save(d / f"{i}.npy", img[None].astype(np.float64))
     return root
+
+
+FAST = dict(image_size=32, batch_size=8, weights="none", warmup_epochs=0.0)
+"""Training settings for tests: tiny input, random initial weights, no warm-up."""
+
+
+def quiet(**kw) -> dict:
+    """Keyword arguments for ``train``/``evaluate`` in tests: on the CPU (bitwise repeatable), no output."""
+    return dict(progress=False, log=lambda *a: None, device="cpu", **kw)
+
+
+class TouchOnLoad:
+    """A pickled payload with a visible effect: unpickling it creates the file ``marker`` (and yields a file
+    object, not a tensor). Loading code that unpickles leaves the file behind, whatever error it reports."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
