@@ -58,6 +58,19 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
         w, h = im.size
         assert w > 1000 and h > 1000 and abs(w - h) / w < 0.15  # 300 dpi, square axes
 
+    # the notebook stores screen-size previews, not second copies of the figure files, and no timings
+    import base64
+    import io
+
+    shown_png = [base64.b64decode(o["data"]["image/png"]) for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(shown_png) == 5
+    for png in shown_png:
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.width <= 720
+        assert all(png != (figs / f"{name}.png").read_bytes() for name in names)
+    assert not any("execution" in c.metadata for c in nb.cells)
+
     # report redraws them from the saved files, byte for byte
     redrawn = report(run, tmp_path / "redrawn")
     assert len(redrawn) == 8

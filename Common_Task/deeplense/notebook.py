@@ -138,6 +138,24 @@ def fresh_run_folder(path: str | Path) -> Path:
     return path
 
 
+def show(path: str | Path, width: int):
+    """The figure at ``path`` (a PNG of ``images/``, 300 dpi) for display at ``width`` screen pixels: a copy shrunk
+    to that width, so the notebook stores a preview, not a second copy of the full-resolution file (which stays
+    in the figures folder beside its PDF)."""
+    import io
+
+    from IPython.display import Image as Shown
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > width:
+            im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+    return Shown(data=buf.getvalue(), format="png", width=width)
+
+
 def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | None = None, env: dict | None = None,
                  save_to: str | Path | None = None, timeout: int = 7200) -> Path:
     """Execute the notebook top to bottom with nbclient and save it with its outputs (in place by default)."""
@@ -172,7 +190,7 @@ def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | No
 
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3", on_cell_start=on_start, coalesce_streams=True,
-                       resources={"metadata": {"path": str(notebook.parent)}}).execute()
+                       record_timing=False, resources={"metadata": {"path": str(notebook.parent)}}).execute()
     except CellExecutionError as exc:  # one line, not the kernel's whole traceback
         what = f"{exc.ename}: {str(exc.evalue).strip().splitlines()[0] if str(exc.evalue).strip() else ''}"
         raise DeepLenseError(f"{notebook}: cell {current[0]}/{len(code_cells)} failed: {what.rstrip(': ')} "
@@ -183,6 +201,8 @@ def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | No
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    for cell in nb.cells:  # no timings: a re-run that prints the same changes nothing in the file
+        cell.metadata.pop("execution", None)
     target = Path(save_to) if save_to else notebook
     with atomic_path(target, suffix=".ipynb") as tmp:
         nbformat.write(nb, tmp)
@@ -190,4 +210,4 @@ def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | No
 
 
 __all__ = ["NOTEBOOK", "PARAMETERS", "RunSpec", "ensure_data", "fresh_run_folder", "provenance_line", "resolve",
-           "run_notebook"]
+           "run_notebook", "show"]
