@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from deeplense.config import ARCHS, input_channels, recipe
-from deeplense.data import augmentation_draws
 from deeplense.engine import as_plan, build_optimizer, predict_proba, train_step
 from deeplense.model import build_model, parameter_count
+from deeplense.transforms import augmentation_draws
 from deeplense.util import REPO, cpu_name, replace_section
 
 STUDY = REPO / "benchmarks" / "results" / "study.json"

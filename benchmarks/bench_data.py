@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deeplense.data import augment, load_split, preprocess
+from deeplense.data import load_split
 from deeplense.testing import write_dataset  # the same realistic files the tests use
+from deeplense.transforms import augment, preprocess
 
 
 def make_dataset(root: Path, n_total: int) -> Path:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from deeplense import engine
 from deeplense.config import recipe
-from deeplense.data import augmentation_draws
 from deeplense.model import build_model
+from deeplense.transforms import augmentation_draws
 
 
 def _model():

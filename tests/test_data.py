@@ -8,26 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from deeplense.cli import main
 from deeplense.data import (
     CLASSES,
     SPLITS,
-    augment,
     combine_fingerprints,
-    d4_transform,
     dataset_fingerprint,
     find_root,
-    input_fn,
     list_files,
     load_split,
     load_splits,
-    native_crop,
-    preprocess,
-    split_holdout,
 )
 from deeplense.testing import write_dataset
+from deeplense.transforms import native_crop
 from deeplense.util import DeepLenseError, cache_dir
 
 
@@ -150,114 +144,6 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
-
-
-def test_split_holdout_properties():
-    labels = np.repeat(np.arange(3), [2500, 2500, 2500])
-    sel, test = split_holdout(labels, 0.1, seed=7)
-    assert sel.dtype == np.int64 and test.dtype == np.int64
-    assert np.all(np.diff(sel) > 0) and np.all(np.diff(test) > 0)
-    assert len(np.intersect1d(sel, test)) == 0 and len(sel) + len(test) == len(labels)
-    assert np.bincount(labels[test]).tolist() == [250, 250, 250]
-    sel2, test2 = split_holdout(labels, 0.1, seed=7)
-    np.testing.assert_array_equal(test, test2)
-    _, test3 = split_holdout(labels, 0.1, seed=8)
-    assert not np.array_equal(test, test3)
-    # unbalanced: each class gives round(fraction * n_class)
-    labels = np.repeat(np.arange(3), [15, 25, 35])
-    _, test = split_holdout(labels, 0.1, seed=0)
-    assert np.bincount(labels[test], minlength=3).tolist() == [2, 3, 4]  # round(1.5)=2, 2.5->3, 3.5->4
-
-
-def test_heldout_files_do_not_depend_on_directory_order(tmp_path, monkeypatch):
-    """The held-out test names the same files whatever order the filesystem lists them in (ext4, NFS and
-    macOS each list a folder in their own order)."""
-    data = write_dataset(tmp_path / "d", 1, 12)
-
-    def held_out_files() -> tuple[set[str], dict[str, int]]:
-        labels = load_split(data, "val", progress=False)[1]
-        files = [p for p, _ in list_files(data, "val")]
-        _, test = split_holdout(labels, 0.25, seed=3)
-        return {files[i] for i in test}, {files[i]: int(labels[i]) for i in test}
-
-    first, labelled = held_out_files()
-    assert len(first) == 9 and all(Path(name).parent.name == CLASSES[lab] for name, lab in labelled.items())
-    real_scandir = os.scandir
-
-    class Shuffled:
-        def __init__(self, path):
-            self._it = real_scandir(path)
-
-        def __enter__(self):
-            entries = list(self._it)
-            np.random.default_rng(len(entries)).shuffle(entries)
-            return iter(entries)
-
-        def __exit__(self, *exc):
-            self._it.close()
-
-    monkeypatch.setattr(os, "scandir", Shuffled)
-    for p in data.rglob("*.npy"):  # and the cache must not hide a re-listing
-        os.utime(p, ns=(2 * 10**9, 2 * 10**9))
-    assert held_out_files()[0] == first
-
-
-def test_preprocess_shapes_and_range():
-    x = torch.rand(4, 1, 150, 150)
-    x[:, :, 0, 0] = 0.0
-    x[:, :, 1, 1] = 1.0
-    y = preprocess(x, 224)
-    assert y.shape == (4, 3, 224, 224) and y.dtype == torch.float32
-    assert y.min() >= -1.0 - 1e-5 and y.max() <= 1.0 + 1e-5
-    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 0], y[:, 2])
-    assert preprocess(x, 150).shape == (4, 3, 150, 150)
-    torch.testing.assert_close(preprocess(x, 150, channels=1), x * 2 - 1)
-    assert preprocess(x, 224, resize_then_crop=256).shape == (4, 3, 224, 224)
-    # the reference geometry: resize to 256, keep the centre 224
-    big = torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", antialias=False, align_corners=False)
-    torch.testing.assert_close(preprocess(x, 224, resize_then_crop=256, channels=1), big[..., 16:240, 16:240] * 2 - 1)
-
-
-def test_native_crop_gathers_in_any_order_and_keeps_the_centre():
-    images = np.random.default_rng(0).random((10, 1, 150, 150), dtype=np.float32)
-    idx = np.array([7, 2, 9])
-    x = native_crop(images, idx, 96)
-    assert x.shape == (3, 1, 96, 96) and x.dtype == torch.float32 and x.is_contiguous()
-    np.testing.assert_array_equal(x.numpy(), images[idx][..., 27:123, 27:123])
-    np.testing.assert_array_equal(native_crop(images, idx, None).numpy(), images[idx])
-    # the model input of a run: crop first (native pixels), then resize to the input side
-    from deeplense.config import recipe
-
-    cfg = recipe("default", image_size=64, crop=96)
-    torch.testing.assert_close(input_fn(cfg)(x), preprocess(x, 64))
-
-
-def test_d4_augmentation_is_exact_and_covers_the_group():
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    seen = {tuple(d4_transform(x, k).flatten().tolist()) for k in range(8)}
-    assert len(seen) == 8  # 8 distinct symmetries of an asymmetric image
-    batch = x.repeat(400, 1, 1, 1)
-    out = augment(batch, "d4", generator=torch.Generator().manual_seed(0))
-    got = {tuple(o.flatten().tolist()) for o in out}
-    assert got == seen
-    out = augment(batch, "hflip", generator=torch.Generator().manual_seed(0))
-    assert {tuple(o.flatten().tolist()) for o in out} == {
-        tuple(x.flatten().tolist()), tuple(torch.flip(x, dims=(-1,)).flatten().tolist())}
-    assert torch.equal(augment(batch, "none"), batch)
-
-
-def test_d4_paths_agree_pixel_for_pixel():
-    """The CPU's grouped D4 and the accelerator's synchronisation-free D4 give the same images for the same
-    draws, each image transformed by its own draw."""
-    from deeplense.data import _d4_by_group, _d4_by_select, augmentation_draws
-
-    gen = torch.Generator().manual_seed(3)
-    x = torch.rand(64, 1, 9, 9, generator=gen)
-    draws = augmentation_draws("d4", len(x), gen)
-    a, b = _d4_by_group(x, draws), _d4_by_select(x, draws)
-    assert torch.equal(a, b)
-    for i in (0, 17, 63):
-        assert torch.equal(a[i], d4_transform(x[i : i + 1], int(draws[i]))[0])
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -457,7 +343,6 @@ def test_quiet_surprises_are_named(tmp_path):
     not a silent drop, a double count or an ignored setting (issue 22, item 8)."""
     import shutil
 
-    from deeplense.data import list_files, native_crop
     from deeplense.testing import write_dataset
     from deeplense.util import DeepLenseError
 

@@ -8,11 +8,12 @@ import torch
 from deeplense.checkpoint import load_checkpoint, model_from_checkpoint
 from deeplense.cli import main
 from deeplense.config import TrainConfig, recipe
-from deeplense.data import d4_transform, load_split, native_crop, preprocess
+from deeplense.data import load_split
 from deeplense.engine import predict_proba
 from deeplense.model import build_model
 from deeplense.testing import FAST, quiet
 from deeplense.train import train
+from deeplense.transforms import d4_transform, native_crop, preprocess
 
 
 def test_predictions_use_eval_mode(tmp_path):

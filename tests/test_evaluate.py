@@ -13,8 +13,9 @@ import pytest
 from deeplense.checkpoint import load_checkpoint
 from deeplense.cli import main
 from deeplense.config import recipe
-from deeplense.data import load_split, split_holdout
+from deeplense.data import load_split
 from deeplense.evaluate import evaluate
+from deeplense.splits import split_holdout
 from deeplense.testing import FAST, quiet, write_dataset
 from deeplense.train import train
 from deeplense.util import DeepLenseError

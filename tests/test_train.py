@@ -14,9 +14,9 @@ import torch
 
 from deeplense.checkpoint import load_checkpoint
 from deeplense.config import recipe
-from deeplense.data import split_holdout
 from deeplense.evaluate import evaluate
 from deeplense.metrics import quick_metrics
+from deeplense.splits import split_holdout
 from deeplense.testing import FAST, quiet, subprocess_env
 from deeplense.train import train
 
@@ -182,7 +182,7 @@ def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path,
     """The network is rebuilt from the checkpoint, fed the input its config records (lensnet: 1 channel, the
     native pixels of the crop, no resizing)."""
     from deeplense.cli import main
-    from deeplense.data import input_fn
+    from deeplense.transforms import input_fn
 
     run = tmp_path / "run"
     size = ["--crop", "48"] if arch == "lensnet" else ["--image-size", "32"]

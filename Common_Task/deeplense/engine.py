@@ -1,8 +1,8 @@
 """The training engine: one training step, one epoch of training, one validation pass, predictions; each returns
 plain numbers.
 
-Images arrive as float32 ``(N, 1, h, w)`` tensors in [0, 1], already cropped (:func:`deeplense.data.native_crop`);
-:func:`deeplense.data.input_fn` turns a batch into the model's ``(B, 3, S, S)`` input in [-1, 1] on the
+Images arrive as float32 ``(N, 1, h, w)`` tensors in [0, 1], already cropped (:func:`deeplense.transforms.native_crop`);
+:func:`deeplense.transforms.input_fn` turns a batch into the model's ``(B, 3, S, S)`` input in [-1, 1] on the
 training device. Every device-dependent choice (precision, copies, memory layout, the dtype of sums) comes from a
 :class:`deeplense.device.Plan`: bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient scaler on older
 ones, fp32 on MPS and the CPU (bf16 there on request), ``channels_last`` on CUDA. Functions that take ``device``
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .data import CLASSES, augment, augmentation_draws, d4_transform, input_fn
+from .data import CLASSES
 from .device import Plan, free_memory, is_out_of_memory, memory_plan, plan_for
 from .metrics import quick_metrics
+from .transforms import augment, augmentation_draws, d4_transform, input_fn
 from .util import progress_bar
 
 
@@ -190,7 +191,7 @@ def place_data(x_train: torch.Tensor, y_train: torch.Tensor, x_sel: torch.Tensor
 def train_step(net, opt, scaler, xb: torch.Tensor, yb: torch.Tensor, config: TrainConfig, plan: Plan,
                draws: torch.Tensor | None = None) -> torch.Tensor:
     """One optimiser step on a batch already on the device: ``xb`` ``(B, 1, h, w)`` in [0, 1] and labels ``yb``.
-    Augments it (``draws``: this batch's choices, see :func:`deeplense.data.augmentation_draws`), makes the model
+    Augments it (``draws``: this batch's choices, see :func:`deeplense.transforms.augmentation_draws`), makes the model
     input in the plan's layout, runs the forward pass under the plan's autocast, the loss in float32, the backward
     pass and the (scaled) optimiser step. Returns the loss as a device tensor (reading it synchronises).
 

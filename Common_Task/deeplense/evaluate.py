@@ -16,22 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
-from .data import (
-    CLASSES,
-    SPLITS,
-    ProtocolSplit,
-    _numeric_key,
-    check_disjoint,
-    limit_per_class,
-    load_splits,
-    native_crop,
-    pixel_digest,
-    read_image,
-    split_holdout,
-)
+from .data import CLASSES, SPLITS, _numeric_key, load_splits, read_image
 from .device import pick_device, plan_for
 from .engine import predict_proba
 from .metrics import compute_metrics
+from .splits import ProtocolSplit, check_disjoint, limit_per_class, pixel_digest, split_holdout
+from .transforms import native_crop
 from .util import DeepLenseError, atomic_path, file_sha256, folder_lock, versions, write_json_atomic, write_text_atomic
 
 

@@ -1,7 +1,7 @@
 """Train (or resume) a run: data -> model -> optimiser -> epochs of :mod:`deeplense.engine` -> checkpoints.
 
 Protocol: train on ``train``; choose the checkpoint on the model-selection part of ``val`` (from
-:func:`deeplense.data.split_holdout` with the run's seed); never load the held-out test part.
+:func:`deeplense.splits.split_holdout` with the run's seed); never load the held-out test part.
 
 A run folder holds ``config.json``, ``history.jsonl`` (one JSON line per epoch), ``last.pt`` and
 ``best.pt`` (see :mod:`deeplense.checkpoint`). The same entry point runs under ``torchrun --nproc_per_node=N``
@@ -21,20 +21,11 @@ import torch
 from . import engine
 from .checkpoint import FORMAT, config_of, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import (
-    CLASSES,
-    SPLITS,
-    ProtocolSplit,
-    check_disjoint,
-    combine_fingerprints,
-    limit_per_class,
-    load_splits,
-    native_crop,
-    pixel_digest,
-    protocol_split,
-)
+from .data import CLASSES, SPLITS, combine_fingerprints, load_splits
 from .device import default_timeout_minutes, pick_device, plan_for
 from .model import build_model
+from .splits import ProtocolSplit, check_disjoint, limit_per_class, pixel_digest, protocol_split
+from .transforms import native_crop
 from .util import (
     DeepLenseError,
     folder_lock,
@@ -57,7 +48,7 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     ignored; ``data`` may override the stored path), and the run continues after the last finished epoch.
     ``stop_after_epoch`` ends this call early (the schedule still spans ``config.epochs``), for staged jobs
     on time-limited queues: resume later to continue. ``split``: which images train, select and test, when the
-    caller drew it already (default: :func:`~deeplense.data.protocol_split` of ``config.protocol`` with the
+    caller drew it already (default: :func:`~deeplense.splits.protocol_split` of ``config.protocol`` with the
     seed). The checkpoints record it, with fingerprints of the file listings, so ``evaluate`` reports on exactly
     the held-out images and a resume continues with the same split. ``compile_model``: ``torch.compile`` the
     network for training (on a GPU; the first steps then take a while). ``precision``: override the config's for
