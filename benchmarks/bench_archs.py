@@ -33,6 +33,8 @@ from deeplense.model import build_model, parameter_count
 from deeplense.transforms import augmentation_draws
 from deeplense.util import REPO, cpu_name, replace_section
 
+from common import emit
+
 STUDY = REPO / "benchmarks" / "results" / "study.json"
 STUDY_ARM = {"resnet34": "default", "resnet18": "resnet18", "lensnet": "lensnet"}
 START, END = "<!-- archs:start -->", "<!-- archs:end -->"
@@ -110,9 +112,9 @@ def main(argv=None) -> int:
         cfgs = configs(arch)
         params = parameter_count(build_model("none", arch=arch)[0])
         (tr, pr), (tq, pq) = (speed(arch, cfgs[k], args.steps) for k in ("recipe", "quick"))
-        print(f"arch_{arch}: {params / 1e6:.2f} M parameters; input {geometry(cfgs['recipe'])}: train {tr:.1f} img/s, "
-              f"predict {pr:.1f} img/s; quick input {geometry(cfgs['quick'])}: train {tq:.1f} img/s, "
-              f"predict {pq:.1f} img/s", flush=True)
+        emit(f"arch_{arch}", f"{params / 1e6:.2f} M parameters; input {geometry(cfgs['recipe'])}: train {tr:.1f} "
+             f"img/s, predict {pr:.1f} img/s; quick input {geometry(cfgs['quick'])}: train {tq:.1f} img/s, "
+             f"predict {pq:.1f} img/s", value=tq, unit="img/s (quick-input training)")
         rows.append((arch, params, geometry(cfgs["recipe"]), tr, pr, geometry(cfgs["quick"]), tq, pq))
     if args.readme:
         study = json.loads(STUDY.read_text())["scale"] if STUDY.exists() else None

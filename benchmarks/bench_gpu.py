@@ -35,17 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _timed(fn, warmup: int, steps: int, sync) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` calls, the device synchronised around the timing."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / steps
+from common import emit, reference_sample, reference_transform, synchronizer, timed
 
 
 def cpu_workers() -> int:
@@ -68,7 +58,7 @@ def engine_step_rate(x_all, y_all, dev, batch: int, steps: int, *, image_size: i
     from deeplense.config import recipe
     from deeplense.model import build_model
 
-    sync = sync or (torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
+    sync = sync or synchronizer(dev)
     torch.backends.cudnn.benchmark = benchmark
     cfg = recipe("default", batch_size=batch, weights="none", image_size=image_size, arch=arch)
     torch.manual_seed(0)
@@ -96,8 +86,8 @@ def engine_step_rate(x_all, y_all, dev, batch: int, steps: int, *, image_size: i
     # the model alone: a batch already at the input size (the step then only maps it to [-1, 1]), no augmentation
     fixed_x = torch.nn.functional.interpolate(fixed_x, size=(cfg.image_size, cfg.image_size), mode="bilinear")
     alone = cfg.replace(augmentation="none", resize_then_crop=None)
-    t_real = _timed(real, 3, steps, sync)
-    t_alone = _timed(lambda: engine.train_step(net, opt, scaler, fixed_x, fixed_y, alone, plan), 3, steps, sync)
+    t_real = timed(real, 3, steps, sync)
+    t_alone = timed(lambda: engine.train_step(net, opt, scaler, fixed_x, fixed_y, alone, plan), 3, steps, sync)
     return batch / t_real, batch / t_alone, plan.precision
 
 
@@ -109,7 +99,7 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu: skipped (no CUDA device on this machine)")
+        emit("gpu", "skipped (no CUDA device on this machine)")
         return 0
     import torch.nn.functional as F
 
@@ -119,8 +109,8 @@ def main(argv=None) -> int:
     from deeplense.model import build_model
 
     dev = pick_device("cuda")
-    sync = torch.cuda.synchronize
-    print(f"gpu: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}", flush=True)
+    sync = synchronizer(dev)
+    emit("gpu", f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     n_images = 2_000 if args.quick else 30_000
     steps = 5 if args.quick else 30
     rng = np.random.default_rng(0)
@@ -130,46 +120,42 @@ def main(argv=None) -> int:
     # the engine against the model alone, at the default batch and at a card-filling one
     for batch in (64, 256):
         ours, alone, precision = engine_step_rate(x_all, y_all, dev, batch, steps)
-        print(f"gpu_train_step_b{batch}: {ours:.0f} img/s (engine.train_step, 224 px, D4 on the device, {precision}, "
-              f"channels_last), ratio {ours / alone:.3f} vs model alone {alone:.0f} img/s (goal >= 0.9)", flush=True)
+        emit(f"gpu_train_step_b{batch}", f"{ours:.0f} img/s (engine.train_step, 224 px, D4 on the device, "
+             f"{precision}, channels_last), ratio {ours / alone:.3f} vs model alone {alone:.0f} img/s", value=ours,
+             unit="img/s", ratio=ours / alone, goal=">= 0.9")
         if batch == 256:
             best = ours
     off, _, _ = engine_step_rate(x_all, y_all, dev, 256, steps, benchmark=False)
-    print(f"gpu_cudnn_benchmark: {best:.0f} img/s on, ratio {best / off:.3f} vs off {off:.0f} img/s (batch 256)",
-          flush=True)
+    emit("gpu_cudnn_benchmark", f"{best:.0f} img/s on, ratio {best / off:.3f} vs off {off:.0f} img/s (batch 256)",
+         value=best, unit="img/s", ratio=best / off)
 
     # torch.compile
     t0 = time.perf_counter()
     if args.no_compile:
-        print("gpu_compile: skipped (--no-compile)", flush=True)
+        emit("gpu_compile", "skipped (--no-compile)")
     else:
         try:
             compiled, _, _ = engine_step_rate(x_all, y_all, dev, 256, steps, compiled=True)
-            print(f"gpu_compile: {compiled:.0f} img/s compiled, ratio {compiled / best:.3f} vs eager {best:.0f} "
-                  f"img/s (compile and measure {time.perf_counter() - t0:.0f} s)", flush=True)
+            emit("gpu_compile", f"{compiled:.0f} img/s compiled, ratio {compiled / best:.3f} vs eager {best:.0f} "
+                 f"img/s (compile and measure {time.perf_counter() - t0:.0f} s)", value=compiled, unit="img/s",
+                 ratio=compiled / best)
         except Exception as exc:  # noqa: BLE001 - report, do not stop the other figures
-            print(f"gpu_compile: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", flush=True)
+            emit("gpu_compile", f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
 
     # the reference solution's pipeline: enough batches that the prefetched ones are used up before the timing
     workers = cpu_workers()
     prefetched = 2 * workers + 1  # DataLoader's prefetch_factor 2 per worker, and the first batch
     n_batches = prefetched + steps
 
-    from torchvision import transforms
-
     class Reference(torch.utils.data.Dataset):
-        tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.RandomHorizontalFlip(),
-                                 transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+        tf = reference_transform()
 
         def __len__(self):
             return n_batches * 256
 
         def __getitem__(self, i):
-            from PIL import Image
-
             i = i % len(x_all)
-            img = Image.fromarray((x_all[i, 0].numpy() * 255).astype(np.uint8), mode="L").convert("RGB")
-            return self.tf(img), int(y_all[i])
+            return reference_sample(x_all[i, 0].numpy(), self.tf), int(y_all[i])
 
     loader = torch.utils.data.DataLoader(Reference(), batch_size=256, shuffle=True, num_workers=workers,
                                          pin_memory=True, drop_last=True)
@@ -189,9 +175,9 @@ def main(argv=None) -> int:
             seen += len(y)
     sync()
     reference = seen / (time.perf_counter() - t0)
-    print(f"gpu_vs_reference: {best:.0f} img/s engine at batch 256, ratio {best / reference:.2f} vs the reference "
-          f"pipeline {reference:.0f} img/s (PIL DataLoader, {workers} workers, {steps} batches timed after "
-          f"{prefetched} prefetched, fp32, SGD; goal >= 3)", flush=True)
+    emit("gpu_vs_reference", f"{best:.0f} img/s engine at batch 256, ratio {best / reference:.2f} vs the reference "
+         f"pipeline {reference:.0f} img/s (PIL DataLoader, {workers} workers, {steps} batches timed after "
+         f"{prefetched} prefetched, fp32, SGD)", value=best, unit="img/s", ratio=best / reference, goal=">= 3")
 
     # full-scale epochs end to end, through the real train() on a dataset of the official size
     from deeplense.testing import write_dataset
@@ -210,12 +196,13 @@ def main(argv=None) -> int:
         total = time.perf_counter() - t0
         per_epoch = stamps[-1] - stamps[-2]  # the second epoch: training, validation and checkpoints
         h = s["history"][-1]
-        print(f"gpu_epoch: {per_epoch:.1f} s per full-scale epoch ({h['train_images']} images at 224 px, batch "
-              f"{s['config']['batch_size']}, {h['train_images_per_s']:.0f} img/s training, validation and checkpoints "
-              f"included); the first, with the cache build: {total - per_epoch:.1f} s (files written beforehand in "
-              f"{written:.0f} s, not counted)", flush=True)
-        print(f"gpu_run_20_epochs: {(total + 18 * per_epoch) / 60:.1f} min estimated (2 epochs measured: "
-              f"{total:.0f} s; goal <= 3 min on one H100)", flush=True)
+        emit("gpu_epoch", f"{per_epoch:.1f} s per full-scale epoch ({h['train_images']} images at 224 px, batch "
+             f"{s['config']['batch_size']}, {h['train_images_per_s']:.0f} img/s training, validation and "
+             f"checkpoints included); the first, with the cache build: {total - per_epoch:.1f} s (files written "
+             f"beforehand in {written:.0f} s, not counted)", value=per_epoch, unit="s")
+        emit("gpu_run_20_epochs", f"{(total + 18 * per_epoch) / 60:.1f} min estimated (2 epochs measured: "
+             f"{total:.0f} s; the goal is for one H100)", value=(total + 18 * per_epoch) / 60, unit="min",
+             goal="<= 3", on="value")
 
     # evaluation
     cfg = recipe("default", weights="none")
@@ -223,10 +210,11 @@ def main(argv=None) -> int:
     xe = x_all[:2048]
     rates = {}
     for tta in (False, True):
-        t = _timed(lambda tta=tta: engine.predict_proba(model, xe, cfg, dev, tta=tta), 1, 2, sync)
+        t = timed(lambda tta=tta: engine.predict_proba(model, xe, cfg, dev, tta=tta), 1, 2, sync)
         rates[tta] = len(xe) / t
-    print(f"gpu_inference: {rates[False]:.0f} img/s at 224 px, 8-way TTA {rates[True]:.0f} img/s, ratio "
-          f"{rates[False] / rates[True]:.2f} (expected about 8)", flush=True)
+    emit("gpu_inference", f"{rates[False]:.0f} img/s at 224 px, 8-way TTA {rates[True]:.0f} img/s, ratio "
+         f"{rates[False] / rates[True]:.2f} (expected about 8)", value=rates[False], unit="img/s",
+         ratio=rates[False] / rates[True])
 
     # peak memory of validation at batch 1024, measured against the estimate the memory plan budgets with
     from deeplense.device import activation_bytes
@@ -242,8 +230,9 @@ def main(argv=None) -> int:
         peak = torch.cuda.max_memory_allocated(dev) - base
         plan = engine.as_plan(dev, cfg)
         estimate = 1024 * activation_bytes(arch, 224, 2 if plan.autocast_dtype else 4)[1]
-        print(f"gpu_eval_memory_{arch}: {peak / 1e9:.2f} GB peak at batch 1024, 224 px, {plan.precision}, ratio "
-              f"{peak / estimate:.2f} vs the memory plan's estimate {estimate / 1e9:.2f} GB (goal <= 1)", flush=True)
+        emit(f"gpu_eval_memory_{arch}", f"{peak / 1e9:.2f} GB peak at batch 1024, 224 px, {plan.precision}, ratio "
+             f"{peak / estimate:.2f} vs the memory plan's estimate {estimate / 1e9:.2f} GB", value=peak / 1e9,
+             unit="GB", ratio=peak / estimate, goal="<= 1")
         del net, xm
         torch.cuda.empty_cache()
     return 0

@@ -29,6 +29,8 @@ from deeplense.config import recipe
 from deeplense.device import Plan, cpu_native_bf16
 from deeplense.model import build_model
 
+from common import emit
+
 INPUTS = {  # name: (image_size, crop, batch) for the ImageNet networks; lensnet takes the crop (or 150) as it is
     "demo": (64, 96, 32),
     "recipe": (224, None, 16),
@@ -85,26 +87,28 @@ def main(argv=None) -> int:
         for arch in ("resnet34", "resnet18", "lensnet"):
             name = f"cpu_bf16_{arch}_{inp}"
             if not native and inp == "recipe":
-                print(f"{name}: skipped (no native bf16 on this CPU: an emulated bf16 step at this input takes "
-                      f"minutes; see the demo-input lines)", flush=True)
+                emit(name, "skipped (no native bf16 on this CPU: an emulated bf16 step at this input takes "
+                     "minutes; see the demo-input lines)")
                 continue
             steps = (8 if args.full else 4) if native else 2
             rates, spread, _ = paired_rates(arch, inp, plans, steps)
-            goal = " (goal >= 1.4)" if native and inp == "demo" else ""
-            print(f"{name}: {rates['bf16']:.1f} img/s bf16 autocast, ratio {rates['bf16'] / rates['fp32']:.2f} vs "
-                  f"fp32 {rates['fp32']:.1f} img/s (batch {_config(arch, inp).batch_size}, step-time spread "
-                  f"{spread:.0%}; native bf16 on this CPU: {'yes' if native else 'no, emulated'}){goal}", flush=True)
+            emit(name, f"{rates['bf16']:.1f} img/s bf16 autocast, ratio {rates['bf16'] / rates['fp32']:.2f} vs "
+                 f"fp32 {rates['fp32']:.1f} img/s (batch {_config(arch, inp).batch_size}, step-time spread "
+                 f"{spread:.0%}; native bf16 on this CPU: {'yes' if native else 'no, emulated'})",
+                 value=rates["bf16"], unit="img/s", ratio=rates["bf16"] / rates["fp32"],
+                 goal=">= 1.4" if native and inp == "demo" else None)
     for arch in ("lensnet", "resnet34") if args.full else ("lensnet",):
         name = f"cpu_compile_{arch}"
         try:
             rates, spread, compile_s = paired_rates(arch, "demo", {"compiled": fp32, "eager": fp32}, 4,
                                                     compiled="compiled")
         except Exception as exc:  # noqa: BLE001 - report (no C++ compiler, an inductor bug), keep the other lines
-            print(f"{name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", flush=True)
+            emit(name, f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
             continue
-        print(f"{name}: {rates['compiled']:.1f} img/s compiled, ratio {rates['compiled'] / rates['eager']:.2f} vs "
-              f"eager {rates['eager']:.1f} img/s (fp32, demo input; compile and first step {compile_s:.0f} s; "
-              f"step-time spread {spread:.0%})", flush=True)
+        emit(name, f"{rates['compiled']:.1f} img/s compiled, ratio {rates['compiled'] / rates['eager']:.2f} vs "
+             f"eager {rates['eager']:.1f} img/s (fp32, demo input; compile and first step {compile_s:.0f} s; "
+             f"step-time spread {spread:.0%})", value=rates["compiled"], unit="img/s",
+             ratio=rates["compiled"] / rates["eager"])
     return 0
 
 

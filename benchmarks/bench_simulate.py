@@ -25,6 +25,7 @@ from lenstronomy.Util import image_util
 
 from deeplense.data import CLASSES
 from deeplense.simulate import (
+    DEFAULT_PRESET,
     PRESETS,
     SimulationConfig,
     draw_parameters,
@@ -34,6 +35,8 @@ from deeplense.simulate import (
     simulate_image,
     source_kwargs,
 )
+
+from common import emit
 
 
 def per_class(cfg: SimulationConfig, n: int) -> None:
@@ -58,9 +61,9 @@ def per_class(cfg: SimulationConfig, n: int) -> None:
         for i in range(1, n + 1):
             simulate_image(cfg, 0, "train", cls, i, dtype=np.dtype(cfg.file_dtype))
         ours = (time.perf_counter() - t0) / n
-        print(f"simulate_{cfg.preset}_{cls}: {1 / ours:.1f} img/s/core ({ours * 1e3:.1f} ms), ratio "
-              f"{ours / bare:.2f} vs lenstronomy rendering + its noise functions {bare * 1e3:.1f} ms (goal <= 1.15)",
-              flush=True)
+        emit(f"simulate_{cfg.preset}_{cls}", f"{1 / ours:.1f} img/s/core ({ours * 1e3:.1f} ms), ratio "
+             f"{ours / bare:.2f} vs lenstronomy rendering + its noise functions {bare * 1e3:.1f} ms",
+             value=1 / ours, unit="img/s/core", ratio=ours / bare, goal="<= 1.15")
 
 
 def workers(cfg: SimulationConfig, per_class_n: int) -> None:
@@ -72,8 +75,9 @@ def workers(cfg: SimulationConfig, per_class_n: int) -> None:
                              config=cfg, progress=False)
             times[w] = time.perf_counter() - t0
     n = 3 * (per_class_n + 1)
-    print(f"simulate_workers: {n / times[2]:.1f} img/s with 2 workers, ratio {times[1] / times[2]:.2f} vs 1 worker "
-          f"{n / times[1]:.1f} img/s (goal >= 1.7; includes process start-up)", flush=True)
+    emit("simulate_workers", f"{n / times[2]:.1f} img/s with 2 workers, ratio {times[1] / times[2]:.2f} vs 1 worker "
+         f"{n / times[1]:.1f} img/s (includes process start-up)", value=n / times[2], unit="img/s",
+         ratio=times[1] / times[2], goal=">= 1.7")
 
 
 def statistics(n_per_class: int) -> None:
@@ -85,8 +89,9 @@ def statistics(n_per_class: int) -> None:
         imgs = np.stack([simulate_image(cfg, 1, "val", c, i, dtype=np.float64)[0] for c in CLASSES
                          for i in range(1, n_per_class + 1)])
         outside = R.outside_targets(R.statistics(imgs), targets)
-        print(f"realism_{preset}: {len(outside)} of {len(R.STATISTICS)} statistics with the median outside the real "
-              f"10-90% range" + (f" ({', '.join(sorted(outside))})" if outside else "") + " (goal for the default: 0)")
+        emit(f"realism_{preset}", f"{len(outside)} of {len(R.STATISTICS)} statistics with the median outside the "
+             f"real 10-90% range" + (f" ({', '.join(sorted(outside))})" if outside else ""), value=len(outside),
+             unit="statistics", goal="<= 0" if preset == DEFAULT_PRESET else None, on="value")
 
 
 def main(argv=None) -> int:

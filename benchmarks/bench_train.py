@@ -33,6 +33,8 @@ from deeplense.config import recipe
 from deeplense.model import build_model
 from deeplense.transforms import augmentation_draws
 
+from common import emit
+
 
 def _model():
     torch.manual_seed(0)
@@ -92,8 +94,9 @@ def optimizer_step() -> None:
         for _ in range(5):
             opt.step()
         t[mode] = min(t.get(mode, 1e9), (time.perf_counter() - t0) / 5)
-    print(f"optimizer_step: {t['fused'] * 1e3:.0f} ms per AdamW step (fused), ratio {t['foreach'] / t['fused']:.2f} "
-          f"vs foreach {t['foreach'] * 1e3:.0f} ms (fused is used in training on CPU and CUDA)", flush=True)
+    emit("optimizer_step", f"{t['fused'] * 1e3:.0f} ms per AdamW step (fused), ratio {t['foreach'] / t['fused']:.2f} "
+         f"vs foreach {t['foreach'] * 1e3:.0f} ms (fused is used in training on CPU and CUDA)",
+         value=t["fused"] * 1e3, unit="ms", ratio=t["foreach"] / t["fused"])
 
 
 def fold_stem(model):
@@ -124,9 +127,9 @@ def input_stem(size: int, batch: int) -> None:
             for _ in range(3):
                 m(x)
             ts[name] = (time.perf_counter() - t0) / 3
-    print(f"input_stem: max |stem output difference| {err:.1e} (asserted < 1e-5; logits differ by {logit_err:.0e} "
-          f"relative, float32 rounding), forward ratio "
-          f"{ts['3ch'] / ts['1ch']:.3f} vs 3 replicated channels at {size} px (folded is faster if > 1)", flush=True)
+    emit("input_stem", f"max |stem output difference| {err:.1e} (asserted < 1e-5; logits differ by {logit_err:.0e} "
+         f"relative, float32 rounding), forward ratio {ts['3ch'] / ts['1ch']:.3f} vs 3 replicated channels at "
+         f"{size} px (folded is faster if > 1)", value=err, ratio=ts["3ch"] / ts["1ch"])
 
     # training equivalence in float64: the folded kernel needs lr x3 and weight decay /3
     for opt_name in ("sgd", "adamw"):
@@ -153,9 +156,9 @@ def input_stem(size: int, batch: int) -> None:
                 o.step()
         diff = float((m3.conv1.weight.sum(1, keepdim=True) - m1.conv1.weight).abs().max())
         out_diff = float((m3(xs[0].expand(-1, 3, -1, -1)) - m1(xs[0])).abs().max())
-        print(f"input_stem_training_{opt_name}: after 3 steps in float64, max |folded - summed RGB kernel| "
-              f"{diff:.1e}, max |logit difference| {out_diff:.1e} (lr x3, weight decay /3 on the folded kernel)",
-              flush=True)
+        emit(f"input_stem_training_{opt_name}", f"after 3 steps in float64, max |folded - summed RGB kernel| "
+             f"{diff:.1e}, max |logit difference| {out_diff:.1e} (lr x3, weight decay /3 on the folded kernel)",
+             value=diff)
 
 
 def inference(size: int, n: int, compile_too: bool) -> None:
@@ -172,10 +175,11 @@ def inference(size: int, n: int, compile_too: bool) -> None:
         t0 = time.perf_counter()
         predict_proba(model, x if not tta else x[: max(32, n // 8)], cfg, dev, tta=tta)
         res[tta] = (n if not tta else max(32, n // 8)) / (time.perf_counter() - t0)
-    print(f"inference: {res[False]:.1f} img/s at {size} px (inference_mode, eval), 8-way TTA {res[True]:.1f} img/s, "
-          f"ratio {res[False] / res[True]:.2f} vs TTA (expected about 8)", flush=True)
+    emit("inference", f"{res[False]:.1f} img/s at {size} px (inference_mode, eval), 8-way TTA {res[True]:.1f} img/s, "
+         f"ratio {res[False] / res[True]:.2f} vs TTA (expected about 8)", value=res[False], unit="img/s",
+         ratio=res[False] / res[True])
     if not compile_too:
-        print("inference_compile: skipped at quick scale (compiling ResNet34 on CPU takes minutes; use --full)")
+        emit("inference_compile", "skipped at quick scale (compiling ResNet34 on CPU takes minutes; use --full)")
         return
     compiled = torch.compile(model)
     t0 = time.perf_counter()
@@ -184,8 +188,8 @@ def inference(size: int, n: int, compile_too: bool) -> None:
     t0 = time.perf_counter()
     predict_proba(compiled, x, cfg, dev)
     rate = n / (time.perf_counter() - t0)
-    print(f"inference_compile: {rate:.1f} img/s with torch.compile, ratio {rate / res[False]:.2f} vs eager "
-          f"(compile time {ctime:.0f} s)", flush=True)
+    emit("inference_compile", f"{rate:.1f} img/s with torch.compile, ratio {rate / res[False]:.2f} vs eager "
+         f"(compile time {ctime:.0f} s)", value=rate, unit="img/s", ratio=rate / res[False])
 
 
 MEMORY_CHILD = r"""
@@ -212,7 +216,8 @@ def memory() -> None:
         out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(size)], capture_output=True, text=True,
                              check=True).stdout
         mb = json.loads(out.strip().splitlines()[-1])["maxrss_mb"]
-        print(f"memory_train_{size}px: {mb / 1024:.2f} GB peak RSS, batch 32, AdamW (goal <= 8 GB)", flush=True)
+        emit(f"memory_train_{size}px", f"{mb / 1024:.2f} GB peak RSS, batch 32, AdamW", value=mb / 1024, unit="GB",
+             goal="<= 8", on="value")
 
 
 def main(argv=None) -> int:
@@ -224,10 +229,11 @@ def main(argv=None) -> int:
     for size in (224, 150):
         full, alone, spread = train_step(size, 32, steps)
         rates[size] = full
-        print(f"train_step_{size}px: {full:.1f} img/s with the data pipeline, ratio {full / alone:.3f} vs model alone "
-              f"{alone:.1f} img/s (goal >= 0.95; median of {steps} alternating steps each, step times vary by "
-              f"{spread:.0%})", flush=True)
-    print(f"train_step_150_vs_224: ratio {rates[150] / rates[224]:.2f} (150 px speed / 224 px speed)")
+        emit(f"train_step_{size}px", f"{full:.1f} img/s with the data pipeline, ratio {full / alone:.3f} vs model "
+             f"alone {alone:.1f} img/s (median of {steps} alternating steps each, step times vary by {spread:.0%})",
+             value=full, unit="img/s", ratio=full / alone, goal=">= 0.95")
+    emit("train_step_150_vs_224", f"ratio {rates[150] / rates[224]:.2f} (150 px speed / 224 px speed)",
+         ratio=rates[150] / rates[224])
     optimizer_step()
     input_stem(224, 16)
     inference(150, 256 if args.full else 96, compile_too=args.full)

@@ -1,0 +1,74 @@
+"""The benchmark core (benchmarks/common.py, run_all.py): one way to report a result, goals judged from numbers
+(not parsed from text), a summary of the goals met and missed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import run_all
+
+    import common
+
+    return common, run_all
+
+
+def test_goals_are_judged_from_the_numbers(bench, tmp_path, monkeypatch, capsys):
+    common, _ = bench
+    assert common.judge(1.10, "<= 1.15") is True and common.judge(1.2, "<= 1.15") is False
+    assert common.judge(50.0, ">= 50") is True and common.judge(None, ">= 1") is None
+    assert common.judge(float("nan"), ">= 1") is None and common.judge(3.0, None) is None
+    with pytest.raises(ValueError, match="goal"):
+        common.judge(1.0, "about 1")
+    out = tmp_path / "r.jsonl"
+    monkeypatch.setenv(common.RESULTS_ENV, str(out))
+    assert common.emit("a_speed", "12 img/s, ratio 1.20 vs bare", value=12.0, unit="img/s", ratio=1.2,
+                       goal="<= 1.15") is False
+    assert common.emit("a_memory", "2 GB", value=2.0, unit="GB", goal="<= 8", on="value") is True
+    assert common.emit("a_note", "no goal") is None
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["a_speed: 12 img/s, ratio 1.20 vs bare [goal: ratio <= 1.15: MISSED]",
+                       "a_memory: 2 GB [goal: value <= 8: met]", "a_note: no goal"]
+    rows = common.read_results(out)
+    assert [(r["name"], r["met"]) for r in rows] == [("a_speed", False), ("a_memory", True), ("a_note", None)]
+    assert rows[0]["ratio"] == 1.2 and rows[1]["value"] == 2.0 and common.read_results(tmp_path / "none") == []
+
+
+def test_run_all_reads_the_results_and_ends_with_the_goals(bench, tmp_path, monkeypatch, capsys):
+    _, run_all = bench
+    (tmp_path / "common.py").write_text((BENCH / "common.py").read_text())
+    (tmp_path / "bench_fake.py").write_text(
+        "from common import emit\n"
+        "print('free text that is not a result: ignored')\n"
+        "emit('fast_thing', 'ratio 2.0 vs slow', ratio=2.0, goal='>= 1.5')\n"
+        "emit('slow_thing', 'ratio 0.5 vs fast', ratio=0.5, goal='>= 1.5')\n")
+    (tmp_path / "README.md").write_text("# b\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "SCRIPTS", {"bench_fake.py": ([], None), "bench_gpu_only.py": (None, [])})
+    assert run_all.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-2] == "goals met: 1 of 2; missed: slow_thing (ratio >= 1.5)"
+    table = (tmp_path / "README.md").read_text()
+    assert "| `fast_thing` | ratio 2.0 vs slow | ratio >= 1.5: met | `bench_fake.py` |" in table
+    assert "| `slow_thing` | ratio 0.5 vs fast | ratio >= 1.5: **missed** | `bench_fake.py` |" in table
+    assert "old" not in table and "goals met: 1 of 2" in table
+    (tmp_path / "bench_fake.py").write_text("import sys\nsys.exit(3)\n")
+    assert run_all.main(["--no-readme"]) == 3
+
+
+def test_every_benchmark_reports_through_emit():
+    """No benchmark prints a result line by hand (run_all would not see it)."""
+    import re
+
+    for script in sorted(BENCH.glob("bench_*.py")):
+        text = script.read_text()
+        hand = re.findall(r'print\(f?"[a-z0-9_{}]+: ', text)
+        assert not hand, (script.name, hand)
+        assert "from common import" in text and "emit(" in text, script.name
