@@ -55,7 +55,7 @@ from deeplense.data import CLASSES
 from deeplense.evaluate import evaluate
 from deeplense.metrics import paired_difference
 from deeplense.simulate import SimulationConfig, simulate_dataset
-from deeplense.train import train
+from deeplense.train import resume, train
 from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, replace_section, versions, write_json_atomic
 
 ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px", "default_ls", "default_onecycle",
@@ -103,7 +103,7 @@ def run_one(arm: str, seed: int, data: Path, out: Path, scale: str, protocol: st
         if (run / "last.pt").exists():
             ck = load_checkpoint(run / "last.pt")
             if ck["epoch"] < ck["config"]["epochs"]:  # interrupted: continue; finished (default_tta): reuse
-                train(None, data, None, resume=run, device=device)
+                resume(run, data, device=device)
         else:
             train(arm_config(arm, scale, seed, protocol, epochs), data, run, device=device)
         evaluate(run / "best.pt", data, ev, split="test", tta=arm == "default_tta", device=device)

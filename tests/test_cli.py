@@ -14,7 +14,7 @@ import pytest
 from deeplense.cli import main
 from deeplense.config import recipe
 from deeplense.testing import FAST, quiet, subprocess_env, write_dataset
-from deeplense.train import train
+from deeplense.train import resume, train
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_messages_say_what_is_true(small, tmp_path):
     train(recipe("default", epochs=1, **FAST), small, run, **quiet())
     (run / "last.pt").unlink()
     with pytest.raises(DeepLenseError, match=r"missing \(deleted\?\), but the run finished 1 epoch\(s\)"):
-        train(None, None, None, resume=run, **quiet())
+        resume(run, **quiet())
     f = tmp_path / "x.npy"
     np.save(f, np.full((1, 8, 8), 1.000002, dtype=np.float32))
     shown = f"{float(np.float32(1.000002)):.9g}"

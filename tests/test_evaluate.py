@@ -17,7 +17,7 @@ from deeplense.data import load_split
 from deeplense.evaluate import evaluate
 from deeplense.splits import split_holdout
 from deeplense.testing import FAST, quiet, write_dataset
-from deeplense.train import train
+from deeplense.train import resume, train
 from deeplense.util import DeepLenseError
 
 
@@ -95,7 +95,7 @@ def test_a_changed_val_is_refused_not_silently_resplit(small, tmp_path):
     with pytest.raises(DeepLenseError, match="val/ is not the one .* trained with"):
         evaluate(run / "best.pt", copy, tmp_path / "ev2", device="cpu", n_bootstrap=0, progress=False)
     with pytest.raises(DeepLenseError, match="val/ is not the one this run started with"):
-        train(None, copy, None, resume=run, **quiet())
+        resume(run, copy, **quiet())
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(copy), "--out",
                  str(tmp_path / "ev3")]) == 2
     assert not (tmp_path / "ev3" / "metrics.json").exists()

@@ -18,7 +18,7 @@ from deeplense.evaluate import evaluate
 from deeplense.metrics import quick_metrics
 from deeplense.splits import split_holdout
 from deeplense.testing import FAST, quiet, subprocess_env
-from deeplense.train import train
+from deeplense.train import resume, train
 
 
 def test_learns_a_separable_toy_set(toy, tmp_path):
@@ -96,7 +96,7 @@ def test_resume_recovers_a_lost_history_line_and_sweeps_temp_files(small, tmp_pa
     lines = (run / "history.jsonl").read_text().splitlines()
     (run / "history.jsonl").write_text(lines[0] + "\n")  # killed after epoch 2's checkpoint, before its history
     (run / ".last.pt.4242.abcd1234.tmp.pt").write_bytes(b"half a checkpoint")
-    train(None, None, None, resume=run, **quiet())
+    resume(run, **quiet())
     hist = [json.loads(ln) for ln in (run / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[1] == json.loads(lines[1])
     assert not [p for p in run.iterdir() if "tmp" in p.name]
@@ -118,7 +118,7 @@ def test_resume_equals_uninterrupted(small, tmp_path):
     train(cfg, small, tmp_path / "full", progress=False, log=lambda *a: None, device="cpu")
     s = train(cfg, small, tmp_path / "staged", progress=False, stop_after_epoch=1, log=lambda *a: None, device="cpu")
     assert len(s["history"]) == 1
-    train(None, None, None, resume=tmp_path / "staged", progress=False, log=lambda *a: None, device="cpu")
+    resume(tmp_path / "staged", progress=False, log=lambda *a: None, device="cpu")
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "staged" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
@@ -166,7 +166,7 @@ def test_best_checkpoint_holds_the_peak_epoch_also_across_resume(small, tmp_path
     train(cfg, small, tmp_path / "staged", **quiet(stop_after_epoch=2))
     epoch2 = torch.load(tmp_path / "staged" / "last.pt", weights_only=True)["model"]
     _script_selection_auc(monkeypatch, [0.7])
-    train(None, None, None, resume=tmp_path / "staged", **quiet())
+    resume(tmp_path / "staged", **quiet())
     for run in ("straight", "staged"):
         best = load_checkpoint(tmp_path / run / "best.pt")
         assert best["epoch"] == 2 and best["best_metric"] == 0.9, run

@@ -79,3 +79,28 @@ def model_from_checkpoint(ckpt: dict, device: torch.device, path: str | os.PathL
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model.eval()
+
+
+def checkpoint_payload(model, config: TrainConfig, epoch: int, metrics: dict, best_metric: float, best_epoch: int,
+                       stamp: dict) -> dict:
+    """What ``best.pt`` holds after ``epoch`` (the schema at the top of this module): the weights, the config, the
+    epoch's record, the best selection score so far and its epoch, and ``stamp`` (``classes``, ``weights``, ``data``,
+    ``versions``, ``device``)."""
+    return {"model": model.state_dict(), "config": config.to_dict(), "epoch": epoch, "metrics": metrics,
+            "best_metric": best_metric, "best_epoch": best_epoch, "format": FORMAT, **stamp}
+
+
+def resumable(payload: dict, optimizer, scheduler, scaler) -> dict:
+    """``payload`` plus what a resume needs (``last.pt``): the optimiser, scheduler and gradient-scaler states."""
+    return {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict()}
+
+
+def restore_training_state(ckpt: dict, optimizer, scheduler, scaler) -> tuple[int, float, int]:
+    """Load ``last.pt``'s optimiser, scheduler and scaler states into the new objects; return the epoch to start
+    from, the best selection score so far and its epoch."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]

@@ -131,7 +131,7 @@ DEVICE_OPTIONS = ("precision", "eval_batch_size")
 
 def _cmd_train(args) -> int:
     from .config import recipe
-    from .train import rank_device, train
+    from .train import rank_device, resume, train
 
     given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
@@ -143,9 +143,9 @@ def _cmd_train(args) -> int:
                 ["--recipe"] if args.recipe else [])
             raise DeepLenseError(f"train --resume {args.resume}: {', '.join(named)} cannot change a run; it continues "
                                  f"with the settings it started with (start a new run with --out to change them)")
-        summary = train(None, args.data, None, resume=args.resume, device=args.device, precision=precision,
-                        allow_pickle=args.allow_pickle, stop_after_epoch=args.stop_after_epoch,
-                        compile_model=args.compile)
+        summary = resume(args.resume, args.data, device=args.device, precision=precision,
+                         allow_pickle=args.allow_pickle, stop_after_epoch=args.stop_after_epoch,
+                         compile_model=args.compile)
     else:
         if not args.out:
             raise DeepLenseError("train: --out RUN is required (or --resume RUN)")

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .checkpoint import FORMAT, config_of, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    checkpoint_payload,
+    config_of,
+    load_checkpoint,
+    restore_training_state,
+    resumable,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import CLASSES, SPLITS, combine_fingerprints, load_splits
 from .device import default_timeout_minutes, pick_device, plan_for
@@ -37,56 +44,71 @@ from .util import (
 )
 
 
-def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str | os.PathLike | None, *,
-          resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
-          allow_pickle: bool = False, stop_after_epoch: int | None = None, split: ProtocolSplit | None = None,
-          compile_model: bool = False, precision: str | None = None, log=print) -> dict:
-    """Train (or resume) a run; return a summary dict (``run``, ``best_epoch``, ``best_metric``, ``history``,
-    ``weights``, ``device``, ``config``).
+def train(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *, device: str | None = None,
+          split: ProtocolSplit | None = None, **options) -> dict:
+    """Train a new run into the folder ``out``; return a summary dict (``run``, ``best_epoch``, ``best_metric``,
+    ``history``, ``weights``, ``device``, ``config``).
 
-    With ``resume`` the config, data path and run folder come from ``resume/last.pt`` (``out`` is
-    ignored; ``data`` may override the stored path), and the run continues after the last finished epoch.
-    ``stop_after_epoch`` ends this call early (the schedule still spans ``config.epochs``), for staged jobs
-    on time-limited queues: resume later to continue. ``split``: which images train, select and test, when the
-    caller drew it already (default: :func:`~deeplense.splits.protocol_split` of ``config.protocol`` with the
-    seed). The checkpoints record it, with fingerprints of the file listings, so ``evaluate`` reports on exactly
-    the held-out images and a resume continues with the same split. ``compile_model``: ``torch.compile`` the
-    network for training (on a GPU; the first steps then take a while). ``precision``: override the config's for
-    a resume (the run's history then mixes precisions; ``config.json`` records each call's).
+    ``split``: which images train, select and test, when the caller drew it already (default:
+    :func:`~deeplense.splits.protocol_split` of ``config.protocol`` with the seed). The checkpoints record it, with
+    fingerprints of the file listings, so ``evaluate`` reports on exactly the held-out images and a resume continues
+    with the same split. ``options`` (also :func:`resume`'s): ``stop_after_epoch`` ends this call early (the schedule
+    still spans ``config.epochs``), for staged jobs on time-limited queues: :func:`resume` later continues;
+    ``compile_model``: ``torch.compile`` the network for training (on a GPU; the first steps then take a while);
+    ``progress``, ``allow_pickle``, ``log``.
 
     Under torchrun every rank trains its shard; rank 0 alone validates, writes and logs, and sends the
     validation record to the other ranks, so every rank returns the same summary.
     """
     world, rank, dev = _start_processes(device)
-    say = log if rank == 0 else (lambda *a, **k: None)
-    run, ckpt = Path(resume or out or ""), None
-    if resume is not None:
-        if not (run / "last.pt").is_file() and (run / "config.json").is_file():
-            done = read_jsonl(run / "history.jsonl")
-            if done or (run / "best.pt").exists():
-                raise DeepLenseError(f"{run / 'last.pt'}: missing (deleted?), but the run finished "
-                                     f"{len(done)} epoch(s): it cannot be resumed without it; its best.pt still "
-                                     f"evaluates, and a new run needs another --out")
-            raise DeepLenseError(f"{run / 'last.pt'}: not there: the run stopped before it finished its first epoch; "
-                                 f"start it again with `train --out {run}` and the same options")
-        ckpt = load_checkpoint(run / "last.pt", map_location="cpu")
-        if rank == 0:
-            sweep_stale_temps(run, all_of_them=True)  # half-written checkpoints of the killed process
-        config, data = config_of(ckpt, run / "last.pt"), data or ckpt["data"]["root"]
-        if precision is not None:
-            config = config.replace(precision=precision)
-        say(f"resuming {run} after epoch {ckpt['epoch']} of {config.epochs}")
-    elif out is None:
+    if out is None:
         raise DeepLenseError("train: --out RUN is required (or --resume RUN)")
-    elif (run / "last.pt").exists():
+    run = Path(out)
+    if (run / "last.pt").exists():
         raise DeepLenseError(f"{run}: already holds a run (last.pt); use --resume {run} or another --out")
-    elif results := _results_in(run):
+    if results := _results_in(run):
         raise DeepLenseError(f"{run}: already holds a run's results ({', '.join(results)}; its last.pt is gone); "
                              f"use another --out, or remove the folder to start again")
-    elif rank == 0 and run.is_dir():
+    if rank == 0 and run.is_dir():
         sweep_stale_temps(run)  # half-written checkpoints of a killed earlier try (a dead writer's only)
     if data is None:
         raise DeepLenseError("train: no dataset given")
+    return _run(config, data, run, None, (world, rank, dev), split=split, **options)
+
+
+def resume(run: str | os.PathLike, data: str | os.PathLike | None = None, *, device: str | None = None,
+           precision: str | None = None, **options) -> dict:
+    """Continue the run in folder ``run`` after its last finished epoch, with the settings it started with (from
+    ``run/last.pt``); return :func:`train`'s summary. ``data`` may replace the dataset path the run recorded (a
+    moved copy: the recorded listings and pixels are still checked); ``precision`` may change how it computes (the
+    history then mixes precisions; ``config.json`` records each call's). ``options``: as :func:`train`'s."""
+    world, rank, dev = _start_processes(device)
+    run = Path(run)
+    if not (run / "last.pt").is_file() and (run / "config.json").is_file():
+        done = read_jsonl(run / "history.jsonl")
+        if done or (run / "best.pt").exists():
+            raise DeepLenseError(f"{run / 'last.pt'}: missing (deleted?), but the run finished "
+                                 f"{len(done)} epoch(s): it cannot be resumed without it; its best.pt still "
+                                 f"evaluates, and a new run needs another --out")
+        raise DeepLenseError(f"{run / 'last.pt'}: not there: the run stopped before it finished its first epoch; "
+                             f"start it again with `train --out {run}` and the same options")
+    ckpt = load_checkpoint(run / "last.pt", map_location="cpu")
+    if rank == 0:
+        sweep_stale_temps(run, all_of_them=True)  # half-written checkpoints of the killed process
+    config = config_of(ckpt, run / "last.pt")
+    if precision is not None:
+        config = config.replace(precision=precision)
+    if rank == 0:
+        options.get("log", print)(f"resuming {run} after epoch {ckpt['epoch']} of {config.epochs}")
+    return _run(config, data or ckpt["data"]["root"], run, ckpt, (world, rank, dev), **options)
+
+
+def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tuple, *, progress: bool = True,
+         allow_pickle: bool = False, stop_after_epoch: int | None = None, split: ProtocolSplit | None = None,
+         compile_model: bool = False, log=print) -> dict:
+    """The one training loop of :func:`train` (``ckpt`` None) and :func:`resume` (``ckpt``: the run's last.pt)."""
+    world, rank, dev = processes
+    say = log if rank == 0 else (lambda *a, **k: None)
     plan = plan_for(dev, config.precision)  # a precision the device cannot do is refused before any work
 
     if world > 1 and rank > 0:
@@ -122,11 +144,7 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
     scaler = plan.grad_scaler()
     start, best_metric, best_epoch, history = 1, -math.inf, 0, []
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start, best_metric, best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
+        start, best_metric, best_epoch = restore_training_state(ckpt, opt, sched, scaler)
         history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
         if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
                 ckpt["epoch"]:
@@ -134,7 +152,7 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
 
     # one process writes a run folder at a time (a second train on the same --out stops with one line)
     with folder_lock(run, "a training run") if rank == 0 else contextlib.nullcontext():
-        if rank == 0 and resume is None and ((run / "last.pt").exists() or _results_in(run)):
+        if rank == 0 and ckpt is None and ((run / "last.pt").exists() or _results_in(run)):
             raise DeepLenseError(f"{run}: another run wrote its results there meanwhile; use another --out")
         stamp = {"classes": list(CLASSES), "weights": weights_info, "data": data_info, "versions": versions(),
                  "device": str(dev)}
@@ -160,7 +178,7 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
                                      f"--lr (now {config.lr:g}) and start again; the epochs before it are kept")
             rec.update(_validate_on_rank0(model, placed, y_sel, config, rank, world))
             history.append(rec)
-            score = rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
+            score = selection_score(rec, config)
             improved = score > best_metric
             if improved:
                 best_metric, best_epoch = score, epoch
@@ -168,12 +186,10 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
                 f"val acc {rec['val_accuracy']:.4f}, val macro AUC {rec['val_macro_auc'] or float('nan'):.4f}, "
                 f"{rec['train_images_per_s']:.1f} img/s" + (" *best*" if improved else ""))
             if rank == 0:
-                payload = {"model": model.state_dict(), "config": config.to_dict(), "epoch": epoch, "metrics": rec,
-                           "best_metric": best_metric, "best_epoch": best_epoch, "format": FORMAT, **stamp}
+                payload = checkpoint_payload(model, config, epoch, rec, best_metric, best_epoch, stamp)
                 if improved:
                     save_checkpoint(run / "best.pt", payload)
-                save_checkpoint(run / "last.pt", {**payload, "optimizer": opt.state_dict(),
-                                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict()})
+                save_checkpoint(run / "last.pt", resumable(payload, opt, sched, scaler))
                 _write_history(run, history)
             if world > 1:
                 torch.distributed.barrier()
@@ -182,6 +198,12 @@ def train(config: TrainConfig | None, data: str | os.PathLike | None, out: str |
         return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
                 "weights": weights_info, "device": str(dev), "precision": plan.precision, "rank": rank,
                 "config": config.to_dict()}
+
+
+def selection_score(rec: dict, config: TrainConfig) -> float:
+    """What chooses ``best.pt`` from an epoch's record: its selection accuracy or macro AUC (-1 where the AUC is
+    undefined, e.g. a selection set missing a class)."""
+    return rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
 
 
 def _results_in(run: Path) -> list[str]:
