@@ -497,3 +497,18 @@ def test_benchmark_is_realistic_with_stronger_substructure():
     assert p.subhalo_masses.min() >= lo and p.subhalo_masses.max() <= hi
     same = simulate_image(REAL, 7, "val", "no", 3)[0]
     np.testing.assert_array_equal(same, simulate_image(bench, 7, "val", "no", 3)[0])  # no substructure: same image
+
+
+def test_the_default_sets_cache_is_keyed_by_the_presets_settings(monkeypatch):
+    """A preset changed by an update (as `realistic` was when it was fitted to real files) must not reuse the images
+    an older version cached under the same preset name and seed."""
+    import deeplense.simulate as sim
+
+    first = sim.default_simulated_dataset(seed=0, train_per_class=1, val_per_class=1, workers=1, progress=False)
+    assert (first / "manifest.csv").exists()
+    assert sim.default_simulated_dataset(seed=0, train_per_class=1, val_per_class=1, progress=False) == first
+    real = sim.SimulationConfig.from_preset
+    monkeypatch.setattr(sim.SimulationConfig, "from_preset",
+                        classmethod(lambda cls, name: real(name).replace(psf_fwhm_arcsec=0.3)))
+    changed = sim.default_simulated_dataset(seed=0, train_per_class=1, val_per_class=1, workers=1, progress=False)
+    assert changed != first and (changed / "manifest.csv").exists()

@@ -21,6 +21,7 @@ Every random draw of image ``index`` of ``(split, class)`` comes from a generato
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -791,9 +792,12 @@ def default_simulated_dataset(seed: int = 0, train_per_class: int | None = None,
     train_per_class = SCALES["demo"].sim_train_per_class if train_per_class is None else train_per_class
     val_per_class = SCALES["demo"].sim_val_per_class if val_per_class is None else val_per_class
 
-    out = cache_dir() / "simulated" / f"{DEFAULT_PRESET}-seed{seed}-train{train_per_class}-val{val_per_class}"
+    config = SimulationConfig.from_preset(DEFAULT_PRESET)
+    # the settings' digest in the name: a preset changed by an update gets a new set, never the old images
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{DEFAULT_PRESET}-{digest}-seed{seed}-train{train_per_class}-val{val_per_class}"
+    out = cache_dir() / "simulated" / name
     if not (out / "manifest.csv").exists():
         simulate_dataset(out, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed,
-                         workers=workers or max(1, os.cpu_count() or 1), progress=progress,
-                         config=SimulationConfig.from_preset(DEFAULT_PRESET))
+                         workers=workers or max(1, os.cpu_count() or 1), progress=progress, config=config)
     return out
