@@ -4,11 +4,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-full bench-gpu bench-archs study realism mutants clean-cache help
+.PHONY: demo test test-fast lint bench bench-full bench-gpu bench-archs study realism mutants clean-cache help
 
 help:
 	@echo "make demo   - set up .venv, then run the notebook (simulated data unless DEEPLENSE_DATA is set)"
 	@echo "make test   - set up .venv, then ruff and pytest"
+	@echo "make test-fast - ruff and the tests not marked slow (under a minute on 2 cores): the edit loop"
 	@echo "make bench  - quick benchmarks (see benchmarks/README.md)"
 	@echo "make bench-gpu - the GPU benchmarks (about 4 minutes on one H100; prints a skip line without CUDA)"
 	@echo "make bench-archs - parameters and CPU speed of every --arch; fills README.md's arch table (minutes)"
@@ -34,6 +35,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

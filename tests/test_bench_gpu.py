@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import deeplense.engine as engine
@@ -35,6 +36,7 @@ def test_the_gpu_benchmark_times_the_engines_own_step(monkeypatch):
     assert calls == [(4, "d4", True)] * timed + [(4, "none", False)] * timed
 
 
+@pytest.mark.slow
 def test_without_cuda_it_says_skipped_and_needs_no_install():
     """The GPU node has its own torch and no package registry: the script runs from the checkout alone."""
     root = BENCH.parent

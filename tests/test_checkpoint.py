@@ -12,6 +12,7 @@ from deeplense.testing import FAST, TouchOnLoad, quiet
 from deeplense.train import train
 
 
+@pytest.mark.slow
 def test_bad_checkpoints(small, tmp_path, capsys):
     run = tmp_path / "run"
     train(recipe("default", epochs=1, **FAST), small, run, progress=False, log=lambda *a: None)
@@ -27,6 +28,7 @@ def test_bad_checkpoints(small, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(tmp_path / "sd.pt"), str(small)]) == 2
     assert "not a deeplense checkpoint" in capsys.readouterr().err
 
+@pytest.mark.slow
 def test_checkpoint_with_code_is_refused_without_running_it(small, tmp_path, capsys):
     run = tmp_path / "run"
     train(recipe("default", epochs=1, **FAST), small, run, **quiet())
@@ -46,6 +48,7 @@ def test_checkpoint_with_code_is_refused_without_running_it(small, tmp_path, cap
     ("string_config", "unusable training config in the checkpoint"),
     ("bad_value_config", "unusable training config in the checkpoint"),
 ])
+@pytest.mark.slow
 def test_loadable_but_unfit_checkpoints_are_one_line(small, tmp_path, capsys, damage, expected):
     run = tmp_path / "run"
     train(recipe("default", epochs=1, **FAST), small, run, **quiet())

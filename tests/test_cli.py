@@ -108,6 +108,7 @@ def test_arguments_are_checked_before_any_work(argv, expected, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []  # nothing simulated or created (timed nowhere: tests check behaviour)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, sig):
     """What `timeout`, `kill`, `docker stop` and a queue's time limit send (SIGTERM), and what closing the terminal
@@ -175,6 +176,7 @@ def test_a_new_run_sweeps_dead_writers_temp_files_and_says_how_to_resume(small, 
                    f"{tmp_path / 'r2'}`"]
 
 
+@pytest.mark.slow
 def test_messages_say_what_is_true(small, tmp_path):
     """A finished run whose last.pt was deleted is not "stopped before its first epoch"; a pixel just above 1 is
     printed with enough digits to see it (issue 22, item 9)."""

@@ -129,6 +129,7 @@ def test_a_cuda_ordinal_that_does_not_exist_is_one_line_exit_2(monkeypatch, smal
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_fp16_scaler_branch_trains_and_is_saved(monkeypatch, small, tmp_path):
     """The fp16 + GradScaler path (old GPUs) runs end to end, here on the CPU's fp16 autocast: the scaler is
     the plan's, it scales the loss, and the checkpoint keeps its state for a resume."""
@@ -172,6 +173,7 @@ def test_cpu_bf16_only_where_native(monkeypatch):
     assert plan_for("cpu").precision == "fp32"  # opt-in: auto stays fp32 until measured to keep accuracy
 
 
+@pytest.mark.slow
 def test_cpu_bf16_is_repeatable(small, tmp_path, monkeypatch):
     """Two bf16 runs on the CPU give the same weights bit for bit (as fp32 runs do)."""
     import deeplense.train as train_mod
@@ -281,6 +283,7 @@ def test_eval_batch_size_is_used_and_an_oom_halves_it_once():
                              log=said.append)
 
 
+@pytest.mark.slow
 def test_eval_batch_size_from_the_command_line(small, tmp_path, monkeypatch):
     import deeplense.evaluate as evaluate_mod
 

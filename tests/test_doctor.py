@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 
@@ -24,6 +25,7 @@ def _run(capsys, *args):
     return rc, out.strip().splitlines(), err.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_a_machine_that_works(small, capsys):
     weights = _plant_weights()
     rc, out, err = _run(capsys, "--data", str(small), "--device", "cpu", "--steps", "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from deeplense.checkpoint import load_checkpoint, model_from_checkpoint
@@ -37,6 +38,7 @@ def test_predictions_use_eval_mode(tmp_path):
     np.testing.assert_allclose(whole, eval_mode, atol=1e-6)
     assert np.abs(train_mode - eval_mode).max() > 1e-3  # the check above can tell the two modes apart
 
+@pytest.mark.slow
 def test_tta_is_the_mean_over_the_8_symmetries(small, tmp_path):
 
     run = tmp_path / "run"
@@ -57,6 +59,7 @@ def test_tta_is_the_mean_over_the_8_symmetries(small, tmp_path):
     np.testing.assert_allclose(probs[False], views[0], atol=1e-6)
     assert np.abs(probs[True] - probs[False]).max() > 1e-4  # the views disagree, so averaging changes something
 
+@pytest.mark.slow
 def test_training_batches_are_d4_augmented(small, tmp_path, monkeypatch):
     """What the network sees in training: each image once per epoch, most of them flipped or turned."""
     import deeplense.train as train_mod
@@ -87,6 +90,7 @@ def test_training_batches_are_d4_augmented(small, tmp_path, monkeypatch):
     assert sum(k != 0 for _, k in found) >= len(found) // 2  # 7 of 8 are expected to be transformed
 
 
+@pytest.mark.slow
 def test_onecycle_and_label_smoothing_reach_training(small, tmp_path, monkeypatch):
     import deeplense.engine as engine
 

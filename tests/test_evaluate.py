@@ -24,6 +24,7 @@ from deeplense.util import DeepLenseError
 def _row_keys(x) -> list[bytes]:
     return [np.ascontiguousarray(r, dtype=np.float32).tobytes() for r in np.asarray(x)]
 
+@pytest.mark.slow
 def test_selection_and_heldout_test_share_no_image(small, tmp_path, monkeypatch):
     """The images training selects on and the images evaluate reports on are disjoint and together make up val."""
     import deeplense.engine as engine
@@ -45,6 +46,7 @@ def test_selection_and_heldout_test_share_no_image(small, tmp_path, monkeypatch)
     assert not sel & test, "a held-out test image was used for model selection"
     assert sel | test == everything
 
+@pytest.mark.slow
 def test_cli_round_trip_train_evaluate_predict(small, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(small), "--out", str(run), "--epochs", "1", "--image-size", "32",
@@ -81,6 +83,7 @@ def test_cli_round_trip_train_evaluate_predict(small, tmp_path, capsys):
     assert (tmp_path / "p.csv").read_text().startswith("path,predicted,p_no,p_sphere,p_vort\n")
 
 
+@pytest.mark.slow
 def test_a_changed_val_is_refused_not_silently_resplit(small, tmp_path):
     """Two extra files in one class would shift every index: the held-out images can no longer be found, so
     evaluating (or resuming) on that val must stop rather than report on images used for selection."""
@@ -101,6 +104,7 @@ def test_a_changed_val_is_refused_not_silently_resplit(small, tmp_path):
     assert not (tmp_path / "ev3" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_clean_protocol_keeps_val_out_of_training_and_selection(small, tmp_path, monkeypatch):
     """--protocol clean: training and selection see only train images (val is not even read), the test is all of
     val, and none of the three share an image."""
@@ -146,6 +150,7 @@ def test_clean_protocol_keeps_val_out_of_training_and_selection(small, tmp_path,
     assert set(_row_keys(train_images[z["train_indices"]])) == selected
 
 
+@pytest.mark.slow
 def test_allow_changed_data_is_an_explicit_and_visible_opt_in(small, tmp_path, capsys):
     run = tmp_path / "run"
     train(recipe("default", epochs=1, **FAST), small, run, **quiet())
@@ -177,6 +182,7 @@ def test_allow_changed_data_is_an_explicit_and_visible_opt_in(small, tmp_path, c
     assert len(titles) == 3 and all("NOT a checked held-out set" in t for t in titles)
 
 
+@pytest.mark.slow
 def test_an_empty_heldout_part_is_refused_before_writing(tmp_path, capsys):
     data = write_dataset(tmp_path / "d", n_train=6, n_val=4)  # 10% of 4 rounds to 0 per class
     run = tmp_path / "run"
@@ -187,6 +193,7 @@ def test_an_empty_heldout_part_is_refused_before_writing(tmp_path, capsys):
     assert not (tmp_path / "ev").exists()
 
 
+@pytest.mark.slow
 def test_predict_names_the_image_of_another_size(small, tmp_path, capsys):
     run = tmp_path / "run"
     train(recipe("default", epochs=1, **FAST), small, run, **quiet())
@@ -205,6 +212,7 @@ def _fresh(small, tmp_path, name="data"):
     return d
 
 
+@pytest.mark.slow
 def test_a_val_that_is_train_is_refused(small, tmp_path):
     """val/ as a symbolic link to train/, as hard links to its files, or as copies of them: training under the
     reference protocol and evaluation under either protocol refuse, naming the file."""
@@ -237,6 +245,7 @@ def test_a_val_that_is_train_is_refused(small, tmp_path):
         m["provenance"]["heldout_check"]
 
 
+@pytest.mark.slow
 def test_clean_protocol_evaluation_checks_the_train_listing(small, tmp_path, capsys):
     run = tmp_path / "run"
     train(recipe("default", epochs=1, protocol="clean", **FAST), small, run, **quiet())
@@ -251,6 +260,7 @@ def test_clean_protocol_evaluation_checks_the_train_listing(small, tmp_path, cap
     assert "WARNING: NOT CHECKED" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_files_renamed_within_a_class_are_caught_by_their_pixels(small, tmp_path):
     """Swapping two val files of one class keeps every name and label (the listing) but moves a selection image
     into a held-out slot: the pixel digest recorded at training catches it; a plain copy of the data passes."""
@@ -277,6 +287,7 @@ def test_files_renamed_within_a_class_are_caught_by_their_pixels(small, tmp_path
         m["provenance"]["split_description"]
 
 
+@pytest.mark.slow
 def test_predict_output_writes_into_special_files_and_through_links(small, tmp_path):
     """`--output` that is a FIFO (or /dev/null, /dev/stdout) is written into, never replaced by a regular file; a
     symbolic link stays a link and its target gets the CSV; a long legal name works (issue 22, item 3)."""
@@ -306,6 +317,7 @@ def test_predict_output_writes_into_special_files_and_through_links(small, tmp_p
     assert long.read_text().startswith("path,predicted") and not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_selection_after_limit_and_predict_of_another_size(small, tmp_path):
     """evaluate --split selection reports on the images that chose the checkpoint (with --limit-per-class, only
     those), and predict refuses images of another size than the model was trained on (issue 22, item 8)."""
@@ -322,6 +334,7 @@ def test_selection_after_limit_and_predict_of_another_size(small, tmp_path):
         predict_files(run / "best.pt", [str(odd)], device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [False, True])
 def test_predict_csv_says_what_evaluate_computed_for_each_file(small, tmp_path, tta):
     """What `predict`'s CSV says about each file, read as a user reads it, is what `evaluate` computed for the same

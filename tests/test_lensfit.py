@@ -32,6 +32,7 @@ def test_counts_and_sky_undo_the_min_max_normalisation():
         counts_and_sky(rng.random((150, 150)))  # continuous values: no count scale
 
 
+@pytest.mark.slow
 def test_the_fit_recovers_a_simulated_lens():
     p = draw_parameters(REAL, 3, "val", "no", 2)
     x = simulate_image(REAL, 3, "val", "no", 2, dtype=np.float64)[0][0]
@@ -47,6 +48,7 @@ def test_the_fit_recovers_a_simulated_lens():
     assert fit["amp_counts"] / p.exposure_s == pytest.approx(p.value("source_amp", REAL), rel=0.1)
 
 
+@pytest.mark.slow
 def test_fit_real_lenses_writes_numbers_and_resumes(tmp_path, capsys, monkeypatch):
     import fit_real_lenses
 

@@ -93,6 +93,7 @@ def test_bootstrap_resample_aucs_equal_sklearn_with_ties(seed):
     assert micro == pytest.approx(ref["micro"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_narrows_as_n_grows():
     widths = {}
     for n in (150, 2400):
@@ -150,6 +151,7 @@ def test_paired_difference_per_seed_equals_sklearn_and_intervals_behave():
     assert zero["per_seed"] == [0.0] * 4 and zero["bootstrap_ci"] == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_no_zero_width_intervals_from_tiny_test_sets():
     """One held-out image per class: the accuracy interval uses every resample (so it is not the zero-width
     [x, x] of the 22% of resamples that hold all three classes), and the AUC intervals are not available, with

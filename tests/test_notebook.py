@@ -15,6 +15,7 @@ from deeplense.notebook import NOTEBOOK, run_notebook
 from deeplense.report import report, results_table, update_readme
 
 
+@pytest.mark.slow
 def test_notebook_executes_and_figures_are_stable(tmp_path):
     cached = hub_checkpoint_path()  # inside this test's temporary $TORCH_HOME
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +150,7 @@ def test_fresh_run_folder_removes_a_previous_run_only(tmp_path):
     assert (other / "chapter1.tex").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_notebook_runs_the_clean_protocol(tmp_path):
     run = tmp_path / "run"
     env = {"DEEPLENSE_SCALE": "tiny", "DEEPLENSE_OUTPUT": str(run), "DEEPLENSE_FIGURES": str(tmp_path / "figures"),
@@ -182,6 +184,7 @@ def test_demo_checks_out_first_and_no_readme_touches_nothing_of_the_repo(tmp_pat
     assert k["save_to"] == out / nb_mod.NOTEBOOK.name and k["env"] == {"DEEPLENSE_FIGURES": out / "figures"}
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_one_line(tmp_path):
     import nbformat
 

@@ -94,6 +94,7 @@ def test_knots_counts_separate_peaks():
     assert R.knots(_norm(blob(C, C, 4, 4))) == 1
 
 
+@pytest.mark.slow
 def test_two_sample_test_tells_apart_only_what_differs():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(30, 4)), rng.normal(size=(120, 4))
@@ -123,6 +124,7 @@ def _sim(preset, n, seed=3):
             for c in CLASSES}
 
 
+@pytest.mark.slow
 def test_realism_command_writes_numbers_and_histograms(tmp_path, capsys):
     _folder(tmp_path / "real" / "wrapper", _sim("realistic", 4, seed=1))  # class folders at any depth
     _folder(tmp_path / "sim" / "val", _sim("common_task", 4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from deeplense.metrics import compute_metrics
 from deeplense.report import findings, format_ci, results_table, update_readme
@@ -55,6 +56,7 @@ def test_update_readme_fills_only_the_marked_section(tmp_path):
     assert "old" not in text
 
 
+@pytest.mark.slow
 def test_report_refuses_predictions_from_another_evaluation(small, tmp_path):
     """metrics.json names the hash of the predictions it was computed from: a predictions.npz written by a second
     evaluation (or left by a killed one) is refused, not drawn beside the wrong numbers (issue 22, item 4)."""
@@ -79,6 +81,7 @@ def test_report_refuses_predictions_from_another_evaluation(small, tmp_path):
         report(tmp_path / "a", tmp_path / "figs2")
 
 
+@pytest.mark.slow
 def test_a_metrics_json_of_the_wrong_shape_is_one_line(small, tmp_path):
     import json
 

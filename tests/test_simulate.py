@@ -164,6 +164,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.npy"))}
 
 
+@pytest.mark.slow
 def test_dataset_workers_shards_and_resume(tmp_path):
     kw = dict(train_per_class=3, val_per_class=2, seed=4, progress=False)
     simulate_dataset(tmp_path / "one", workers=1, **kw)
@@ -245,6 +246,7 @@ def test_cli_simulate_and_bad_shard(tmp_path, capsys):
     assert "--shard K/N" in out and "--preset" in out
 
 
+@pytest.mark.slow
 def test_examples_figure(tmp_path):
     from deeplense.plots import examples_grid
 
@@ -274,6 +276,7 @@ def test_a_killed_simulation_leaves_nothing_the_rerun_keeps(tmp_path):
     assert not stale.exists() and (tmp_path / "train" / "no" / "2.npy").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_workers_give_the_same_bytes_with_either_start_method(tmp_path, monkeypatch, method):
     import multiprocessing as mp

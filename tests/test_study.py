@@ -16,6 +16,8 @@ import deeplense.model as model_mod
 from deeplense.data import CLASSES
 from deeplense.util import DeepLenseError
 
+pytestmark = pytest.mark.slow  # every test here shares a fixture that trains study runs (about 25 s)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,7 @@ from deeplense.testing import FAST, quiet, subprocess_env
 from deeplense.train import resume, train
 
 
+@pytest.mark.slow
 def test_learns_a_separable_toy_set(toy, tmp_path):
     cfg = recipe("default", epochs=3, lr=1e-3, **FAST)
     s = train(cfg, toy, tmp_path / "run", progress=False, log=lambda *a: None)
@@ -49,6 +50,7 @@ def test_learns_a_separable_toy_set(toy, tmp_path):
     assert cfg_json["data"]["n_selection"] == 36 - len(test_idx)
     assert cfg_json["data"]["n_test"] == len(test_idx) and cfg_json["data"]["heldout_test_indices"] == test_idx.tolist()
 
+@pytest.mark.slow
 def test_bitwise_repeatable_on_cpu(small, tmp_path):
     cfg = recipe("default", epochs=2, **FAST)
     a = train(cfg, small, tmp_path / "a", progress=False, log=lambda *a: None, device="cpu")
@@ -60,6 +62,7 @@ def test_bitwise_repeatable_on_cpu(small, tmp_path):
     c = train(cfg.replace(seed=1), small, tmp_path / "c", progress=False, log=lambda *a: None, device="cpu")
     assert [h["train_loss"] for h in c["history"]] != [h["train_loss"] for h in a["history"]]
 
+@pytest.mark.slow
 def test_resume_after_kill_mid_epoch(toy, tmp_path):
     """SIGKILL anywhere after the first epoch (mid-epoch or inside a checkpoint write, whatever the machine's
     speed), then --resume: the run continues from its last checkpoint with nothing lost or left behind."""
@@ -89,6 +92,7 @@ def test_resume_after_kill_mid_epoch(toy, tmp_path):
     assert best["metrics"]["val_macro_auc"] == max(h["val_macro_auc"] for h in hist)
 
 
+@pytest.mark.slow
 def test_resume_recovers_a_lost_history_line_and_sweeps_temp_files(small, tmp_path):
     run = tmp_path / "run"
     cfg = recipe("default", epochs=3, **FAST)
@@ -113,6 +117,7 @@ def test_resume_before_the_first_epoch_says_how_to_restart(small, tmp_path, caps
     assert "stopped before it finished its first epoch" in err and f"train --out {run}" in err
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(small, tmp_path):
     cfg = recipe("default", epochs=2, **FAST)
     train(cfg, small, tmp_path / "full", progress=False, log=lambda *a: None, device="cpu")
@@ -124,6 +129,7 @@ def test_resume_equals_uninterrupted(small, tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(small, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "deeplense",
@@ -156,6 +162,7 @@ def _script_selection_auc(monkeypatch, values):
 
     monkeypatch.setattr(engine, "quick_metrics", scripted)
 
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_peak_epoch_also_across_resume(small, tmp_path, monkeypatch):
     """Selection AUC 0.6, 0.9, 0.7: best.pt must be epoch 2's weights, whether or not the run was resumed."""
     cfg = recipe("default", epochs=3, **FAST)
@@ -177,6 +184,7 @@ def test_best_checkpoint_holds_the_peak_epoch_also_across_resume(small, tmp_path
     assert m["provenance"]["checkpoint_epoch"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "lensnet"])
 def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path, capsys):
     """The network is rebuilt from the checkpoint, fed the input its config records (lensnet: 1 channel, the
@@ -204,6 +212,7 @@ def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path,
     assert len(capsys.readouterr().out.strip().splitlines()) == 11
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_folder_and_no_run_over_results(small, tmp_path, capsys):
     """A second train (or evaluate) on a folder another process writes stops with one line naming that process;
     a lock left by a dead process is taken over; a new run is refused where a finished one's results lie
