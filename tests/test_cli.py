@@ -99,13 +99,17 @@ def test_a_cache_setting_that_is_a_file_is_one_line(world, cache, monkeypatch, c
     (["simulate", "--out", "{tmp}/sim", "--shard", ""], "--shard '': expected K/N"),
     (["evaluate", "--checkpoint", "{tmp}/x.pt", "--bootstrap", "-5"], "--bootstrap -5"),
 ])
-def test_arguments_are_checked_before_any_work(argv, expected, tmp_path, capsys):
+def test_arguments_are_checked_before_any_work(argv, expected, tmp_path, capsys, monkeypatch):
     """No simulation, no folder, no file before the arguments are known to be good."""
+    import deeplense.simulate as sim
+
+    work = []
+    monkeypatch.setattr(sim, "default_simulated_dataset", lambda *a, **k: work.append("simulated") or tmp_path / "x")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
-    assert list(tmp_path.iterdir()) == []  # nothing simulated or created (timed nowhere: tests check behaviour)
+    assert work == [] and list(tmp_path.iterdir()) == []  # nothing simulated, nothing created
 
 
 @pytest.mark.slow
