@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRECISIONS, RECIPES, settings
+from .config import RECIPES, cast, settings
 from .simulate import DEFAULT_PRESET, PRESET_HELP, PRESETS
 from .util import DeepLenseError
 
@@ -279,7 +279,6 @@ def _add_config_options(parser: argparse.ArgumentParser, names: tuple[str, ...])
 def _caster(name: str):
     """argparse's ``type`` for field ``name``: the config's own casting (``none`` for optional fields), its error
     as argparse's one-line usage error."""
-    from .config import cast
 
     def parse(text: str):
         try:
@@ -409,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "line per problem otherwise.")
     p.add_argument("--data", metavar="DIR", help="the dataset to check (default: none; runs would simulate one)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
-    p.add_argument("--precision", choices=PRECISIONS, help="the precision to check (default auto)")
+    _add_config_options(p, ("precision",))  # the precision to check: the same option as train's
     p.add_argument("--steps", type=int, default=3, metavar="N", help="timed training steps (default 3; 0: none)")
     p.set_defaults(func=_cmd_doctor)
 
