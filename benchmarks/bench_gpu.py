@@ -101,23 +101,27 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         emit("gpu", "skipped (no CUDA device on this machine)")
         return 0
-    import torch.nn.functional as F
-
-    from deeplense import engine
-    from deeplense.config import recipe
     from deeplense.device import pick_device
-    from deeplense.model import build_model
 
     dev = pick_device("cuda")
-    sync = synchronizer(dev)
     emit("gpu", f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     n_images = 2_000 if args.quick else 30_000
     steps = 5 if args.quick else 30
     rng = np.random.default_rng(0)
     x_all = torch.from_numpy(rng.random((min(n_images, 4_096), 1, 150, 150), dtype=np.float32))
     y_all = torch.from_numpy(rng.integers(0, 3, len(x_all)))
+    best = _bench_steps(x_all, y_all, dev, steps)
+    _bench_compile(x_all, y_all, dev, steps, best, args.no_compile)
+    _bench_reference(x_all, y_all, dev, steps, best)
+    _bench_epochs(n_images)
+    _bench_inference(x_all, dev)
+    _bench_eval_memory(x_all, dev)
+    return 0
 
-    # the engine against the model alone, at the default batch and at a card-filling one
+
+def _bench_steps(x_all, y_all, dev, steps: int) -> float:
+    """The engine's training step against the model alone, at the default batch and a card-filling one; cuDNN's
+    autotuner on against off. Returns the engine's images/s at batch 256."""
     for batch in (64, 256):
         ours, alone, precision = engine_step_rate(x_all, y_all, dev, batch, steps)
         emit(f"gpu_train_step_b{batch}", f"{ours:.0f} img/s (engine.train_step, 224 px, D4 on the device, "
@@ -128,10 +132,13 @@ def main(argv=None) -> int:
     off, _, _ = engine_step_rate(x_all, y_all, dev, 256, steps, benchmark=False)
     emit("gpu_cudnn_benchmark", f"{best:.0f} img/s on, ratio {best / off:.3f} vs off {off:.0f} img/s (batch 256)",
          value=best, unit="img/s", ratio=best / off)
+    return best
 
-    # torch.compile
+
+def _bench_compile(x_all, y_all, dev, steps: int, best: float, skip: bool) -> None:
+    """torch.compile's training step against eager."""
     t0 = time.perf_counter()
-    if args.no_compile:
+    if skip:
         emit("gpu_compile", "skipped (--no-compile)")
     else:
         try:
@@ -142,7 +149,15 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - report, do not stop the other figures
             emit("gpu_compile", f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
 
-    # the reference solution's pipeline: enough batches that the prefetched ones are used up before the timing
+
+def _bench_reference(x_all, y_all, dev, steps: int, best: float) -> None:
+    """The reference solution's pipeline (PIL transforms in DataLoader workers, fp32, SGD) against the engine."""
+    import torch
+    import torch.nn.functional as F
+
+    from deeplense.model import build_model
+
+    sync = synchronizer(dev)
     workers = cpu_workers()
     prefetched = 2 * workers + 1  # DataLoader's prefetch_factor 2 per worker, and the first batch
     n_batches = prefetched + steps
@@ -179,7 +194,10 @@ def main(argv=None) -> int:
          f"pipeline {reference:.0f} img/s (PIL DataLoader, {workers} workers, {steps} batches timed after "
          f"{prefetched} prefetched, fp32, SGD)", value=best, unit="img/s", ratio=best / reference, goal=">= 3")
 
-    # full-scale epochs end to end, through the real train() on a dataset of the official size
+
+def _bench_epochs(n_images: int) -> None:
+    """Full-scale epochs end to end, through the real train() on a dataset of the official size."""
+    from deeplense.config import recipe
     from deeplense.testing import write_dataset
     from deeplense.train import train
 
@@ -204,7 +222,16 @@ def main(argv=None) -> int:
              f"{total:.0f} s; the goal is for one H100)", value=(total + 18 * per_epoch) / 60, unit="min",
              goal="<= 3", on="value")
 
-    # evaluation
+
+def _bench_inference(x_all, dev) -> None:
+    """Prediction images/s, with and without 8-way TTA."""
+    import torch
+
+    from deeplense import engine
+    from deeplense.config import recipe
+    from deeplense.model import build_model
+
+    sync = synchronizer(dev)
     cfg = recipe("default", weights="none")
     model = build_model("none")[0].to(dev, memory_format=torch.channels_last).eval()
     xe = x_all[:2048]
@@ -216,8 +243,15 @@ def main(argv=None) -> int:
          f"{rates[False] / rates[True]:.2f} (expected about 8)", value=rates[False], unit="img/s",
          ratio=rates[False] / rates[True])
 
-    # peak memory of validation at batch 1024, measured against the estimate the memory plan budgets with
+
+def _bench_eval_memory(x_all, dev) -> None:
+    """Peak memory of validation at batch 1024, against the estimate the memory plan budgets with."""
+    import torch
+
+    from deeplense import engine
+    from deeplense.config import recipe
     from deeplense.device import activation_bytes
+    from deeplense.model import build_model
 
     for arch in ("resnet34", "resnet50", "efficientnet_b3"):
         cfg = recipe("default", weights="none", arch=arch, eval_batch_size=1024)
@@ -235,7 +269,6 @@ def main(argv=None) -> int:
              unit="GB", ratio=peak / estimate, goal="<= 1")
         del net, xm
         torch.cuda.empty_cache()
-    return 0
 
 
 if __name__ == "__main__":

@@ -129,7 +129,17 @@ def test_resolve_gives_one_frozen_config_from_cell_environment_and_scale(monkeyp
     monkeypatch.setenv("DEEPLENSE_TTA", "off")
     assert resolve(_cell_values(SCALE="demo", DEVICE="cpu"))[1].tta is False
     monkeypatch.setenv("DEEPLENSE_TTA", "maybe")
-    with pytest.raises(Exception, match="DEEPLENSE_TTA='maybe': expected true or false"):
+    with pytest.raises(Exception, match="tta=.maybe. is not true or false"):
+        resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
+    monkeypatch.delenv("DEEPLENSE_TTA")
+    # the run's own parameters are cast as the training config's are: "40" is 40, a word is a named error
+    monkeypatch.setenv("DEEPLENSE_SIM_TRAIN_PER_CLASS", "40")
+    assert resolve(_cell_values(SCALE="demo", DEVICE="cpu"))[1].sim_train_per_class == 40
+    monkeypatch.setenv("DEEPLENSE_SIM_TRAIN_PER_CLASS", "forty")
+    with pytest.raises(Exception, match="notebook parameters: sim_train_per_class='forty' is not a valid int"):
+        resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
+    monkeypatch.setenv("DEEPLENSE_SIM_TRAIN_PER_CLASS", "0")
+    with pytest.raises(Exception, match="must be at least 1"):
         resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
 
 

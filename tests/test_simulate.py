@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import filecmp
 import os
 import subprocess
@@ -25,6 +26,7 @@ from deeplense.simulate import (
     simulate_image,
     source_kwargs,
 )
+from deeplense.util import DeepLenseError
 
 CFG = SimulationConfig()
 
@@ -515,3 +517,46 @@ def test_the_default_sets_cache_is_keyed_by_the_presets_settings(monkeypatch):
                         classmethod(lambda cls, name: real(name).replace(psf_fwhm_arcsec=0.3)))
     changed = sim.default_simulated_dataset(seed=0, train_per_class=1, val_per_class=1, workers=1, progress=False)
     assert changed != first and (changed / "manifest.csv").exists()
+
+
+EVERY_VARIATION = dict(vortex_mass_range_msun=(1e10, 5e10), lens_ellipticity_range=(0.0, 0.2), lens_axis_deg=10.0,
+                       lens_axis_scatter_deg=3.0, shear_range=(0, 0.1), source_ellipticity_range=(0, 0.3),
+                       sky_rate_range=(0.001, 0.002), n_subhalos_range=(3, 9), source_radius_max_arcsec=0.3)
+
+
+def test_variation_table_draws_what_the_simulator_drew_before_it():
+    # Values drawn by the chain of ifs that VARIATION replaced (same seed, every row turned on): the table must draw
+    # in the same order from the same generator, or every preset's bytes change. numpy's generator is the same on
+    # every platform, so these are exact up to float formatting.
+    from deeplense.simulate import VARIATION
+
+    cfg = SimulationConfig.from_preset("benchmark_v1").replace(**EVERY_VARIATION)
+    p = draw_parameters(cfg, 3, "val", "vort", 1)
+    before = {"lens_mass_msun": 1025630544820.4844, "lens_e1": 0.182275993, "lens_e2": 0.042018634,
+              "shear_gamma1": -0.002507469, "shear_gamma2": 0.035348608, "source_R_sersic_arcsec": 0.983514625,
+              "source_n_sersic": 2.034096765, "source_e1": 0.090731192, "source_e2": -0.031616702,
+              "source_amp": 30.885141881, "background_rms": 0.009789134, "vortex_mass_msun": 29676323575.974464,
+              "sky_rate": 0.001258923}
+    assert p.drawn == pytest.approx(before, rel=1e-8, abs=1e-9)
+    assert (p.source_x, p.source_y) == pytest.approx((-0.022392288, -0.019228492), abs=1e-9)
+    sphere = draw_parameters(cfg, 3, "val", "sphere", 1)
+    assert len(sphere.subhalo_masses) == 5 and "vortex_mass_msun" not in sphere.drawn  # a vort-only row
+    names = {f.name for f in dataclasses.fields(SimulationConfig)}
+    for row in VARIATION:  # each row is turned on by a setting and sets settings (or the source position)
+        assert row.setting in names and set(row.sets) <= names | {"source_radius"}, row
+
+
+def test_simulation_config_is_cast_and_checked_as_the_training_config_is():
+    # a config read back from simulation.json (lists, strings) is the config it was written from
+    import json
+
+    cfg = SimulationConfig.from_preset("realistic")
+    back = SimulationConfig(**json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and isinstance(back.log10_exposure_s, tuple)
+    assert SimulationConfig(num_pix="64", sky_rate_range="0.1,0.2").sky_rate_range == (0.1, 0.2)
+    with pytest.raises(DeepLenseError, match="simulation config: noise_model must be one of deeplense, counts"):
+        SimulationConfig(noise_model="gauss")
+    with pytest.raises(DeepLenseError, match="simulation config: shear_range=.*is not a pair of floats"):
+        SimulationConfig(shear_range=(0.1, 0.2, 0.3))
+    with pytest.raises(DeepLenseError, match="double_poisson='maybe' is not true or false"):
+        SimulationConfig(double_poisson="maybe")

@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import RECIPES, cast, settings
-from .simulate import DEFAULT_PRESET, PRESET_HELP, PRESETS
+from .config import EVAL_SPLITS, RECIPES, cast, settings
+from .simulate import DEFAULT_PRESET, DISTANCE_CONVENTIONS, PRESET_HELP, PRESETS
 from .util import DeepLenseError
 
 
@@ -303,7 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "vort (axion-like vortex).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # options several jobs share, declared once
+    shared = _shared_options()
+    for add in (_add_inspect, _add_simulate, _add_train, _add_evaluate, _add_predict, _add_report, _add_doctor,
+                _add_realism, _add_demo):
+        add(sub, shared)
+    return parser
+
+
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """The options several commands share, declared once, as argparse parents."""
     pickle = argparse.ArgumentParser(add_help=False)
     pickle.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled object arrays (Model I sets); pickles can run code: trusted files only")
@@ -319,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     tta = argparse.ArgumentParser(add_help=False)
     tta.add_argument("--tta", action="store_true", help="average over the 8 D4 flips/rotations")
 
-    p = sub.add_parser("inspect", parents=[pickle], help="validate a dataset, build its cache, print counts, "
+    return {"pickle": pickle, "data": data, "recorded_data": recorded_data, "device": device, "tta": tta}
+
+
+def _add_inspect(sub, shared: dict) -> None:
+    p = sub.add_parser("inspect", parents=[shared["pickle"]], help="validate a dataset, build its cache, print counts, "
                                                          "shape and range",
                        description="Find the dataset under DIR, validate every file of both splits, build the "
                                    "load cache ($DEEPLENSE_CACHE), and print the resolved root, counts per split "
@@ -327,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder or any wrapper above it")
     p.set_defaults(func=_cmd_inspect)
 
+
+def _add_simulate(sub, shared: dict) -> None:
     p = sub.add_parser("simulate", help="write a simulated dataset in the official layout (lenstronomy)",
                        description="Simulate strong-lensing images with lenstronomy and write "
                                    "OUT/{train,val}/{no,sphere,vort}/<i>.npy plus OUT/manifest.csv. Finished "
@@ -337,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="master seed; same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="worker processes (default 1)")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=_preset_help())
-    p.add_argument("--distance-convention", choices=["deeplense", "angular"], default=None,
+    p.add_argument("--distance-convention", choices=DISTANCE_CONVENTIONS, default=None,
                    help="Einstein radius from luminosity distances with D_ls = D_s - D_l (deeplense, the "
                         "DeepLenseSim convention, default) or from angular-diameter distances (angular)")
     p.add_argument("--figure", metavar="STEM",
@@ -346,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write only images whose position in (split, class, index) order is K mod N")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("train", parents=[data, device],
+
+def _add_train(sub, shared: dict) -> None:
+    p = sub.add_parser("train", parents=[shared["data"], shared["device"]],
                        help="train a network (ResNet34 by default; recipes: default, reference); resumable",
                        description="Train on train/, select the checkpoint on the 90% model-selection part of "
                                    "val/, never touch the held-out 10% (--protocol clean: select on 10% of train, "
@@ -366,14 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end this job after epoch E (the schedule still spans all epochs); --resume continues")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", parents=[recorded_data, device, tta],
+
+def _add_evaluate(sub, shared: dict) -> None:
+    p = sub.add_parser("evaluate", parents=[shared["recorded_data"], shared["device"], shared["tta"]],
                        help="metrics.json and predictions.npz on the held-out test set",
                        description="Evaluate a checkpoint on its test images (--split test: the held-out part of "
                                    "val the checkpoint recorded, or all of val under the clean protocol) or on the "
                                    "images that chose it (--split selection).")
     p.add_argument("--checkpoint", required=True, metavar="RUN/best.pt")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
-    p.add_argument("--split", default="test", choices=["test", "selection", "val"],
+    p.add_argument("--split", default="test", choices=EVAL_SPLITS,
                    help="test (default): the held-out part of val; selection (alias val): the part that chose "
                         "the checkpoint")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
@@ -383,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a held-out test (metrics.json, tables, figure titles)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", parents=[pickle, device, tta],
+
+def _add_predict(sub, shared: dict) -> None:
+    p = sub.add_parser("predict", parents=[shared["pickle"], shared["device"], shared["tta"]],
                        help="classify .npy files; CSV path,predicted,p_no,p_sphere,p_vort",
                        description="Classify each FILE (or every .npy under each folder).")
     p.add_argument("--checkpoint", required=True, metavar="PATH")
@@ -391,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="preds.csv", help="write here instead of stdout")
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_report(sub, shared: dict) -> None:
     p = sub.add_parser("report", help="redraw every figure from metrics.json, predictions.npz, history.jsonl",
                        description="Redraw the ROC (per class, macro/micro average), confusion-matrix and "
                                    "training-curve figures of RUN without the model.")
@@ -398,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", metavar="DIR", help="where to write PNG and PDF files (default RUN/figures)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("doctor", parents=[pickle],
+
+def _add_doctor(sub, shared: dict) -> None:
+    p = sub.add_parser("doctor", parents=[shared["pickle"]],
                        help="check this machine: device, precision, memory, weights, data, disk, a few real steps",
                        description="Print what the project will do on this machine: versions; the device and why; "
                                    "the precision path; free memory and the data residency and validation batch it "
@@ -412,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, metavar="N", help="timed training steps (default 3; 0: none)")
     p.set_defaults(func=_cmd_doctor)
 
+
+def _add_realism(sub, shared: dict) -> None:
     p = sub.add_parser("realism", help="how close simulated images are to real ones: statistics and a two-sample test",
                        description="Compute per-image statistics (python -m deeplense realism --list says each "
                                    "one's formula) of the real images under --real and of a simulated set (--data, or "
@@ -435,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "each statistic to FILE (the tests' realism targets)")
     p.set_defaults(func=_cmd_realism)
 
+
+def _add_demo(sub, shared: dict) -> None:
     p = sub.add_parser("demo", help="execute the notebook end to end (what `make demo` runs)",
                        description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place (with "
                                    "--no-readme: into OUT/), then copy its results table into README.md. "
@@ -445,7 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave README.md, images/ and the committed notebook alone: the figures go to OUT/figures and "
                         "the executed notebook to OUT/")
     p.set_defaults(func=_cmd_demo)
-    return parser
 
 
 class Terminated(KeyboardInterrupt):

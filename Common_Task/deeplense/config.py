@@ -15,6 +15,10 @@ from .util import DeepLenseError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """``precision`` choices (what each means on which device: :mod:`deeplense.device`)."""
 
+EVAL_SPLITS = ("test", "selection", "val")
+"""What ``evaluate --split`` can report on: the run's held-out test, or the images that selected the checkpoint
+(``val`` is their old name)."""
+
 ARCHS = ("resnet34", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "lensnet")
 """The networks (deeplense.model): torchvision's, which take 3 channels, and ``lensnet``, which takes 1 at the
 native size."""
@@ -87,11 +91,8 @@ class TrainConfig:
                               "is recorded in config.json (execution.precision)", PRECISIONS)
 
     def __post_init__(self):
-        for f in fields(self):  # values straight from a constructor call or a checkpoint get the same casting
-            object.__setattr__(self, f.name, cast(f.name, getattr(self, f.name)))
-        checks = [(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}")
-                  for name, allowed in choices().items()]
-        checks += [
+        check_fields(self, "training config")  # cast every value to its field's type; named settings checked
+        checks = [
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.arch != "lensnet" or (self.resize_then_crop is None and self.image_size == (self.crop or 150)),
              "lensnet takes the native pixels: image_size must equal the crop (or 150) and resize_then_crop none"),
@@ -112,7 +113,7 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         """A copy with ``changes`` applied. Each value is cast to its field's type (``"64"`` -> 64); ``None``
         or ``"none"`` sets a field that may be None (``crop``, ``resize_then_crop``, ``limit_per_class``)."""
-        unknown = sorted(set(changes) - set(_field_types()))
+        unknown = sorted(set(changes) - set(field_types(TrainConfig)))
         if unknown:
             raise DeepLenseError(f"training config: unknown setting(s) {', '.join(unknown)}")
         return replace(self, **changes)
@@ -120,7 +121,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """The config stored in ``config.json`` or a checkpoint (keys this version does not know are ignored)."""
-        names = _field_types()
+        names = field_types(cls)
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
@@ -163,15 +164,68 @@ class TrainConfig:
 
 
 @cache
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """``{name: (type, may_be_none)}`` for every field of :class:`TrainConfig`."""
-    hints = typing.get_type_hints(TrainConfig)
+def field_types(cls) -> dict[str, tuple[object, bool]]:
+    """``{name: (type, may_be_none)}`` for every field of the dataclass ``cls`` (:class:`TrainConfig`,
+    :class:`~deeplense.simulate.SimulationConfig`, :class:`~deeplense.notebook.RunSpec`)."""
+    hints = typing.get_type_hints(cls)
     out = {}
-    for f in fields(TrainConfig):
-        args = typing.get_args(hints[f.name])
+    for f in fields(cls):
+        args = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is not tuple else ()
         base = next((a for a in args if a is not type(None)), None) if args else hints[f.name]
         out[f.name] = (base, type(None) in args)
     return out
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _cast_to(base, value):
+    """``value`` as ``base`` (int, float, str, bool or ``tuple[T, ...]``), or ValueError."""
+    if typing.get_origin(base) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        kinds = typing.get_args(base)
+        if not isinstance(items, (list, tuple)) or len(items) != len(kinds):
+            raise ValueError
+        return tuple(_cast_to(k, v) for k, v in zip(kinds, items, strict=True))
+    if base is bool and not isinstance(value, bool):
+        word = str(value).strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError
+        return word in _TRUE
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    if base is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return base(value)
+
+
+def cast(name: str, value, cls=None, label: str = "training config"):
+    """``value`` as field ``name``'s type in ``cls`` (default :class:`TrainConfig`): strings from the command line
+    or the environment are parsed (``"64"``, ``"none"``, ``"true"``, ``"0.1,0.2"`` for a pair)."""
+    base, optional = field_types(cls or TrainConfig)[name]
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise DeepLenseError(f"{label}: {name} cannot be none")
+    try:
+        return _cast_to(base, value)
+    except (TypeError, ValueError):
+        kind = getattr(base, "__name__", None) if typing.get_origin(base) is not tuple else None
+        what = {"bool": "true or false"}.get(kind, kind and f"a valid {kind}") or \
+            f"a pair of {typing.get_args(base)[0].__name__}s"
+        raise DeepLenseError(f"{label}: {name}={value!r} is not {what}") from None
+
+
+def check_fields(obj, label: str) -> None:
+    """Cast every field of the frozen dataclass ``obj`` to its type (values from a constructor call, a JSON file or
+    the environment are treated alike) and check the named ones against their ``choices`` metadata: the one way
+    :class:`TrainConfig`, ``SimulationConfig`` and ``RunSpec`` are validated."""
+    for f in fields(obj):
+        value = cast(f.name, getattr(obj, f.name), type(obj), label)
+        object.__setattr__(obj, f.name, value)
+        allowed = f.metadata.get("choices")
+        if allowed and value not in allowed:
+            raise DeepLenseError(f"{label}: {f.name} must be one of {', '.join(allowed)}")
 
 
 @cache
@@ -182,25 +236,8 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 def settings() -> list[tuple[str, type, bool, str, tuple[str, ...] | None]]:
     """``(name, type, may_be_none, help, choices)`` of every field, in order: what the command line is built from."""
-    types = _field_types()
+    types = field_types(TrainConfig)
     return [(f.name, *types[f.name], f.metadata["help"], f.metadata.get("choices")) for f in fields(TrainConfig)]
-
-
-def cast(name: str, value):
-    """``value`` as field ``name``'s type: strings from the command line or the environment are parsed."""
-    base, optional = _field_types()[name]
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise DeepLenseError(f"training config: {name} cannot be none")
-    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
-        return value
-    try:
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return base(value)
-    except (TypeError, ValueError):
-        raise DeepLenseError(f"training config: {name}={value!r} is not a valid {base.__name__}") from None
 
 
 RECIPES: dict[str, TrainConfig] = {

@@ -257,6 +257,34 @@ class SplitInfo:
     inodes: tuple[tuple[int, int], ...] = ()  # (device, inode) of each file: which files are the same file
 
 
+def _stage_split(root: Path, s: str, rel, fp: str, files, first: np.ndarray, stage: list, allow_pickle: bool,
+                 progress: bool) -> None:
+    """Read every file of split ``s`` into temporary cache files, recorded in ``stage`` (``[images, labels, paths,
+    manifest]``) as they are made; nothing is renamed here (:func:`load_splits` commits every split at once)."""
+    paths = stage[2]
+    h, w = first.shape
+    paths["images"].parent.mkdir(parents=True, exist_ok=True)
+    tmp_img = paths["images"].with_name(paths["images"].name + f".{os.getpid()}.tmp")
+    stage[0] = tmp_img
+    images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float32, shape=(len(files), 1, h, w))
+    with open(tmp_img, "r+b") as fh:  # reserve the blocks now: a full disk is an error here, not a SIGBUS
+        os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    labels = np.fromiter((lab for _, lab in files), dtype=np.int64, count=len(files))
+    bar = progress_bar(files, desc=f"caching {s}", unit="img", disable=not progress, leave=False)
+    for i, (p, _lab) in enumerate(bar):
+        img = first if i == 0 else read_image(p, allow_pickle=allow_pickle, name=_display(p, root))
+        if img.shape != (h, w):
+            raise _odd_shape(files, i, img.shape, (h, w), root, allow_pickle)
+        images[i, 0] = img
+    images.flush()
+    del images
+    tmp_lab = paths["labels"].with_name(paths["labels"].name + f".{os.getpid()}.tmp.npy")
+    np.save(tmp_lab, labels)
+    stage[1] = tmp_lab
+    stage[3] = {"format": CACHE_FORMAT, "root": str(root), "split": s, "n": len(rel), "shape": [len(rel), 1, h, w],
+                "classes": list(CLASSES), "fingerprint": fp, "allow_pickle": allow_pickle, "files": rel}
+
+
 def load_splits(
     root: str | os.PathLike,
     splits: tuple[str, ...] = SPLITS,
@@ -291,31 +319,8 @@ def load_splits(
         _check_space(sum(len(listed[s]) * firsts[s].size * 4 for s in firsts))
     try:
         for s, rel, fp, paths in to_build:
-            files = listed[s]
-            first = firsts[s]
-            h, w = first.shape
-            paths["images"].parent.mkdir(parents=True, exist_ok=True)
-            tmp_img = paths["images"].with_name(paths["images"].name + f".{os.getpid()}.tmp")
-            staged.append([tmp_img, None, paths, None])
-            images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float32, shape=(len(files), 1, h, w))
-            with open(tmp_img, "r+b") as fh:  # reserve the blocks now: a full disk is an error here, not a SIGBUS
-                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
-            labels = np.fromiter((lab for _, lab in files), dtype=np.int64, count=len(files))
-            bar = progress_bar(files, desc=f"caching {s}", unit="img", disable=not progress, leave=False)
-            for i, (p, _lab) in enumerate(bar):
-                name = _display(p, root)
-                img = first if i == 0 else read_image(p, allow_pickle=allow_pickle, name=name)
-                if img.shape != (h, w):
-                    raise _odd_shape(files, i, img.shape, (h, w), root, allow_pickle)
-                images[i, 0] = img
-            images.flush()
-            del images
-            tmp_lab = paths["labels"].with_name(paths["labels"].name + f".{os.getpid()}.tmp.npy")
-            np.save(tmp_lab, labels)
-            staged[-1][1] = tmp_lab
-            staged[-1][3] = {"format": CACHE_FORMAT, "root": str(root), "split": s, "n": len(rel),
-                             "shape": [len(rel), 1, h, w], "classes": list(CLASSES), "fingerprint": fp,
-                             "allow_pickle": allow_pickle, "files": rel}
+            staged.append([None, None, paths, None])  # filled in as the files appear, so a failure removes them
+            _stage_split(root, s, rel, fp, listed[s], firsts[s], staged[-1], allow_pickle, progress)
         sizes = {**{s: tuple(out[s][0].shape[-2:]) for s in out},
                  **{m["split"]: tuple(m["shape"][-2:]) for *_, m in staged}}
         if len(set(sizes.values())) > 1:  # each split is consistent on its own: compare them
@@ -324,7 +329,8 @@ def load_splits(
                                  f"dataset has one image size")
     except BaseException as exc:
         for tmp_img, tmp_lab, _, _ in staged:
-            Path(tmp_img).unlink(missing_ok=True)
+            if tmp_img:
+                Path(tmp_img).unlink(missing_ok=True)
             if tmp_lab:
                 Path(tmp_lab).unlink(missing_ok=True)
         if isinstance(exc, OSError):  # a full disk, a read-only or vanished cache folder

@@ -49,8 +49,31 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
     build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
     say(f"versions: python {v['python']}, torch {v.get('torch')} ({build}), torchvision {v.get('torchvision')}, "
         f"numpy {v.get('numpy')}, deeplense {v.get('deeplense')}")
+    dev = _check_device(device, say, problems)
+    plan = None
+    if dev is not None:
+        try:
+            plan = plan_for(dev, precision)
+            say(f"precision: {plan.describe()}")
+        except DeepLenseError as exc:
+            problems.append(f"precision: {exc}")
+    need_cache, data_bytes = _check_data(data, allow_pickle, say, problems)
+    _check_disk(data, need_cache, say, problems)
+    _check_memory(dev, plan, data_bytes, say)
+    _check_weights(problems, say)
+    if plan is not None and steps > 0:  # a few real training steps
+        rate, err = _steps(plan, steps)
+        if err:
+            problems.append(f"speed: the training step fails on {plan.device} ({plan.precision}): {err}")
+        else:
+            size = "224 px, batch 64" if plan.kind == "cuda" else "the demo input (64 px, batch 32)"
+            say(f"speed: {rate:.1f} training images/s on {plan.device} ({plan.precision}; resnet34 at {size}; "
+                f"{steps} steps of the real engine after one warm-up)")
+    return problems
 
-    # the device, and why
+
+def _check_device(device: str | None, say, problems: list[str]):
+    """The device that would be used, and why (None when the asked-for one cannot be used)."""
     warned: list[str] = []
     try:
         dev = pick_device(device, warn=warned.append)
@@ -71,17 +94,12 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
         gpu_present_but_unusable() if dev is not None and dev.type == "cpu" else None)  # also when cpu was asked for
     if unusable:
         problems.append(f"device: {unusable}")
+    return dev
 
-    # precision
-    plan = None
-    if dev is not None:
-        try:
-            plan = plan_for(dev, precision)
-            say(f"precision: {plan.describe()}")
-        except DeepLenseError as exc:
-            problems.append(f"precision: {exc}")
 
-    # the dataset and its cache
+def _check_data(data: str | None, allow_pickle: bool, say, problems: list[str]) -> tuple[int, int]:
+    """The dataset and its cache: ``(bytes the cache still needs, bytes of the images)`` (the full-scale size when
+    no dataset is given)."""
     need_cache, data_bytes = 0, FULL_SCALE_BYTES
     if data:
         from .data import cache_state
@@ -101,8 +119,11 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
             problems.append(f"data: {exc}")
     else:
         say("data: none given (--data DIR): train and the notebook would use a simulated set")
+    return need_cache, data_bytes
 
-    # disk for the cache
+
+def _check_disk(data: str | None, need_cache: int, say, problems: list[str]) -> None:
+    """Free disk where the cache goes, against what the dataset's cache still needs."""
     folder = cache_dir()
     free_disk = shutil.disk_usage(_existing(folder)).free
     say(f"disk: {free_disk / 1e9:.1f} GB free for the cache ({folder}; DEEPLENSE_CACHE moves it)")
@@ -110,7 +131,9 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
         problems.append(f"disk: {folder}: {free_disk / 1e9:.2f} GB free, the cache of {data} needs "
                         f"{need_cache / 1e9:.2f} GB; free some space or point DEEPLENSE_CACHE at a larger disk")
 
-    # memory
+
+def _check_memory(dev, plan, data_bytes: int, say) -> None:
+    """GPU memory and what it implies (residency, validation batch), or the RAM a CPU training step needs."""
     config = recipe("default", weights="none")
     if plan is not None and plan.kind == "cuda":
         from .model import build_model
@@ -126,7 +149,9 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
             f"memory-mapped from the cache; a demo-input training step (64 px, batch 32) needs about "
             f"{per / 1e9:.2f} GB")
 
-    # weights
+
+def _check_weights(problems: list[str], say) -> None:
+    """Whether the ImageNet ResNet34 weights are in the torch hub cache."""
     from .model import hub_checkpoint_path
 
     cached = hub_checkpoint_path("resnet34")
@@ -135,17 +160,6 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
     else:
         problems.append(f"weights: no ImageNet ResNet34 weights at {cached}: training would start from random "
                         f"weights; copy {cached.name} there (TORCH_HOME sets the folder) or pass --weights FILE")
-
-    # a few real training steps
-    if plan is not None and steps > 0:
-        rate, err = _steps(plan, steps)
-        if err:
-            problems.append(f"speed: the training step fails on {plan.device} ({plan.precision}): {err}")
-        else:
-            size = "224 px, batch 64" if plan.kind == "cuda" else "the demo input (64 px, batch 32)"
-            say(f"speed: {rate:.1f} training images/s on {plan.device} ({plan.precision}; resnet34 at {size}; "
-                f"{steps} steps of the real engine after one warm-up)")
-    return problems
 
 
 def _steps(plan, steps: int) -> tuple[float, str | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
+from .config import EVAL_SPLITS
 from .data import CLASSES, SPLITS, _numeric_key, load_splits, read_image
 from .device import pick_device, plan_for
 from .engine import predict_proba
@@ -36,9 +37,9 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
     of ``val`` (clean protocol, which never trains or selects on it). ``split="selection"`` (or ``"val"``): the
     images that chose the checkpoint.
     """
-    split = "selection" if split == "val" else split
-    if split not in ("test", "selection"):
+    if split not in EVAL_SPLITS:
         raise DeepLenseError(f"--split {split}: expected test or selection")
+    split = "selection" if split == "val" else split
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     config = _for_this_run(config_of(ckpt, checkpoint), precision, eval_batch_size)

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .config import SCALES, TrainConfig, recipe
+from .config import SCALES, TrainConfig, check_fields, recipe
 from .device import pick_device, plan_for
 from .util import REPO, DeepLenseError, git_commit, hardware_name
 
@@ -34,6 +34,11 @@ class RunSpec:
     device_name: str
     tta: bool = True  # evaluate with 8-way D4 test-time averaging
     precision: str = ""  # the precision path on this device (deeplense.device.Plan.describe)
+
+    def __post_init__(self):
+        check_fields(self, "notebook parameters")  # "500" -> 500, "false" -> False, as TrainConfig's
+        if self.sim_train_per_class < 1 or self.sim_val_per_class < 1:
+            raise DeepLenseError("notebook parameters: SIM_TRAIN_PER_CLASS and SIM_VAL_PER_CLASS must be at least 1")
 
     @property
     def data_kind(self) -> str:
@@ -80,28 +85,15 @@ def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
                  if k != "RECIPE" and (given[k] is not None or k in from_env)}
     config = recipe(text("RECIPE") or "default", scale=scale_name, **overrides)
 
-    def count(k, default):
-        try:
-            return int(given[k]) if given[k] is not None else default
-        except ValueError:
-            raise DeepLenseError(f"{env_name(k)}={given[k]!r}: expected a whole number") from None
-
-    def flag(k, default):
-        v = given[k]
-        if v is None or isinstance(v, bool):
-            return default if v is None else v
-        if str(v).strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(v).strip().lower() in ("0", "false", "no", "off"):
-            return False
-        raise DeepLenseError(f"{env_name(k)}={v!r}: expected true or false")
+    def given_or(k, default):  # cast and checked by RunSpec, as TrainConfig casts the training parameters
+        return default if given[k] is None else given[k]
 
     spec = RunSpec(scale=scale_name, data=data,
-                   sim_train_per_class=count("SIM_TRAIN_PER_CLASS", scale.sim_train_per_class),
-                   sim_val_per_class=count("SIM_VAL_PER_CLASS", scale.sim_val_per_class),
+                   sim_train_per_class=given_or("SIM_TRAIN_PER_CLASS", scale.sim_train_per_class),
+                   sim_val_per_class=given_or("SIM_VAL_PER_CLASS", scale.sim_val_per_class),
                    output=str(Path(text("OUTPUT") or REPO / "demo_output").resolve()),
                    figures=str(Path(text("FIGURES") or REPO / "images").resolve()),
-                   device=str(device), device_name=hardware_name(device), tta=flag("TTA", True),
+                   device=str(device), device_name=hardware_name(device), tta=given_or("TTA", True),
                    precision=plan_for(device, config.precision).describe())
     return config, spec
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import check_fields
 from .data import CLASSES, SPLITS
 from .util import DeepLenseError, atomic_path, progress_bar, sweep_stale_temps, write_json_atomic, write_text_atomic
 
@@ -47,6 +48,7 @@ PRESETS = tuple(PRESET_HELP)
 DEFAULT_PRESET = "realistic"
 DISTANCE_CONVENTIONS = ("deeplense", "angular")
 NOISE_MODELS = ("deeplense", "counts")
+FILE_DTYPES = ("float32", "float64")
 
 
 REALISTIC = {
@@ -195,7 +197,7 @@ class SimulationConfig:
     H0: float = 70.0
     Om0: float = 0.3
     Ob0: float = 0.05
-    distance_convention: str = "deeplense"
+    distance_convention: str = field(default="deeplense", metadata={"choices": DISTANCE_CONVENTIONS})
     lens_mass_msun: float = 1e12
     lens_e1: float = 0.1
     lens_e2: float = 0.0
@@ -230,7 +232,7 @@ class SimulationConfig:
     background_rms_range: tuple[float, float] | None = None
     n_subhalos_range: tuple[int, int] | None = None
     vortex_mass_range_msun: tuple[float, float] | None = None
-    noise_model: str = "deeplense"
+    noise_model: str = field(default="deeplense", metadata={"choices": NOISE_MODELS})
     sky_rate: float = 0.0
     lens_ellipticity_range: tuple[float, float] | None = None
     lens_axis_deg: float | None = None
@@ -239,7 +241,7 @@ class SimulationConfig:
     shear_range: tuple[float, float] | None = None
     read_noise_counts: float = 0.0
     sky_rate_range: tuple[float, float] | None = None
-    file_dtype: str = "float32"
+    file_dtype: str = field(default="float32", metadata={"choices": FILE_DTYPES})
     source_ellipticity_range: tuple[float, float] | None = None
     source_axis_deg: float | None = None
     source_radius_max_arcsec: float | None = None
@@ -268,10 +270,7 @@ class SimulationConfig:
         raise DeepLenseError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
 
     def __post_init__(self):
-        if self.noise_model not in NOISE_MODELS:
-            raise DeepLenseError(f"noise_model {self.noise_model!r}: choose from {', '.join(NOISE_MODELS)}")
-        if self.file_dtype not in ("float32", "float64"):
-            raise DeepLenseError(f"file_dtype {self.file_dtype!r}: choose float32 or float64")
+        check_fields(self, "simulation config")  # cast as TrainConfig is: a JSON list becomes the tuple it was
 
     def replace(self, **changes) -> SimulationConfig:
         return replace(self, **changes)
@@ -363,6 +362,52 @@ def _log_uniform(rng: np.random.Generator, lo_hi) -> float:
     return float(10 ** rng.uniform(np.log10(lo_hi[0]), np.log10(lo_hi[1])))
 
 
+def _uniform(rng: np.random.Generator, _c, lo_hi) -> float:
+    return float(rng.uniform(*lo_hi))
+
+
+def _disc(rng: np.random.Generator, _c, radius: float) -> tuple[float, float]:
+    """A distance uniform in [0, radius] (not uniform in area) and an angle uniform in [0, 2 pi)."""
+    return rng.uniform(0, radius), rng.uniform(0, 2 * np.pi)
+
+
+@dataclass(frozen=True)
+class Variation:
+    """One setting an image may draw for itself: the :class:`SimulationConfig` field that turns it on (None: off)
+    and gives its range, the image values it sets, the sampler ``draw(rng, config, range)`` and the classes that
+    draw it."""
+
+    setting: str
+    sets: tuple[str, ...]
+    draw: object
+    classes: tuple[str, ...] = CLASSES
+
+
+def _axis(angle_field: str):
+    """A sampler of ``(m cos 2phi, m sin 2phi)`` with m in the range and phi about the config's ``angle_field``."""
+    return lambda rng, c, lo_hi: _axis_polar(rng, lo_hi, getattr(c, angle_field), c.lens_axis_scatter_deg)
+
+
+VARIATION = (
+    # In drawing order; a new row goes at the end, so that every preset before it keeps its bytes.
+    Variation("lens_mass_range_msun", ("lens_mass_msun",), lambda rng, _c, r: _log_uniform(rng, r)),
+    Variation("lens_ellipticity_max", ("lens_e1", "lens_e2"), lambda rng, _c, m: _polar(rng, m)),
+    Variation("shear_max", ("shear_gamma1", "shear_gamma2"), lambda rng, _c, m: _polar(rng, m)),
+    Variation("source_R_sersic_range_arcsec", ("source_R_sersic_arcsec",), _uniform),
+    Variation("source_n_sersic_range", ("source_n_sersic",), _uniform),
+    Variation("source_ellipticity_max", ("source_e1", "source_e2"), lambda rng, _c, m: _polar(rng, m)),
+    Variation("source_amp_range", ("source_amp",), lambda rng, _c, r: _log_uniform(rng, r)),
+    Variation("background_rms_range", ("background_rms",), _uniform),
+    Variation("vortex_mass_range_msun", ("vortex_mass_msun",), lambda rng, _c, r: _log_uniform(rng, r), ("vort",)),
+    Variation("lens_ellipticity_range", ("lens_e1", "lens_e2"), _axis("lens_axis_deg")),
+    Variation("shear_range", ("shear_gamma1", "shear_gamma2"), _axis("shear_axis_deg")),
+    Variation("sky_rate_range", ("sky_rate",), _uniform),
+    Variation("source_ellipticity_range", ("source_e1", "source_e2"), _axis("source_axis_deg")),
+    Variation("source_radius_max_arcsec", ("source_radius",), _disc),
+)
+"""The per-image variation, one row per varied setting (:attr:`SimulationConfig` documents each range)."""
+
+
 def draw_parameters(config: SimulationConfig, seed: int, split: str, cls: str, index: int,
                     rng: np.random.Generator | None = None) -> ImageParameters:
     """Draw the physical parameters of image ``index`` of ``(split, cls)``; deterministic for the seed."""
@@ -391,39 +436,15 @@ def draw_parameters(config: SimulationConfig, seed: int, split: str, cls: str, i
         m_a = 10 ** rng.uniform(*c.log10_axion_mass_ev)
         length = c.vortex_length_scale_arcsec / (2 * m_a / 1e-22)
         angle = rng.uniform(0, np.pi)
-    # per-image variation, drawn last so that presets without it keep their bytes
+    # per-image variation, drawn last (in VARIATION's order) so that presets without it keep their bytes
     v = {}
-    if c.lens_mass_range_msun is not None:
-        v["lens_mass_msun"] = _log_uniform(rng, c.lens_mass_range_msun)
-    if c.lens_ellipticity_max is not None:
-        v["lens_e1"], v["lens_e2"] = _polar(rng, c.lens_ellipticity_max)
-    if c.shear_max is not None:
-        v["shear_gamma1"], v["shear_gamma2"] = _polar(rng, c.shear_max)
-    if c.source_R_sersic_range_arcsec is not None:
-        v["source_R_sersic_arcsec"] = float(rng.uniform(*c.source_R_sersic_range_arcsec))
-    if c.source_n_sersic_range is not None:
-        v["source_n_sersic"] = float(rng.uniform(*c.source_n_sersic_range))
-    if c.source_ellipticity_max is not None:
-        v["source_e1"], v["source_e2"] = _polar(rng, c.source_ellipticity_max)
-    if c.source_amp_range is not None:
-        v["source_amp"] = _log_uniform(rng, c.source_amp_range)
-    if c.background_rms_range is not None:
-        v["background_rms"] = float(rng.uniform(*c.background_rms_range))
-    if cls == "vort" and c.vortex_mass_range_msun is not None:
-        v["vortex_mass_msun"] = _log_uniform(rng, c.vortex_mass_range_msun)
-    if c.lens_ellipticity_range is not None:  # modulus in a range, major axis near a fixed angle
-        v["lens_e1"], v["lens_e2"] = _axis_polar(rng, c.lens_ellipticity_range, c.lens_axis_deg,
-                                                 c.lens_axis_scatter_deg)
-    if c.shear_range is not None:
-        v["shear_gamma1"], v["shear_gamma2"] = _axis_polar(rng, c.shear_range, c.shear_axis_deg,
-                                                           c.lens_axis_scatter_deg)
-    if c.sky_rate_range is not None:
-        v["sky_rate"] = float(rng.uniform(*c.sky_rate_range))
-    if c.source_ellipticity_range is not None:
-        v["source_e1"], v["source_e2"] = _axis_polar(rng, c.source_ellipticity_range, c.source_axis_deg,
-                                                     c.lens_axis_scatter_deg)
-    if c.source_radius_max_arcsec is not None:  # replaces the square draw above (kept first for the old bytes)
-        r, phi = rng.uniform(0, c.source_radius_max_arcsec), rng.uniform(0, 2 * np.pi)
+    for var in VARIATION:
+        given = getattr(c, var.setting)
+        if given is not None and cls in var.classes:
+            drawn = var.draw(rng, c, given)
+            v.update(zip(var.sets, drawn if len(var.sets) > 1 else (drawn,), strict=True))
+    if "source_radius" in v:  # replaces the square draw above (kept first for the old bytes)
+        r, phi = v.pop("source_radius")
         sx, sy = r * np.cos(phi), r * np.sin(phi)
     return ImageParameters(split, cls, int(index), float(sx), float(sy), float(exposure), masses, hx, hy,
                            float(m_a), float(length), float(angle), drawn=v)
@@ -597,6 +618,16 @@ def manifest_row(config: SimulationConfig, p: ImageParameters) -> list[str]:
     ]
 
 
+def manifest_text(config: SimulationConfig, seed: int, order) -> str:
+    """The manifest CSV of the images ``order`` (``(split, class, index)``): :data:`MANIFEST_COLUMNS`, one row each."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_COLUMNS)
+    for s, c, i in order:
+        w.writerow(manifest_row(config, draw_parameters(config, seed, s, c, i)))
+    return buf.getvalue()
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"K/N"`` -> ``(K, N)``; None when no shard was asked for (an empty string is an error: an unset shell
     variable would otherwise run the whole job in every array task)."""
@@ -652,6 +683,34 @@ def _pool_context():
     return mp.get_context("spawn")
 
 
+def _check_folder(out: Path, counts: dict[str, int], settings: dict) -> None:
+    """Refuse a folder that this simulation would not complete correctly: one holding more images than asked for
+    (the manifest would not list them), images no simulation wrote, or a set simulated with other settings."""
+    for s in SPLITS:  # a set of another size in this folder: the manifest would not list every file
+        for c in CLASSES:
+            extra = sorted(q for q in (out / s / c).glob("*.npy") if not q.stem.isdigit() or int(q.stem) > counts[s])
+            if extra:
+                raise DeepLenseError(f"{extra[0]}: {out} holds more {s} images than --{s}-per-class {counts[s]} asks "
+                                     f"for; use the same counts as before or another --out")
+    settings_path = out / "simulation.json"
+    if not settings_path.exists():  # images here that no simulation wrote (a real dataset?) would be recorded as ours
+        found = next((q for s in SPLITS for c in CLASSES for q in (out / s / c).glob("*.npy")), None)
+        if found is not None:
+            raise DeepLenseError(f"{found}: {out} holds images but no simulation.json: not a simulated set (a real "
+                                 f"dataset?); choose another --out")
+    else:
+        try:
+            old = json.loads(settings_path.read_text())
+        except (OSError, ValueError):
+            raise DeepLenseError(f"{settings_path}: unreadable; remove it or choose another --out") from None
+        # settings a later version added (absent from older files) take their defaults: the behaviour of before
+        defaults = json.loads(json.dumps({f.name: f.default for f in fields(SimulationConfig)}))
+        old_cfg = {**defaults, **(old.get("config") or {})}
+        if old.get("seed") != settings["seed"] or old_cfg != json.loads(json.dumps(settings["config"])):
+            raise DeepLenseError(f"{settings_path}: this folder was simulated with another seed or config; "
+                                 f"choose another --out")
+
+
 def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_class: int, seed: int = 0,
                      workers: int = 1, config: SimulationConfig | None = None,
                      shard: tuple[int, int] | None = None, progress: bool = True) -> dict:
@@ -675,30 +734,9 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
     if out.exists() and not out.is_dir():
         raise DeepLenseError(f"{out}: exists and is not a folder")
     counts = {"train": train_per_class, "val": val_per_class}
-    for s in SPLITS:  # a set of another size in this folder: the manifest would not list every file
-        for c in CLASSES:
-            extra = sorted(q for q in (out / s / c).glob("*.npy") if not q.stem.isdigit() or int(q.stem) > counts[s])
-            if extra:
-                raise DeepLenseError(f"{extra[0]}: {out} holds more {s} images than --{s}-per-class {counts[s]} asks "
-                                     f"for; use the same counts as before or another --out")
     settings = {"seed": int(seed), "config": config.to_dict()}
     settings_path = out / "simulation.json"
-    if not settings_path.exists():  # images here that no simulation wrote (a real dataset?) would be recorded as ours
-        found = next((q for s in SPLITS for c in CLASSES for q in (out / s / c).glob("*.npy")), None)
-        if found is not None:
-            raise DeepLenseError(f"{found}: {out} holds images but no simulation.json: not a simulated set (a real "
-                                 f"dataset?); choose another --out")
-    else:
-        try:
-            old = json.loads(settings_path.read_text())
-        except (OSError, ValueError):
-            raise DeepLenseError(f"{settings_path}: unreadable; remove it or choose another --out") from None
-        # settings a later version added (absent from older files) take their defaults: the behaviour of before
-        defaults = json.loads(json.dumps({f.name: f.default for f in fields(SimulationConfig)}))
-        old_cfg = {**defaults, **(old.get("config") or {})}
-        if old.get("seed") != settings["seed"] or old_cfg != json.loads(json.dumps(settings["config"])):
-            raise DeepLenseError(f"{settings_path}: this folder was simulated with another seed or config; "
-                                 f"choose another --out")
+    _check_folder(out, counts, settings)
     for s in SPLITS:
         for c in CLASSES:
             (out / s / c).mkdir(parents=True, exist_ok=True)
@@ -736,13 +774,8 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
                 bar.update(handled)
     bar.close()
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(MANIFEST_COLUMNS)
-    for s, c, i in order:
-        w.writerow(manifest_row(config, draw_parameters(config, seed, s, c, i)))
     name = f"manifest.shard-{shard[0]}-of-{shard[1]}.csv" if shard else "manifest.csv"
-    write_text_atomic(out / name, buf.getvalue())
+    write_text_atomic(out / name, manifest_text(config, seed, order))
     return {"written": written, "skipped": len(order) - written, "manifest": str(out / name)}
 
 

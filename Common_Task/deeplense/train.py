@@ -121,21 +121,12 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
     model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
     placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
                                log=say)
-    resident = placed.resident
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights_info = ckpt["weights"]
     if weights_info.get("warning"):
         say(f"WARNING: {weights_info['warning']}")
-    model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model,
-                                                        device_ids=[dev.index] if dev.type == "cuda" else None)
-    if plan.kind == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-    if compile_model:
-        net = torch.compile(net)
+    model, net = _on_device(model, plan, world, compile_model)
     steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
     if steps == 0:
         raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
@@ -145,10 +136,7 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
     start, best_metric, best_epoch, history = 1, -math.inf, 0, []
     if ckpt is not None:
         start, best_metric, best_epoch = restore_training_state(ckpt, opt, sched, scaler)
-        history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
-        if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
-                ckpt["epoch"]:
-            history.append(ckpt["metrics"])  # killed between the checkpoint and the history write: it is in both
+        history = _history_before(run, ckpt, start)
 
     # one process writes a run folder at a time (a second train on the same --out stops with one line)
     with folder_lock(run, "a training run") if rank == 0 else contextlib.nullcontext():
@@ -157,18 +145,13 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
         stamp = {"classes": list(CLASSES), "weights": weights_info, "data": data_info, "versions": versions(),
                  "device": str(dev)}
         if rank == 0:
-            run.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run / "config.json", {
-                "config": config.to_dict(), "world_size": world, **stamp,
-                "execution": {"data_on_device": resident, "compiled": compile_model, "precision": plan.precision,
-                              "precision_reason": plan.reason, "eval_batch_size": placed.eval_batch_size,
-                              "memory": None if placed.memory is None else placed.memory.describe()}})
-            _write_history(run, history)
+            _write_start(run, config, world, stamp, placed, compile_model, history)
         say(f"training {config.recipe} ({config.arch}) on {dev} (world {world}), {config.protocol} protocol: "
             f"{len(x_train)} train "
             f"images, {len(x_sel)} selection images ({data_info['selection_split']}), input {config.image_size} px, "
             f"batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, data "
-            f"{'on the device' if resident else 'in host memory, staged through pinned buffers'}, {plan.describe()}"
+            f"{'on the device' if placed.resident else 'in host memory, staged through pinned buffers'}, "
+            f"{plan.describe()}"
             + (", compiled" if compile_model else ""))
         for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
             rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, placed, config, epoch=epoch,
@@ -198,6 +181,35 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
         return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
                 "weights": weights_info, "device": str(dev), "precision": plan.precision, "rank": rank,
                 "config": config.to_dict()}
+
+
+def _on_device(model, plan, world: int, compile_model: bool):
+    """``(model, net)``: the network on the plan's device in its memory format, and what training steps call (the
+    same network, wrapped for several processes and compiled when asked)."""
+    dev = plan.device
+    model = model.to(dev, memory_format=torch.channels_last if plan.channels_last else torch.preserve_format)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[dev.index] if dev.type == "cuda" else None)
+    if plan.kind == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    if compile_model:
+        net = torch.compile(net)
+    return model, net
+
+
+def _write_start(run: Path, config: TrainConfig, world: int, stamp: dict, placed: engine.Placement,
+                 compile_model: bool, history: list[dict]) -> None:
+    """``config.json`` (the settings, and how this call computes) and the history so far, before any epoch."""
+    plan = placed.plan
+    run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run / "config.json", {
+        "config": config.to_dict(), "world_size": world, **stamp,
+        "execution": {"data_on_device": placed.resident, "compiled": compile_model, "precision": plan.precision,
+                      "precision_reason": plan.reason, "eval_batch_size": placed.eval_batch_size,
+                      "memory": None if placed.memory is None else placed.memory.describe()}})
+    _write_history(run, history)
 
 
 def selection_score(rec: dict, config: TrainConfig) -> float:
@@ -289,6 +301,16 @@ def _load(config: TrainConfig, data, allow_pickle: bool, progress: bool, dev: to
                  "heldout_digest": None if split.test_idx is None else pixel_digest(va_images, split.test_idx),
                  **split.record()}
     return x_train, torch.from_numpy(tr_labels[tr_idx]), x_sel, sel_labels[sel_idx], data_info
+
+
+def _history_before(run: Path, ckpt: dict, start: int) -> list[dict]:
+    """The records of the epochs a resumed run keeps: those before ``start`` in history.jsonl, and the checkpoint's
+    own epoch when the history missed it."""
+    history = [h for h in read_jsonl(run / "history.jsonl") if h["epoch"] < start]
+    if (not history or history[-1]["epoch"] < ckpt["epoch"]) and ckpt.get("metrics", {}).get("epoch") == \
+            ckpt["epoch"]:
+        history.append(ckpt["metrics"])  # killed between the checkpoint and the history write: it is in both
+    return history
 
 
 def _write_history(run: Path, history: list[dict]) -> None:
