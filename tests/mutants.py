@@ -491,6 +491,9 @@ MUTANTS = (
     Mutant("run_spec_uncast", "DEEPLENSE_SIM_TRAIN_PER_CLASS=40 stays the string '40' in the notebook's run",
            NOTEBOOK_PY, '        check_fields(self, "notebook parameters")', "        pass",
            ("tests/test_notebook.py::test_resolve_gives_one_frozen_config_from_cell_environment_and_scale",)),
+    Mutant("notebook_outputs_stale", "the package rewords what the notebook shows and the committed run still says "
+           "the old words", PKG + "report.py", 'f"\\nHardest class in this run: **', 'f"\\nHardest class: **',
+           ("tests/test_notebook.py::test_notebook_executes_and_figures_are_stable",)),
 )
 
 

@@ -11,7 +11,7 @@ import torch
 from torchvision.models import resnet34
 
 from deeplense.model import hub_checkpoint_path
-from deeplense.notebook import NOTEBOOK, run_notebook
+from deeplense.notebook import NOTEBOOK, output_signature, run_notebook
 from deeplense.report import report, results_table, update_readme
 
 
@@ -24,7 +24,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
     run, figs = tmp_path / "run", tmp_path / "figures"
     env = {"DEEPLENSE_SCALE": "tiny", "DEEPLENSE_OUTPUT": str(run), "DEEPLENSE_FIGURES": str(figs),
-           "DEEPLENSE_SIM_VAL_PER_CLASS": "20", "DEEPLENSE_DEVICE": "cpu", "TQDM_DISABLE": "1"}
+           "DEEPLENSE_SIM_VAL_PER_CLASS": "50", "DEEPLENSE_DEVICE": "cpu", "TQDM_DISABLE": "1"}
     out = run_notebook(NOTEBOOK, env=env, save_to=tmp_path / "executed.ipynb", timeout=600)
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
@@ -45,9 +45,9 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     said = next(t for t in shown if "Hardest class" in t)
     for c, v in metrics["auc"]["per_class"].items():
         assert f"(`{c}`): AUC {v:.3f} [" in said
-    assert metrics["n"] == 6
+    assert metrics["n"] == 15  # 5 per class: the fewest with AUC intervals, so every sentence is shown
     z = np.load(run / "predictions.npz")
-    assert z["probabilities"].shape == (6, 3)
+    assert z["probabilities"].shape == (15, 3)
     names = ["examples", "training_curves", "roc_classwise", "roc_average", "confusion_matrix"]
     for name in names:
         for ext, min_size in (("png", 20_000), ("pdf", 5_000)):
@@ -63,14 +63,21 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     import base64
     import io
 
-    shown_png = [base64.b64decode(o["data"]["image/png"]) for c in nb.cells if c.cell_type == "code"
-                 for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(shown_png) == 5
-    for png in shown_png:
-        with Image.open(io.BytesIO(png)) as im:
+    shown = [base64.b64decode(d.get("image/png") or d["image/jpeg"]) for c in nb.cells if c.cell_type == "code"
+             for d in (o.get("data", {}) for o in c.get("outputs", [])) if "image/png" in d or "image/jpeg" in d]
+    assert len(shown) == 5
+    for preview in shown:
+        with Image.open(io.BytesIO(preview)) as im:
             assert im.width <= 720
-        assert all(png != (figs / f"{name}.png").read_bytes() for name in names)
+        assert all(preview != (figs / f"{name}.png").read_bytes() for name in names)
     assert not any("execution" in c.metadata for c in nb.cells)
+
+    # the committed notebook shows what this code shows: same figures, same tables and sentences (numbers aside);
+    # a change to what the package prints there fails here until `make demo` is run again
+    committed = output_signature(NOTEBOOK)
+    for k, (now, then) in enumerate(zip(output_signature(nb), committed, strict=True), 1):
+        assert now == then, (f"code cell {k}: the committed notebook's outputs are stale (the code now shows "
+                             f"{now!r}, the notebook {then!r}): run `make demo` and commit the notebook")
 
     # report redraws them from the saved files, byte for byte
     redrawn = report(run, tmp_path / "redrawn")
@@ -226,3 +233,35 @@ def test_every_training_setting_is_a_notebook_parameter(monkeypatch):
     monkeypatch.setenv("DEEPLENSE_AUGMENTATION", "none")
     cfg, _ = resolve({**_cell_values(SCALE="demo", DEVICE="cpu"), "WARMUP_EPOCHS": 0.5})
     assert (cfg.augmentation, cfg.warmup_epochs) == ("none", 0.5)
+
+
+def test_committed_notebook_is_small_and_records_its_run():
+    """Its outputs are screen-size previews (the figures live once, in images/), so the file stays small; its first
+    output names the commit and scale that produced them."""
+    assert NOTEBOOK.stat().st_size < 300_000, f"{NOTEBOOK}: {NOTEBOOK.stat().st_size} bytes"
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    first = next(o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert first["text"].startswith("Ran on: commit ") and "scale demo" in first["text"]
+
+
+def test_output_signature_masks_the_run_and_keeps_the_wording():
+    import nbformat
+
+    def notebook(markdown: str, figures: int = 1):
+        outs = [nbformat.v4.new_output("display_data", {"text/markdown": markdown})]
+        outs += [nbformat.v4.new_output("display_data", {"image/jpeg": "AA=="})] * figures
+        cell = nbformat.v4.new_code_cell("x")
+        cell.outputs = outs
+        return nbformat.v4.new_notebook(cells=[cell])
+
+    a = notebook("- **vortex** (`vort`): AUC 0.600 [0.499, 0.690]\n- **subhalos** (`sphere`): AUC 0.512\n"
+                 "weights: ImageNet; device cuda:1; data at /tmp/x/y")
+    b = notebook("- **subhalos** (`sphere`): AUC 0.93 [0.9, 0.95]\n- **vortex** (`vort`): AUC 0.888\n"
+                 "weights: random initialisation; device cpu; data at /root/z")
+    assert output_signature(a) == output_signature(b)  # another run, another machine: the same signature
+    assert output_signature(a) != output_signature(notebook("- **vortex** (`vort`): ROC AUC 0.6 [0.4, 0.6]\n"
+                                                            "- **subhalos** (`sphere`): AUC 0.512\nweights: ImageNet; "
+                                                            "device cpu; data at /a"))  # reworded
+    assert output_signature(a) != output_signature(notebook(a.cells[0].outputs[0]["data"]["text/markdown"], 2))

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .config import SCALES, TrainConfig, check_fields, recipe
+from .data import CLASS_LABELS, CLASSES
 from .device import pick_device, plan_for
 from .util import REPO, DeepLenseError, git_commit, hardware_name
 
@@ -133,7 +135,8 @@ def fresh_run_folder(path: str | Path) -> Path:
 def show(path: str | Path, width: int):
     """The figure at ``path`` (a PNG of ``images/``, 300 dpi) for display at ``width`` screen pixels: a copy shrunk
     to that width, so the notebook stores a preview, not a second copy of the full-resolution file (which stays
-    in the figures folder beside its PDF)."""
+    in the figures folder beside its PDF). The preview is the smaller of a 64-colour PNG (plots: a few flat
+    colours) and a JPEG at quality 85 (the noisy sky of the example images), so the notebook stays small."""
     import io
 
     from IPython.display import Image as Shown
@@ -143,9 +146,47 @@ def show(path: str | Path, width: int):
         im = im.convert("RGB")
         if im.width > width:
             im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", optimize=True)
-    return Shown(data=buf.getvalue(), format="png", width=width)
+        png, jpeg = io.BytesIO(), io.BytesIO()
+        im.quantize(colors=64).save(png, format="PNG", optimize=True)
+        im.save(jpeg, format="JPEG", quality=85)
+    fmt, buf = min((("png", png), ("jpeg", jpeg)), key=lambda kv: len(kv[1].getvalue()))
+    return Shown(data=buf.getvalue(), format=fmt, width=width)
+
+
+_MASKS = (
+    (re.compile(r"\[(?:[-\d., ]+|interval n/a[^\]]*)\]"), "[CI]"),  # an interval, or why a small test has none
+    (re.compile(r"(?:[A-Za-z]:)?(?:/[\w.~+@-]+)+/?"), "PATH"),  # folders differ from machine to machine
+    (re.compile(r"weights: (?:ImageNet|random initialisation)"), "weights: W"),  # whether the file was cached
+    (re.compile(r"device (?:cpu|mps|cuda(?::\d+)?)"), "device D"),
+    (re.compile(r"\b(?:" + "|".join(sorted(set(CLASS_LABELS.values()) | set(CLASSES), key=len, reverse=True))
+                + r")\b"), "CLASS"),  # the classes come in the order of this run's AUCs
+    (re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"), "#"),  # every number is the run's
+)
+
+
+def output_signature(notebook) -> list[tuple[int, list[str]]]:
+    """What the notebook shows, whatever the run: per code cell, the number of figures and its Markdown outputs
+    (the recipe, the results table, the reading of the curves) with every number, path, class name and weights
+    state masked. Two runs of the same code at the same input geometry (the demo and tiny scales share the crop),
+    on any data and device, give the same signature; a change to what the package prints there (a row added, a
+    figure dropped, a sentence reworded) changes it: the test that the committed outputs are not stale.
+    ``notebook``: a path or an nbformat notebook."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4) if isinstance(notebook, (str, Path)) else notebook
+    out = []
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        data = [o.get("data", {}) for o in cell.get("outputs", [])]
+        figures = sum(1 for d in data if "image/png" in d or "image/jpeg" in d)
+        texts = []
+        for d in data:
+            if "text/markdown" in d:
+                text = d["text/markdown"]
+                for pattern, mask in _MASKS:
+                    text = pattern.sub(mask, text)
+                texts.append("\n".join(sorted(text.splitlines())))  # findings list classes in the run's order
+        out.append((figures, texts))
+    return out
 
 
 def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | None = None, env: dict | None = None,
