@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/python -m deeplense demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check Common_Task tests benchmarks
+	$(BIN)/ruff check Common_Task tests benchmarks experiments
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -52,7 +52,7 @@ bench-archs: $(STAMP)
 	$(BIN)/python benchmarks/bench_archs.py --readme
 
 study: $(STAMP)
-	$(BIN)/python benchmarks/accuracy_study.py --readme
+	$(BIN)/python experiments/accuracy_study.py --readme
 
 REALISM_PRESETS := realistic benchmark common_task model_i benchmark_v1
 
@@ -60,8 +60,8 @@ realism: $(STAMP)
 	@test -n "$(REAL)" || { echo "usage: make realism REAL=path/to/real/images (a folder with no/ sphere/ vort/ below it)"; exit 2; }
 	for p in $(REALISM_PRESETS); do \
 	  $(BIN)/python -m deeplense realism --real $(REAL) --preset $$p --n 100 --seed 0 \
-	    --out benchmarks/results/realism/$$p || exit $$?; done
-	$(BIN)/python benchmarks/realism_table.py --readme
+	    --out experiments/results/realism/$$p || exit $$?; done
+	$(BIN)/python experiments/realism_table.py --readme
 
 mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py

@@ -4,7 +4,7 @@ For each arch, at two inputs:
 
 - the recipe's own (``recipe("default", arch=...)``): 3 channels at 224 px for the torchvision networks, the
   whole native 150 px image in 1 channel for ``lensnet``;
-- the quick scale of the accuracy study (``benchmarks/accuracy_study.py``): the central 96 px shrunk to 64 px
+- the quick scale of the accuracy study (``experiments/accuracy_study.py``): the central 96 px shrunk to 64 px
   (``lensnet``: the central 96 native px, 1 channel).
 
 ``train`` is images/s of the engine's own training step (``engine.train_step``: D4 augmentation, input
@@ -12,7 +12,7 @@ transform, forward, backward, fused AdamW step; fp32) on a fixed batch in memory
 warm-up; ``predict`` is ``engine.predict_proba`` in eval mode. Each line: ``arch_<name>: ...``. With ``--readme``
 the table between the README's ``archs`` markers is rewritten, with the held-out macro AUC of the arms the
 committed study holds
-(``benchmarks/results/study.json``: ``default`` is resnet34, ``resnet18``, ``lensnet``).
+(``experiments/results/study.json``: ``default`` is resnet34, ``resnet18``, ``lensnet``).
 
 Usage: ``python benchmarks/bench_archs.py [--archs resnet34,lensnet] [--readme]``.
 """
@@ -30,14 +30,14 @@ import torch
 from deeplense.config import ARCHS, input_channels, recipe
 from deeplense.engine import as_plan, build_optimizer, predict_proba, train_step
 from deeplense.model import build_model, parameter_count
+from deeplense.report import write_section
 from deeplense.transforms import augmentation_draws
-from deeplense.util import REPO, cpu_name, replace_section
+from deeplense.util import REPO, cpu_name
 
 from common import emit
 
-STUDY = REPO / "benchmarks" / "results" / "study.json"
+STUDY = REPO / "experiments" / "results" / "study.json"
 STUDY_ARM = {"resnet34": "default", "resnet18": "resnet18", "lensnet": "lensnet"}
-START, END = "<!-- archs:start -->", "<!-- archs:end -->"
 
 
 def configs(arch: str) -> dict:
@@ -132,8 +132,7 @@ def main(argv=None) -> int:
         for arch, params, g, tr, pr, gq, tq, pq in rows:
             lines.append(f"| `{arch}` | {params / 1e6:.2f} M | {g} | {tr:.1f} | {pr:.1f} | {gq} | {tq:.1f} | "
                          f"{pq:.1f} | {aucs.get(arch, 'not in the study')} |")
-        replace_section(REPO / "README.md", START, END, "\n".join(lines))
-        print(f"wrote the arch table into {REPO / 'README.md'}")
+        print(f"wrote the arch table into {write_section('archs', chr(10).join(lines))}")
     return 0
 
 

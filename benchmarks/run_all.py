@@ -30,7 +30,6 @@ SCRIPTS = {  # script: (arguments at the quick scale, at the full scale); None: 
     "bench_gpu.py": (["--quick", "--no-compile"], []),
     "bench_archs.py": (None, []),  # minutes per arch on a CPU; its README table: make bench-archs
 }
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def machine() -> str:
@@ -86,11 +85,9 @@ def main(argv=None) -> int:
              f"wall time {elapsed / 60:.1f} min; {line}.", "",
              "| benchmark | result | goal | script |", "|---|---|---|---|"]
     table += [f"| `{r['name']}` | {r['text'].replace('|', '/')} | {goal_cell(r)} | `{script}` |" for script, r in rows]
-    from deeplense.util import replace_section
+    from deeplense.report import write_section
 
-    readme = HERE / "README.md"
-    replace_section(readme, START, END, "\n".join(table))
-    print(f"wrote the table into {readme}")
+    print(f"wrote the table into {write_section('bench', chr(10).join(table), HERE.parent)}")
     return 0
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ("Common_Task", "tests", "benchmarks", "pyproject.toml", "README.md")
+COPY = ("Common_Task", "tests", "benchmarks", "experiments", "pyproject.toml", "README.md", "docs")
 
 
 @dataclass(frozen=True)
@@ -408,7 +408,7 @@ MUTANTS = (
            PKG + "lensfit.py", "    counts = np.rint(x * k)\n", "    counts = np.rint(x * 800)\n",
            ("tests/test_lensfit.py::test_counts_and_sky_undo_the_min_max_normalisation",)),
     Mutant("lens_fits_redone", "fit_real_lenses fits again the images an earlier run finished",
-           "benchmarks/fit_real_lenses.py", '        if old.get("settings") == settings:\n', "        if False:\n",
+           "experiments/fit_real_lenses.py", '        if old.get("settings") == settings:\n', "        if False:\n",
            ("tests/test_lensfit.py::test_fit_real_lenses_writes_numbers_and_resumes",)),
     Mutant("preset_help_without_default", "simulate --help no longer says which preset is the default",
            PKG + "cli.py", 'return f"{text} (default {DEFAULT_PRESET})"', "return text",
@@ -450,7 +450,7 @@ MUTANTS = (
            'name = f"{DEFAULT_PRESET}-seed{seed}',
            ("tests/test_simulate.py::test_the_default_sets_cache_is_keyed_by_the_presets_settings",)),
     Mutant("psf_scan_unpaired", "the PSF scan's table compares different files at each width",
-           "benchmarks/fit_real_lenses.py", "sorted(set.intersection(*(set(v) for v in by_width.values())))",
+           "experiments/fit_real_lenses.py", "sorted(set.intersection(*(set(v) for v in by_width.values())))",
            "sorted(set.union(*(set(v) for v in by_width.values())))",
            ("tests/test_lensfit.py::test_psf_scan_table_compares_the_same_files_at_every_width",)),
     Mutant("ellipticity_no_factor_2", "the moment ellipticity halves the cross term",
@@ -501,6 +501,8 @@ def _copy_tree(dst: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", "out", "*.egg-info")
     for name in COPY:
         src = REPO / name
+        if not src.exists():
+            continue
         if src.is_dir():
             shutil.copytree(src, dst / name, ignore=ignore)
         else:

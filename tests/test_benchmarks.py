@@ -43,23 +43,25 @@ def test_goals_are_judged_from_the_numbers(bench, tmp_path, monkeypatch, capsys)
 
 def test_run_all_reads_the_results_and_ends_with_the_goals(bench, tmp_path, monkeypatch, capsys):
     _, run_all = bench
-    (tmp_path / "common.py").write_text((BENCH / "common.py").read_text())
-    (tmp_path / "bench_fake.py").write_text(
+    here = tmp_path / "benchmarks"  # the table goes into the benchmarks' README, found by its markers
+    here.mkdir()
+    (here / "common.py").write_text((BENCH / "common.py").read_text())
+    (here / "bench_fake.py").write_text(
         "from common import emit\n"
         "print('free text that is not a result: ignored')\n"
         "emit('fast_thing', 'ratio 2.0 vs slow', ratio=2.0, goal='>= 1.5')\n"
         "emit('slow_thing', 'ratio 0.5 vs fast', ratio=0.5, goal='>= 1.5')\n")
-    (tmp_path / "README.md").write_text("# b\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
-    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    (here / "README.md").write_text("# b\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    monkeypatch.setattr(run_all, "HERE", here)
     monkeypatch.setattr(run_all, "SCRIPTS", {"bench_fake.py": ([], None), "bench_gpu_only.py": (None, [])})
     assert run_all.main([]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-2] == "goals met: 1 of 2; missed: slow_thing (ratio >= 1.5)"
-    table = (tmp_path / "README.md").read_text()
+    table = (here / "README.md").read_text()
     assert "| `fast_thing` | ratio 2.0 vs slow | ratio >= 1.5: met | `bench_fake.py` |" in table
     assert "| `slow_thing` | ratio 0.5 vs fast | ratio >= 1.5: **missed** | `bench_fake.py` |" in table
     assert "old" not in table and "goals met: 1 of 2" in table
-    (tmp_path / "bench_fake.py").write_text("import sys\nsys.exit(3)\n")
+    (here / "bench_fake.py").write_text("import sys\nsys.exit(3)\n")
     assert run_all.main(["--no-readme"]) == 3
 
 

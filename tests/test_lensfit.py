@@ -16,7 +16,7 @@ from deeplense.simulate import SimulationConfig, draw_parameters, einstein_radiu
 from deeplense.util import DeepLenseError
 
 REAL = SimulationConfig.from_preset("realistic")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 
 def test_counts_and_sky_undo_the_min_max_normalisation():
@@ -62,7 +62,7 @@ def test_fit_real_lenses_writes_numbers_and_resumes(tmp_path, capsys, monkeypatc
     record = json.loads(out.read_text())
     assert [f["image"] for f in record["fits"]] == ["no/1.npy", "sphere/1.npy"]
     assert record["summary"]["0.2"]["n"] == 2 and "lens.theta_E" in record["summary"]["0.2"]["parameters"]
-    assert "versions" in record and record["command"].startswith("python benchmarks/fit_real_lenses.py")
+    assert "versions" in record and record["command"].startswith("python experiments/fit_real_lenses.py")
     a, b = fit_real_lenses.readme_tables(record, record)  # the README's tables, from the file alone
     assert "| `lens.theta_E` |" in a and "| `source.radius` |" in a
     assert "on the 2 files fitted at every width" in b and '| 0.2" |' in b

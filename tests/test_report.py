@@ -102,3 +102,22 @@ def test_a_metrics_json_of_the_wrong_shape_is_one_line(small, tmp_path):
     (tmp_path / "a" / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(DeepLenseError, match="is not what `evaluate` writes"):
         report(tmp_path / "a", tmp_path / "figs")
+
+
+def test_write_section_finds_the_document_that_holds_the_markers(tmp_path):
+    from deeplense.report import write_section
+    from deeplense.util import DeepLenseError
+
+    (tmp_path / "README.md").write_text("# readme\n<!-- a:start -->\nold a\n<!-- a:end -->\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "studies.md").write_text("# studies\n<!-- b:start -->\nold b\n<!-- b:end -->\n")
+    assert write_section("b", "new b", tmp_path) == tmp_path / "docs" / "studies.md"  # a table moved to docs/
+    assert "new b" in (tmp_path / "docs" / "studies.md").read_text()
+    assert write_section("a", "new a", tmp_path) == tmp_path / "README.md"
+    assert (tmp_path / "README.md").read_text() == "# readme\n<!-- a:start -->\nnew a\n<!-- a:end -->\n"
+    with pytest.raises(DeepLenseError, match="section 'c': its markers must be in exactly one document"):
+        write_section("c", "x", tmp_path)
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "README.md").write_text("<!-- a:start -->\n<!-- a:end -->\n")  # in two places
+    with pytest.raises(DeepLenseError, match="exactly one document"):
+        write_section("a", "x", tmp_path)

@@ -26,7 +26,7 @@ def _offline(*args):
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location("accuracy_study", REPO / "benchmarks" / "accuracy_study.py")
+    spec = importlib.util.spec_from_file_location("accuracy_study", REPO / "experiments" / "accuracy_study.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -95,9 +95,9 @@ def test_readme_gets_the_table_and_images_the_figures(tiny_study, tmp_path):
     assert "old" not in text and text.endswith("<!-- study:end -->\n\nafter\n")
     assert "| `default_tta` | AdamW 0.001, D4, central 96 px → 64 px, D4 TTA |" in text
     assert (tmp_path / "images" / "study_roc.png").read_bytes() == (out / "study_roc.png").read_bytes()
-    assert json.loads((tmp_path / "benchmarks" / "results" / "study.json").read_text()) == s
+    assert json.loads((tmp_path / "experiments" / "results" / "study.json").read_text()) == s
     (tmp_path / "README.md").write_text("# no markers\n")
-    with pytest.raises(DeepLenseError, match="README.md: no <!-- study:start -->"):
+    with pytest.raises(DeepLenseError, match="section 'study': its markers must be in exactly one document"):
         study.write_readme(s, out, tmp_path)
 
 

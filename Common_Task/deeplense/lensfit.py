@@ -10,7 +10,7 @@ mean of the corners, in counts) and weighs each pixel by the Poisson variance ``
 (subhalos, a vortex) is not in the model: on ``sphere`` and ``vort`` images the smooth parameters absorb part of
 it and the residuals keep the rest (a larger reduced chi-square).
 
-Used by ``benchmarks/fit_real_lenses.py`` to read the real sample's lens and source parameters, from which the
+Used by ``experiments/fit_real_lenses.py`` to read the real sample's lens and source parameters, from which the
 ``realistic`` preset draws its own (README, "How real is the simulation").
 """
 

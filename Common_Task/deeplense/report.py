@@ -75,6 +75,28 @@ def update_readme(metrics_path: str | Path, readme: str | Path = REPO / "README.
     replace_section(readme, README_START, README_END, f"{extra}{results_table(metrics)}")
 
 
+def documents(repo: str | Path = REPO) -> list[Path]:
+    """The Markdown files generated sections may live in: the README, ``docs/``, and the benchmarks' and
+    experiments' own READMEs."""
+    repo = Path(repo)
+    found = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    found += [repo / d / "README.md" for d in ("benchmarks", "experiments")]
+    return [p for p in found if p.is_file()]
+
+
+def write_section(name: str, body: str, repo: str | Path = REPO) -> Path:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` with ``body``, in whichever
+    document (:func:`documents`) holds those markers, so a table can move between the README and the longer
+    documents without its writer changing. Returns that document."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    holders = [p for p in documents(repo) if start in p.read_text(encoding="utf-8")]
+    if len(holders) != 1:
+        where = ", ".join(str(p) for p in holders) or "none of " + ", ".join(str(p) for p in documents(repo))
+        raise DeepLenseError(f"section {name!r}: its markers must be in exactly one document ({where})")
+    replace_section(holders[0], start, end, body)
+    return holders[0]
+
+
 def draw_training(run: str | Path, figures: str | Path) -> list[Path]:
     """``training_curves`` from ``RUN/history.jsonl`` (and the recipe name from ``RUN/config.json``)."""
     run = Path(run)

@@ -10,7 +10,7 @@ per-image min-max normalisation. Substructure:
   L = 0.06" / (2 m_a / 1e-22 eV) for an axion mass m_a = 10^U(-24, -22) eV.
 
 Presets (:data:`PRESETS`): ``realistic`` (the default), whose lens, source, PSF and noise were read off real
-common-task files by fitting this model to them (:data:`REALISTIC`, ``benchmarks/fit_real_lenses.py``);
+common-task files by fitting this model to them (:data:`REALISTIC`, ``experiments/fit_real_lenses.py``);
 ``benchmark``, the same physics with stronger substructure, calibrated to a difficulty for comparing recipes;
 ``common_task`` and ``model_i``, the earlier recipes; ``benchmark_v1``, the benchmark of before, on ``common_task``.
 
@@ -53,8 +53,8 @@ FILE_DTYPES = ("float32", "float64")
 
 REALISTIC = {
     # Read off 30 real common-task files (../shared/realdata/sample) by fitting this simulator's own smooth model
-    # (SIE + shear lens, Sersic source, Gaussian PSF) to each one: benchmarks/fit_real_lenses.py, results in
-    # benchmarks/results/realism/lens_fits.json, README "How real is the simulation". Each setting below is the fits'
+    # (SIE + shear lens, Sersic source, Gaussian PSF) to each one: experiments/fit_real_lenses.py, results in
+    # experiments/results/realism/lens_fits.json, README "How real is the simulation". Each setting below is the fits'
     # median where they agree across images, or a range covering their 0-100% where the images differ. Checked (not
     # tuned) against the real sample's per-image statistics with deeplense.realism; never on a classifier's accuracy.
     #

@@ -8,8 +8,8 @@ sample's 10-90% range (``deeplense/realism_targets.json``), trains the ``default
 Appends one JSON line with the settings, the image statistics and the held-out AUCs to ``OUT/calibration.jsonl``
 and prints it.
 
-    python benchmarks/calibrate_benchmark.py --name step1
-    python benchmarks/calibrate_benchmark.py --name step2 --set 'subhalo_mass_range_msun=[1e6, 3e9]'
+    python experiments/calibrate_benchmark.py --name step1
+    python experiments/calibrate_benchmark.py --name step2 --set 'subhalo_mass_range_msun=[1e6, 3e9]'
 
 The aim at this scale (a proxy of the full-scale target, held-out macro AUC 0.975-0.995 on a GPU): roughly
 0.85-0.93, with ``no`` below 0.999 and ``sphere`` the hardest class.
@@ -64,20 +64,21 @@ def table(rows: list[dict]) -> str:
 
 
 def write_readme(out: Path) -> None:
-    """Copy calibration.jsonl to benchmarks/results/ and its table into README.md."""
-    from deeplense.util import REPO, replace_section, write_text_atomic
+    """Copy calibration.jsonl to experiments/results/ and its table into the document with its markers."""
+    from deeplense.report import write_section
+    from deeplense.util import REPO, write_text_atomic
 
     text = (out / "calibration.jsonl").read_text()
-    write_text_atomic(REPO / "benchmarks" / "results" / "calibration.jsonl", text)
+    write_text_atomic(REPO / "experiments" / "results" / "calibration.jsonl", text)
     rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-    replace_section(REPO / "README.md", "<!-- calibration:start -->", "<!-- calibration:end -->", table(rows))
-    print(f"updated {REPO / 'README.md'} and {REPO / 'benchmarks' / 'results' / 'calibration.jsonl'}")
+    doc = write_section("calibration", table(rows))
+    print(f"updated {doc} and {REPO / 'experiments' / 'results' / 'calibration.jsonl'}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--readme", action="store_true", help="only copy the steps so far into README.md and "
-                                                         "benchmarks/results/calibration.jsonl")
+                                                         "experiments/results/calibration.jsonl")
     p.add_argument("--name", help="name of this step (its folder under OUT)")
     p.add_argument("--preset", default="benchmark", help="the preset to start from (default benchmark)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="training seed (the data seed is 1234)")
     p.add_argument("--device", help="cpu, cuda, ... (default: pick automatically)")
-    p.add_argument("--out", default="benchmarks/out/calibration")
+    p.add_argument("--out", default="experiments/out/calibration")
     args = p.parse_args(argv)
     if args.readme:
         write_readme(Path(args.out))
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
            "macro_auc": m["auc"]["macro"],
            "macro_auc_ci95": m["ci"]["macro_auc"], "accuracy": m["accuracy"], "per_class_auc": m["auc"]["per_class"],
            "minutes": (time.time() - t0) / 60,
-           "command": shlex.join(["python", "benchmarks/calibrate_benchmark.py", *(sys.argv[1:] if argv is None
+           "command": shlex.join(["python", "experiments/calibrate_benchmark.py", *(sys.argv[1:] if argv is None
                                                                                  else argv)]),
            "versions": versions()}
     with open(Path(args.out) / "calibration.jsonl", "a") as fh:

@@ -1,18 +1,18 @@
 """Fit the simulator's smooth lens model to every real image: the lens and source parameters the real set was made
 with, as far as an SIE + shear lens and a Sersic source say (``deeplense.lensfit``).
 
-    python benchmarks/fit_real_lenses.py --real ../shared/realdata/sample
-    python benchmarks/fit_real_lenses.py --real ../shared/realdata/sample --psf-fwhm 0.05 0.087 0.13 0.2 0.3 \\
-        --limit-per-class 2 --out benchmarks/results/realism/psf_scan.json
+    python experiments/fit_real_lenses.py --real ../shared/realdata/sample
+    python experiments/fit_real_lenses.py --real ../shared/realdata/sample --psf-fwhm 0.05 0.087 0.13 0.2 0.3 \\
+        --limit-per-class 2 --out experiments/results/realism/psf_scan.json
 
-Writes one JSON (default ``benchmarks/results/realism/lens_fits.json``): every image's fitted parameters, reduced
+Writes one JSON (default ``experiments/results/realism/lens_fits.json``): every image's fitted parameters, reduced
 chi-square, count scale K and sky, keyed by the image's path below ``--real`` and the PSF width; a summary per
 parameter (median, 10-90%, min, max; the median per class and a Kruskal-Wallis p-value for a difference between
 classes); versions, settings and the command. Only numbers: no image is written or drawn. Each fit takes about 2
 minutes of one core; the file is rewritten after each one, and a rerun with the same settings skips the images
 already fitted (an interrupted run loses at most the fits in progress).
 
-    python benchmarks/fit_real_lenses.py --readme
+    python experiments/fit_real_lenses.py --readme
 
 only reads the committed ``lens_fits.json`` and ``psf_scan.json`` and writes their tables into README.md (between
 the ``lensfits`` and ``psfscan`` markers).
@@ -36,7 +36,7 @@ from deeplense.lensfit import LENS_PARAMETERS, SHEAR_PARAMETERS, SOURCE_PARAMETE
 from deeplense.realism import find_class_images, read_images
 from deeplense.util import REPO, DeepLenseError, progress_bar, versions, write_json_atomic
 
-OUT = REPO / "benchmarks" / "results" / "realism" / "lens_fits.json"
+OUT = REPO / "experiments" / "results" / "realism" / "lens_fits.json"
 PSF_SCAN = OUT.with_name("psf_scan.json")
 # the fitted parameters the README's table shows, with the realistic preset's setting each one led to
 SHOWN = {
@@ -148,7 +148,7 @@ def readme_tables(fits: dict, scan: dict | None) -> tuple[str, str]:
 
 
 def write_readme() -> None:
-    from deeplense.util import replace_section
+    from deeplense.report import write_section
 
     def load(path):
         try:
@@ -159,9 +159,7 @@ def write_readme() -> None:
     fits = load(OUT)
     scan = load(PSF_SCAN) if PSF_SCAN.exists() else None
     a, b = readme_tables(fits, scan)
-    replace_section(REPO / "README.md", "<!-- lensfits:start -->", "<!-- lensfits:end -->", a)
-    replace_section(REPO / "README.md", "<!-- psfscan:start -->", "<!-- psfscan:end -->", b)
-    print(f"updated {REPO / 'README.md'}")
+    print(f"updated {write_section('lensfits', a)} and {write_section('psfscan', b)}")
 
 
 def main(argv=None) -> int:
@@ -218,7 +216,7 @@ def run(args, argv) -> int:
     done = {(f["image"], f["psf_fwhm"], f["sha256"]) for f in record["fits"]}
     tasks = [(k, images[i], fw, settings) for fw in args.psf_fwhm for i, k in enumerate(keys)
              if (k, fw, digests[i]) not in done]
-    command = shlex.join(["python", "benchmarks/fit_real_lenses.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "experiments/fit_real_lenses.py", *(sys.argv[1:] if argv is None else argv)])
 
     def save():
         fits = sorted(record["fits"], key=lambda f: (f["psf_fwhm"], CLASSES.index(f["class"]), f["image"]))

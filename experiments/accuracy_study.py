@@ -32,7 +32,7 @@ fit about 2 hours. ``--scale gpu``: 10,000 / 2,500 per class at the recipes' own
 
 Writes ``OUT/study.json``, ``OUT/study_auc.png|pdf`` (macro AUC per arm, and each arm's paired difference from
 ``default``) and ``OUT/study_roc.png|pdf`` (class-wise ROC of the best arm against the reference); ``--readme``
-copies study.json into ``benchmarks/results/``, the table into README.md and the figures into images/.
+copies study.json into ``experiments/results/``, the table into README.md and the figures into images/.
 Interrupted? Run the same command again: finished runs are kept.
 """
 
@@ -54,9 +54,10 @@ from deeplense.config import recipe
 from deeplense.data import CLASSES
 from deeplense.evaluate import evaluate
 from deeplense.metrics import paired_difference
+from deeplense.report import write_section
 from deeplense.simulate import SimulationConfig, simulate_dataset
 from deeplense.train import resume, train
-from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, replace_section, versions, write_json_atomic
+from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, versions, write_json_atomic
 
 ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px", "default_ls", "default_onecycle",
         "resnet18", "lensnet", "default_bf16")
@@ -268,15 +269,14 @@ def _draw_figures(study: dict, out: Path, plots) -> None:
 
 
 def write_readme(study: dict, out: Path, repo: Path) -> None:
-    """Copy study.json to ``repo/benchmarks/results``, the table between the README's study markers and the two
-    figures into ``repo/images``."""
-    readme = repo / "README.md"
-    replace_section(readme, "<!-- study:start -->", "<!-- study:end -->", table(study))
-    write_json_atomic(repo / "benchmarks" / "results" / "study.json", study)
+    """Copy study.json to ``repo/experiments/results``, the table into the document with the study markers
+    (:func:`deeplense.report.write_section`) and the two figures into ``repo/images``."""
+    readme = write_section("study", table(study), repo)
+    write_json_atomic(repo / "experiments" / "results" / "study.json", study)
     for name in ("study_auc.png", "study_auc.pdf", "study_roc.png", "study_roc.pdf"):
         with atomic_path(repo / "images" / name) as tmp:
             shutil.copyfile(out / name, tmp)
-    print(f"updated {readme}, {repo / 'benchmarks' / 'results' / 'study.json'} and "
+    print(f"updated {readme}, {repo / 'experiments' / 'results' / 'study.json'} and "
           f"{repo / 'images'}/study_auc.png, study_roc.png")
 
 
@@ -287,14 +287,15 @@ def main(argv=None) -> int:
     p.add_argument("--protocol", choices=["clean", "reference"], default="clean", help="default clean")
     p.add_argument("--seeds", type=int, help="training seeds per arm (default 4)")
     p.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)} (default: the scale's)")
-    p.add_argument("--out", default="benchmarks/out/study", help="output folder (default benchmarks/out/study/)")
+    p.add_argument("--out", default="experiments/out/study", help="output folder (default experiments/out/study/)")
     p.add_argument("--train-per-class", type=int, help="override the scale's simulated train images per class")
     p.add_argument("--val-per-class", type=int, help="override the scale's simulated val images per class")
     p.add_argument("--epochs", type=int, help="override the scale's epochs (all arms)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: pick automatically)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
     p.add_argument("--readme", action="store_true",
-                   help="copy study.json to benchmarks/results/, the table into README.md and the figures into images/")
+                   help="copy study.json to experiments/results/, the table into its README section, the figures "
+                        "into images/")
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     arms = [a for a in (args.arms.split(",") if args.arms else scale["arms"]) if a]
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
                   "preset": args.preset, "protocol": args.protocol, "train_per_class": ntr, "val_per_class": nva,
                   "n_test": first["n"], "test": first["provenance"]["split_description"], "seeds": len(seeds),
                   "seed_list": seeds, "data_seed": DATA_SEED, "hardware": hardware_name(first["provenance"]["device"]),
-                  "command": shlex.join(["python", "benchmarks/accuracy_study.py",
+                  "command": shlex.join(["python", "experiments/accuracy_study.py",
                                          *(sys.argv[1:] if argv is None else argv)]),
                   "weights": "ImageNet" if first["provenance"]["pretrained"] else "random (no ImageNet weights here)",
                   "versions": versions()},

@@ -1,11 +1,11 @@
 """The README's "How real is the simulation" table, from the committed realism results of every preset.
 
-Each ``benchmarks/results/realism/<preset>/realism.json`` is written by (``make realism REAL=DIR`` runs them all)
+Each ``experiments/results/realism/<preset>/realism.json`` is written by (``make realism REAL=DIR`` runs them all)
 
     python -m deeplense realism --real ../shared/realdata/sample --preset <preset> --n 100 --seed 0 \\
-        --out benchmarks/results/realism/<preset>
+        --out experiments/results/realism/<preset>
 
-This script only reads them: ``python benchmarks/realism_table.py`` prints the table, ``--readme`` also writes it
+This script only reads them: ``python experiments/realism_table.py`` prints the table, ``--readme`` also writes it
 between the README's realism markers. No real image is read or drawn here.
 """
 
@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 
 from deeplense.realism import STATISTICS
+from deeplense.report import write_section
 from deeplense.simulate import PRESETS
-from deeplense.util import REPO, replace_section
+from deeplense.util import REPO
 
-RESULTS = REPO / "benchmarks" / "results" / "realism"
+RESULTS = REPO / "experiments" / "results" / "realism"
 
 
 def load(results: Path = RESULTS) -> dict[str, dict]:
@@ -82,8 +83,7 @@ def main(argv=None) -> int:
     text = table(load())
     print(text)
     if args.readme:
-        replace_section(REPO / "README.md", "<!-- realism:start -->", "<!-- realism:end -->", text)
-        print(f"updated {REPO / 'README.md'}")
+        print(f"updated {write_section('realism', text)}")
     return 0
 
 
