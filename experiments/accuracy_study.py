@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from deeplense.checkpoint import load_checkpoint
-from deeplense.config import recipe
+from deeplense.config import choices, recipe
 from deeplense.data import CLASSES
 from deeplense.evaluate import evaluate
 from deeplense.metrics import paired_difference
@@ -62,32 +62,30 @@ from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, version
 ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px", "default_ls", "default_onecycle",
         "resnet18", "lensnet", "default_bf16")
 SCALES = {
-    "quick": {"train_per_class": 800, "val_per_class": 1000, "seeds": 4,
+    # each study scale: the simulated set, the seeds and arms, and the training scale (deeplense.config.SCALES) that
+    # sets every arm's epochs, input and batch
+    "quick": {"training_scale": "demo", "train_per_class": 800, "val_per_class": 1000, "seeds": 4,
               "arms": tuple(a for a in ARMS if a not in ("default_150px", "reference", "default_bf16"))},
-    "gpu": {"train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
+    "gpu": {"training_scale": "full", "train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
 }
 DATA_SEED = 1234
 
 
 def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | None = None):
-    """The training config of an arm (``default_tta`` trains as ``default``)."""
-    if scale == "gpu":
-        base = {"seed": seed, "protocol": protocol}
-        default = recipe("default", **base)
-        cfgs = {"reference": recipe("reference", **base), "default": default,
-                "default_150px": default.replace(image_size=150),
-                "lensnet": recipe("default", arch="lensnet", **base)}
-    else:
-        base = {"seed": seed, "protocol": protocol}  # the notebook's demo scale: 5 epochs, central 96 px -> 64
-        default = recipe("default", scale="demo", **base)
-        cfgs = {"reference": recipe("reference", image_size=64, resize_then_crop=73, epochs=default.epochs, **base),
-                "default": default, "default_150px": default.replace(image_size=150, crop=None),
-                "lensnet": recipe("default", scale="demo", arch="lensnet", **base)}
-    cfgs.update({"default_no_d4": default.replace(augmentation="none"),
-                 "default_ls": default.replace(label_smoothing=0.1),
-                 "default_onecycle": default.replace(schedule="onecycle"),
-                 "default_bf16": default.replace(precision="bf16"),
-                 "resnet18": default.replace(arch="resnet18")})
+    """The training config of an arm (``default_tta`` trains as ``default``) at the study scale ``scale``."""
+    training = SCALES[scale]["training_scale"]
+    base = {"seed": seed, "protocol": protocol}
+    default = recipe("default", scale=training, **base)
+    # the reference recipe's own input is 224 px from 256; at the quick scale the same ratio at 64 px
+    reference = (recipe("reference", **base) if training == "full" else
+                 recipe("reference", image_size=64, resize_then_crop=73, epochs=default.epochs, **base))
+    cfgs = {"reference": reference, "default": default, "default_150px": default.replace(image_size=150, crop=None),
+            "lensnet": recipe("default", scale=training, arch="lensnet", **base),
+            "default_no_d4": default.replace(augmentation="none"),
+            "default_ls": default.replace(label_smoothing=0.1),
+            "default_onecycle": default.replace(schedule="onecycle"),
+            "default_bf16": default.replace(precision="bf16"),
+            "resnet18": default.replace(arch="resnet18")}
     cfg = cfgs["default" if arm == "default_tta" else arm]
     return cfg.replace(epochs=epochs) if epochs else cfg
 
@@ -284,7 +282,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default="quick", help="quick (2-core CPU, default) or gpu")
     p.add_argument("--preset", default="benchmark", help="simulation preset (default benchmark)")
-    p.add_argument("--protocol", choices=["clean", "reference"], default="clean", help="default clean")
+    p.add_argument("--protocol", choices=choices()["protocol"], default="clean", help="default clean")
     p.add_argument("--seeds", type=int, help="training seeds per arm (default 4)")
     p.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)} (default: the scale's)")
     p.add_argument("--out", default="experiments/out/study", help="output folder (default experiments/out/study/)")
