@@ -13,7 +13,7 @@ help:
 	@echo "make bench  - quick benchmarks (see benchmarks/README.md)"
 	@echo "make bench-gpu - the GPU benchmarks (about 4 minutes on one H100; prints a skip line without CUDA)"
 	@echo "make bench-archs - parameters and CPU speed of every --arch; fills README.md's arch table (minutes)"
-	@echo "make study  - the accuracy study (about 2 h on 2 CPU cores); fills README.md's ablation table"
+	@echo "make study  - the accuracy study (about 80 min for 5 arms on 2 CPU cores); fills README.md's study table"
 	@echo "make realism REAL=DIR - every preset against real images in DIR (statistics, two-sample test); README table"
 	@echo "make mutants - plant known faults one at a time and check the tests catch each (minutes; not in CI)"
 

@@ -121,3 +121,23 @@ def test_write_section_finds_the_document_that_holds_the_markers(tmp_path):
     (tmp_path / "benchmarks" / "README.md").write_text("<!-- a:start -->\n<!-- a:end -->\n")  # in two places
     with pytest.raises(DeepLenseError, match="exactly one document"):
         write_section("a", "x", tmp_path)
+
+
+def test_readme_module_table_lists_every_module_and_the_documents_links_resolve():
+    """The README's module table is the layout (each module of the package once), and every relative link or image
+    in the README and docs/ points at a file that exists."""
+    import re
+
+    from deeplense.report import documents
+    from deeplense.util import REPO
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| module | holds |"):]
+    listed = re.findall(r"`(\w+\.py)`", table.split("\n\n", 1)[0])
+    modules = sorted(p.name for p in (REPO / "Common_Task" / "deeplense").glob("*.py")
+                     if p.name not in ("__init__.py", "__main__.py"))
+    assert sorted(listed) == modules
+    for doc in documents(REPO):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)}: link to {target} is broken"
