@@ -413,12 +413,6 @@ def load_split(
     return load_splits(root, (split,), allow_pickle=allow_pickle, progress=progress)[split]
 
 
-def dataset_fingerprint(root: str | os.PathLike) -> str:
-    """A short hash of file names, sizes and modification times of both splits (for provenance)."""
-    root = find_root(root)
-    return combine_fingerprints([_fingerprint(root, list_files(root, s))[1] for s in SPLITS])
-
-
 def _listing(rel: list[str], files: list[tuple[str, int]]) -> str:
     h = hashlib.sha256()
     for r, (_, label) in zip(rel, files, strict=True):
