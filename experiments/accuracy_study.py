@@ -15,6 +15,11 @@ Arms (``--arms`` picks a subset):
 - ``default_tta``: ``default``'s checkpoints evaluated with 8-way D4 test-time averaging;
 - ``default_150px``: ``default`` on the whole native 150 px image (no crop, no resize);
 - ``default_ls``: ``default`` with label smoothing 0.1;
+- ``default_d2``: ``default`` with D2 augmentation (the 4 symmetries that keep the x axis, along which the real
+  lenses lie) instead of D4; ``default_d2_tta``: its checkpoints evaluated with D2 test-time averaging (4 views);
+- ``default_ema``: ``default`` selected and evaluated on an exponential moving average of its weights (decay 0.99
+  per step at the quick scale, whose 5 epochs are about 340 steps; 0.999 at the GPU scale);
+- ``default_clip``: ``default`` with the gradients' global norm clipped to 1;
 - ``default_onecycle``: ``default`` with a one-cycle schedule instead of warm-up + cosine;
 - ``resnet18``: ``default`` on torchvision's ResNet18 (11.2 M parameters instead of 21.3 M);
 - ``default_bf16``: ``default`` under bf16 autocast (on a CPU only where bf16 is native; not in the default arms:
@@ -60,7 +65,7 @@ from deeplense.train import resume, train
 from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, versions, write_json_atomic
 
 ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px", "default_ls", "default_onecycle",
-        "resnet18", "lensnet", "default_bf16")
+        "resnet18", "lensnet", "default_bf16", "default_d2", "default_d2_tta", "default_ema", "default_clip")
 SCALES = {
     # each study scale: the simulated set, the seeds and arms, and the training scale (deeplense.config.SCALES) that
     # sets every arm's epochs, input and batch
@@ -69,10 +74,13 @@ SCALES = {
     "gpu": {"training_scale": "full", "train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
 }
 DATA_SEED = 1234
+TRAINED_AS = {"default_tta": "default", "default_d2_tta": "default_d2"}
+"""The arms that evaluate another arm's checkpoints with test-time averaging."""
 
 
 def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | None = None):
-    """The training config of an arm (``default_tta`` trains as ``default``) at the study scale ``scale``."""
+    """The training config of an arm (a TTA arm trains as the arm it evaluates, :data:`TRAINED_AS`) at the study
+    scale ``scale``."""
     training = SCALES[scale]["training_scale"]
     base = {"seed": seed, "protocol": protocol}
     default = recipe("default", scale=training, **base)
@@ -85,8 +93,11 @@ def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | Non
             "default_ls": default.replace(label_smoothing=0.1),
             "default_onecycle": default.replace(schedule="onecycle"),
             "default_bf16": default.replace(precision="bf16"),
-            "resnet18": default.replace(arch="resnet18")}
-    cfg = cfgs["default" if arm == "default_tta" else arm]
+            "resnet18": default.replace(arch="resnet18"),
+            "default_d2": default.replace(augmentation="d2"),
+            "default_ema": default.replace(ema=0.999 if training == "full" else 0.99),
+            "default_clip": default.replace(clip_grad=1.0)}
+    cfg = cfgs[TRAINED_AS.get(arm, arm)]
     return cfg.replace(epochs=epochs) if epochs else cfg
 
 
@@ -94,7 +105,7 @@ def run_one(arm: str, seed: int, data: Path, out: Path, scale: str, protocol: st
             device: str | None = None) -> dict:
     """Train (or reuse) one arm's run for one seed and evaluate it on the test images; return metrics.json plus
     the training time and speed."""
-    train_arm = "default" if arm == "default_tta" else arm
+    train_arm = TRAINED_AS.get(arm, arm)
     run = out / "runs" / f"{train_arm}-seed{seed}"
     ev = out / "eval" / f"{arm}-seed{seed}"
     if not (ev / "metrics.json").exists():
@@ -105,7 +116,7 @@ def run_one(arm: str, seed: int, data: Path, out: Path, scale: str, protocol: st
                 resume(run, data, device=device)
         else:
             train(arm_config(arm, scale, seed, protocol, epochs), data, run, device=device)
-        evaluate(run / "best.pt", data, ev, split="test", tta=arm == "default_tta", device=device)
+        evaluate(run / "best.pt", data, ev, split="test", tta=arm in TRAINED_AS, device=device)
         write_json_atomic(ev / "timing.json", {"wall_seconds_this_call": time.time() - t0})
     m = json.loads((ev / "metrics.json").read_text())
     hist = read_jsonl(run / "history.jsonl")
@@ -171,13 +182,15 @@ def describe(arm: dict) -> str:
         geometry = f"whole image at {size} px"
     if c.get("arch", "resnet34") == "lensnet":
         geometry = f"native {c.get('crop') or size} px, 1 channel"
-    aug = {"d4": "D4", "hflip": "h-flips", "none": "no aug."}.get(c["augmentation"], c["augmentation"])
+    aug = {"d4": "D4", "d2": "D2", "hflip": "h-flips", "none": "no aug."}.get(c["augmentation"], c["augmentation"])
     opt = f"{'AdamW' if c['optimizer'] == 'adamw' else c['optimizer'].upper()} {c['lr']:g}"
     extra = (", one-cycle" if c.get("schedule") == "onecycle" else "") + (
-        f", label smoothing {c['label_smoothing']:g}" if c.get("label_smoothing") else "")
+        f", label smoothing {c['label_smoothing']:g}" if c.get("label_smoothing") else "") + (
+        f", EMA {c['ema']:g}" if c.get("ema") else "") + (f", clip {c['clip_grad']:g}" if c.get("clip_grad") else "")
     net = "" if c.get("arch", "resnet34") == "resnet34" else f"{c['arch']}, "
     precision = f", {c['precision']}" if c.get("precision", "auto") != "auto" else ""
-    return f"{net}{opt}{extra}, {aug}, {geometry}{precision}" + (", D4 TTA" if arm.get("tta") else "")
+    tta = f", {'D2' if c['augmentation'] == 'd2' else 'D4'} TTA" if arm.get("tta") else ""
+    return f"{net}{opt}{extra}, {aug}, {geometry}{precision}{tta}"
 
 
 def _delta(d: dict | None) -> str:

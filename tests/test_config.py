@@ -83,3 +83,20 @@ def test_a_scale_sets_the_geometry_and_lensnet_keeps_its_native_pixels():
     assert recipe("default", scale="demo", epochs=2).epochs == 2  # an override wins over the scale
     with pytest.raises(DeepLenseError, match="unknown scale"):
         recipe("default", scale="huge")
+
+
+def test_training_options_of_the_leaders_are_checked_and_described():
+    import pytest
+
+    from deeplense.util import DeepLenseError
+
+    cfg = recipe("default", clip_grad="1.5", ema="0.999", patience="3", augmentation="d2")
+    assert (cfg.clip_grad, cfg.ema, cfg.patience) == (1.5, 0.999, 3)
+    text = cfg.describe()
+    assert "clipped to norm 1.5" in text and "decay 0.999" in text and "3 epoch(s) without" in text
+    assert "keep the x axis" in text
+    assert recipe("default").clip_grad is recipe("default").ema is recipe("default").patience is None
+    for bad, msg in (({"clip_grad": 0}, "clip_grad must be positive"), ({"ema": 1.0}, "ema must be a decay"),
+                     ({"patience": 0}, "patience must be at least 1")):
+        with pytest.raises(DeepLenseError, match=msg):
+            recipe("default", **bad)

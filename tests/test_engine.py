@@ -109,3 +109,38 @@ def test_onecycle_and_label_smoothing_reach_training(small, tmp_path, monkeypatc
     train(base.replace(label_smoothing=0.1), small, tmp_path / "smooth", **quiet(stop_after_epoch=1))
     assert smoothing and set(smoothing) == {0.1}  # every training step's loss, and only those (validation: NLL)
     assert "label smoothing 0.1" in base.replace(label_smoothing=0.1).describe()
+
+
+def test_d2_runs_average_over_the_d2_symmetries_only():
+    """TTA of a run trained with d2 is the mean over its 4 symmetries, not over D4's 8."""
+    from deeplense.transforms import D2_ELEMENTS
+
+    torch.manual_seed(0)
+    cfg = recipe("default", augmentation="d2", **FAST)
+    model = build_model("none")[0]
+    x = torch.rand(5, 1, 40, 40)
+    views = np.stack([predict_proba(model, d4_transform(x, k), cfg, torch.device("cpu")) for k in range(8)])
+    got = predict_proba(model, x, cfg, torch.device("cpu"), tta=True)
+    np.testing.assert_allclose(got, views[list(D2_ELEMENTS)].mean(0), atol=1e-6)
+    assert np.abs(got - views.mean(0)).max() > 1e-5  # and the quarter turns would have changed it
+
+
+def test_clip_grad_bounds_each_step(monkeypatch):
+    """With clip_grad c and plain SGD at lr 1, no step moves the weights by more than c (the gradient's global
+    norm is clipped after unscaling, before the step); without it the same step moves them much further."""
+    from deeplense.device import plan_for
+    from deeplense.engine import build_optimizer, train_step
+
+    plan = plan_for(torch.device("cpu"), "fp32")
+    x, y = torch.rand(6, 1, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    moved = {}
+    for clip in (None, 1e-3):
+        torch.manual_seed(0)
+        model = build_model("none")[0]
+        cfg = recipe("default", optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, augmentation="none",
+                     clip_grad=clip, **{k: v for k, v in FAST.items() if k != "warmup_epochs"})
+        opt = build_optimizer(model, cfg, plan)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        train_step(model, opt, plan.grad_scaler(), x, y, cfg, plan)
+        moved[clip] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+    assert moved[1e-3] <= 1e-3 * (1 + 1e-4) and moved[None] > 100 * moved[1e-3]

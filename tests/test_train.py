@@ -240,3 +240,50 @@ def test_one_writer_per_run_folder_and_no_run_over_results(small, tmp_path, caps
     with folder_lock(run, "a training run"):
         assert main(ev) == 2
         assert "in use by process" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ema_run_selects_evaluates_and_resumes_on_the_averaged_weights(small, tmp_path):
+    """With --ema, best.pt's and last.pt's "model" are the averaged weights (what selection scored and what evaluate
+    and predict load), last.pt also keeps the training weights, and a resumed run equals an uninterrupted one."""
+    from deeplense.checkpoint import model_from_checkpoint
+    from deeplense.engine import validate
+    from deeplense.transforms import native_crop
+
+    cfg = recipe("default", epochs=2, ema=0.5, clip_grad=1.0, **FAST)
+    train(cfg, small, tmp_path / "full", **quiet())
+    train(cfg, small, tmp_path / "staged", **quiet(stop_after_epoch=1))
+    resume(tmp_path / "staged", **quiet())
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in ("full", "staged"))
+    for key in ("model", "raw_model"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key  # the average survived the resume
+    assert int(a["ema"]["n_averaged"]) == int(b["ema"]["n_averaged"]) > 0
+    averaged, raw = a["model"], a["raw_model"]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    # the selection score recorded for the last epoch is the averaged weights' score
+    from deeplense.data import load_splits
+
+    ck = load_checkpoint(tmp_path / "full" / "last.pt")
+    x, y = load_splits(small, ("val",), progress=False)["val"]
+    sel = np.asarray(ck["data"]["selection_indices"])
+    net = model_from_checkpoint(ck, torch.device("cpu"))
+    score = validate(net, native_crop(x, sel, cfg.crop), y[sel], cfg, torch.device("cpu"))["val_macro_auc"]
+    assert score == pytest.approx(ck["metrics"]["val_macro_auc"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_patience_stops_training_and_a_resume_stays_stopped(small, tmp_path, monkeypatch):
+    """Selection AUC 0.9, 0.8, 0.7, ...: with patience 2 the run stops after epoch 3 (two epochs without a better
+    score) and keeps epoch 1 as best.pt; resuming it trains nothing more."""
+    cfg = recipe("default", epochs=6, patience=2, **FAST)
+    _script_selection_auc(monkeypatch, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    lines: list[str] = []
+    s = train(cfg, small, tmp_path / "run", progress=False, device="cpu", log=lines.append)
+    assert [h["epoch"] for h in s["history"]] == [1, 2, 3] and s["stopped_early_after"] == 3
+    assert s["best_epoch"] == 1 and any("patience" in ln for ln in lines)
+    r = resume(tmp_path / "run", **quiet())
+    assert [h["epoch"] for h in r["history"]] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
+    _script_selection_auc(monkeypatch, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    no_patience = train(cfg.replace(patience=None), small, tmp_path / "all", **quiet())
+    assert len(no_patience["history"]) == 6

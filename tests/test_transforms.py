@@ -64,3 +64,21 @@ def test_d4_paths_agree_pixel_for_pixel():
     assert torch.equal(a, b)
     for i in (0, 17, 63):
         assert torch.equal(a[i], d4_transform(x[i : i + 1], int(draws[i]))[0])
+
+
+def test_d2_augmentation_keeps_the_x_axis_and_covers_its_four_symmetries():
+    """d2 draws only the identity, the two flips and the half turn: an image elongated along x stays elongated
+    along x (no quarter turn), and all four occur."""
+    from deeplense.transforms import D2_ELEMENTS, symmetries
+
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    expected = {tuple(t.flatten().tolist()) for t in (x, torch.flip(x, dims=(-1,)), torch.flip(x, dims=(-2,)),
+                                                       torch.rot90(x, 2, dims=(-2, -1)))}
+    assert {tuple(d4_transform(x, k).flatten().tolist()) for k in D2_ELEMENTS} == expected
+    out = augment(x.repeat(200, 1, 1, 1), "d2", generator=torch.Generator().manual_seed(0))
+    assert {tuple(o.flatten().tolist()) for o in out} == expected
+    bar = torch.zeros(1, 1, 8, 8)
+    bar[..., 4, 1:7] = 1  # a bar along x
+    for o in augment(bar.repeat(50, 1, 1, 1), "d2", generator=torch.Generator().manual_seed(1)):
+        assert o[0].sum(dim=1).max() == 6  # still one row of 6: never turned onto the y axis
+    assert symmetries("d2") == D2_ELEMENTS and symmetries("d4") == tuple(range(8)) == symmetries("none")

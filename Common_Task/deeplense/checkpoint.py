@@ -4,7 +4,9 @@ A checkpoint is a dict of tensors and plain values (``FORMAT``): ``model`` (stat
 :class:`~deeplense.config.TrainConfig` as a dict), ``classes``, ``epoch``, ``metrics`` (that epoch's history
 record), ``best_metric``, ``best_epoch``, ``weights`` (where the initial weights came from), ``data`` (dataset
 root, fingerprints, split sizes), ``versions``, ``device``; ``last.pt`` adds ``optimizer``, ``scheduler`` and
-``scaler`` states so a run can resume. Nothing in it is a pickled object, so loading cannot run code.
+``scaler`` states so a run can resume. With ``ema`` on, ``model`` holds the averaged weights (what selection,
+evaluation and prediction use) and ``last.pt`` adds ``raw_model`` (the weights training continues from) and
+``ema`` (the average's state, with its step count). Nothing in it is a pickled object, so loading cannot run code.
 """
 
 from __future__ import annotations
@@ -90,10 +92,14 @@ def checkpoint_payload(model, config: TrainConfig, epoch: int, metrics: dict, be
             "best_metric": best_metric, "best_epoch": best_epoch, "format": FORMAT, **stamp}
 
 
-def resumable(payload: dict, optimizer, scheduler, scaler) -> dict:
-    """``payload`` plus what a resume needs (``last.pt``): the optimiser, scheduler and gradient-scaler states."""
-    return {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict()}
+def resumable(payload: dict, optimizer, scheduler, scaler, raw_model=None, ema=None) -> dict:
+    """``payload`` plus what a resume needs (``last.pt``): the optimiser, scheduler and gradient-scaler states, and
+    with an ``ema`` (torch's ``AveragedModel``) its state and the training weights ``raw_model``."""
+    out = {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+           "scaler": scaler.state_dict()}
+    if ema is not None:
+        out.update(raw_model=raw_model.state_dict(), ema=ema.state_dict())
+    return out
 
 
 def restore_training_state(ckpt: dict, optimizer, scheduler, scaler) -> tuple[int, float, int]:

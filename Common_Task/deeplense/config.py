@@ -64,8 +64,9 @@ class TrainConfig:
     step_size: int = _setting(7, "epochs between learning-rate drops of the step schedule")
     gamma: float = _setting(0.1, "learning-rate factor at each drop of the step schedule")
     augmentation: str = _setting("d4", "training augmentation: d4 (one of the 8 exact flips and quarter turns per "
-                                 "image), hflip (the reference's horizontal flip of half the images) or none",
-                                 ("d4", "hflip", "none"))
+                                 "image), d2 (one of the 4 that keep the x axis: identity, both flips, the half turn; "
+                                 "TTA then averages over those 4), hflip (the reference's horizontal flip of half the "
+                                 "images) or none", ("d4", "d2", "hflip", "none"))
     image_size: int = _setting(224, "model input side in pixels; images are resized (bilinear) to it (lensnet: the "
                                "native size or the crop, no resizing)")
     resize_then_crop: int | None = _setting(None, "resize to this side first, then keep the central image_size "
@@ -86,6 +87,13 @@ class TrainConfig:
     eval_batch_size: int | None = _setting(None, "batch size of validation and prediction (none: 128 on a CPU; on "
                                            "a GPU the largest power of 2 up to 1024 that fits beside the data, "
                                            "halved once on an out-of-memory error)")
+    clip_grad: float | None = _setting(None, "clip the gradients' global norm to this before each step (none: no "
+                                       "clipping)")
+    ema: float | None = _setting(None, "keep an exponential moving average of the weights, this decay per step (e.g. "
+                                 "0.999); selection, best.pt, evaluation and prediction use the averaged weights "
+                                 "(none: off)")
+    patience: int | None = _setting(None, "stop after this many epochs without a better selection score (none: "
+                                    "train every epoch)")
     precision: str = _setting("auto", "auto (bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient "
                               "scaler on older ones, fp32 on MPS and the CPU), fp32, bf16 or fp16; what auto became "
                               "is recorded in config.json (execution.precision)", PRECISIONS)
@@ -105,6 +113,9 @@ class TrainConfig:
             (self.limit_per_class is None or self.limit_per_class >= 1, "limit_per_class must be at least 1"),
             (0 < self.holdout_fraction < 1, "holdout_fraction must be between 0 and 1"),
             (self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be positive (or none)"),
+            (self.ema is None or 0 < self.ema < 1, "ema must be a decay between 0 and 1 (or none)"),
+            (self.patience is None or self.patience >= 1, "patience must be at least 1 (or none)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -142,7 +153,15 @@ class TrainConfig:
                  "step": f"the learning rate multiplied by {self.gamma:g} every {self.step_size} epochs"}[self.schedule]
         if self.label_smoothing:
             sched += f"; label smoothing {self.label_smoothing:g}"
+        if self.clip_grad:
+            sched += f"; gradients clipped to norm {self.clip_grad:g}"
+        if self.ema:
+            sched += f"; an exponential moving average of the weights (decay {self.ema:g} per step) selected and used"
+        if self.patience:
+            sched += f"; stopping after {self.patience} epoch(s) without a better selection score"
         aug = {"d4": "one of the 8 exact flips and quarter turns (D4) drawn per image",
+               "d2": "one of the 4 symmetries that keep the x axis (D2: identity, both flips, the half turn) drawn "
+                     "per image",
                "hflip": "a horizontal flip of half the images", "none": "no augmentation"}[self.augmentation]
         if self.crop:
             geometry = f"the central {self.crop} px of each image, resized to {self.image_size} px"

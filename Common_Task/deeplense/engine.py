@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .data import CLASSES
 from .device import Plan, free_memory, is_out_of_memory, memory_plan, plan_for
 from .metrics import quick_metrics
-from .transforms import augment, augmentation_draws, d4_transform, input_fn
+from .transforms import augment, augmentation_draws, d4_transform, input_fn, symmetries
 from .util import progress_bar
 
 
@@ -46,8 +46,9 @@ def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: b
                   log=_say) -> np.ndarray:
     """Softmax probabilities ``(N, 3)`` float32 for images ``x`` ``(N, 1, h, w)`` in [0, 1] (already cropped).
 
-    The model runs in ``eval()`` mode; with ``tta`` the probabilities are averaged over the 8 D4
-    symmetries. Softmax is computed in float32 even under autocast. Batches of ``batch_size`` (default
+    The model runs in ``eval()`` mode; with ``tta`` the probabilities are averaged over the symmetries the run
+    trained with (:func:`deeplense.transforms.symmetries`: the 4 of D2 for ``d2``, the 8 of D4 otherwise).
+    Softmax is computed in float32 even under autocast. Batches of ``batch_size`` (default
     ``config.eval_batch_size``, else 1024 on CUDA, 128 elsewhere); when the device runs out of memory the batch is
     halved once and the pass goes on, with a line to ``log`` saying so.
     """
@@ -61,11 +62,12 @@ def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: b
         try:
             xb = plan.layout(fn(plan.to_device(x[s : s + bs])))
             probs = 0
-            for k in range(8) if tta else (0,):
+            views = symmetries(config.augmentation) if tta else (0,)
+            for k in views:
                 with plan.autocast():
                     logits = model(d4_transform(xb, k) if k else xb)
                 probs = probs + torch.softmax(logits.float(), dim=1)
-            out.append((probs / (8 if tta else 1)).cpu())
+            out.append((probs / len(views)).cpu())
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if retried or bs < 2 or not is_out_of_memory(exc):
                 raise
@@ -204,20 +206,34 @@ def train_step(net, opt, scaler, xb: torch.Tensor, yb: torch.Tensor, config: Tra
     loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if config.clip_grad:
+        scaler.unscale_(opt)  # clip the true gradients, not the fp16 scaler's scaled ones
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], config.clip_grad)
     scaler.step(opt)
     scaler.update()
     return loss
 
 
+def build_ema(model, config: TrainConfig):
+    """The exponential moving average of ``model``'s weights and buffers (torch's ``AveragedModel`` with its EMA
+    update, decay ``config.ema`` per step), or None when ``config.ema`` is off."""
+    if not config.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+
+
 def train_one_epoch(net, opt, sched, scaler, data: Placement, config: TrainConfig, *, epoch: int, rank: int = 0,
-                    world: int = 1, progress: bool = True) -> dict:
+                    world: int = 1, progress: bool = True, ema=None, model=None) -> dict:
     """Train ``net`` for one epoch on ``data`` (a :class:`Placement`); return ``train_loss``, ``train_images``
     (all ranks), ``train_images_distinct``, ``lr``, ``train_seconds`` and ``train_images_per_s``.
 
     The epoch's order is a permutation seeded by (seed, epoch); under torchrun rank r takes the r-th of
     ``world`` equal, disjoint slices of it. The augmentation choices are drawn from the same generator at the start
     of the epoch, so CPU runs repeat bit for bit. The loss is summed on the device (in the plan's ``sum_dtype``)
-    and read by the progress bar every few seconds only.
+    and read by the progress bar every few seconds only. ``ema`` (:func:`build_ema`) is updated from ``model``
+    (the unwrapped network) after every step.
     """
     plan = data.plan
     net.train()
@@ -240,6 +256,8 @@ def train_one_epoch(net, opt, sched, scaler, data: Placement, config: TrainConfi
         xb, yb = data.batch(idx)  # (B, 1, h, w) in [0, 1] on the device
         trained_on[idx] += 1
         loss = train_step(net, opt, scaler, xb, yb, config, plan, None if draws is None else draws[batch])
+        if ema is not None:
+            ema.update_parameters(model if model is not None else net)
         if config.schedule != "step":  # per-step schedules
             sched.step()
         loss_sum += loss.detach() * len(idx)

@@ -122,11 +122,14 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
     placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
                                log=say)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("raw_model", ckpt["model"]))  # with EMA, "model" holds the averaged weights
         weights_info = ckpt["weights"]
     if weights_info.get("warning"):
         say(f"WARNING: {weights_info['warning']}")
     model, net = _on_device(model, plan, world, compile_model)
+    ema = engine.build_ema(model, config)  # the weights selection, best.pt and evaluation use when it is on
+    if ema is not None and ckpt is not None and "ema" in ckpt:
+        ema.load_state_dict(ckpt["ema"])
     steps = engine.steps_per_epoch(len(x_train) // world, config.batch_size)
     if steps == 0:
         raise DeepLenseError(f"{data}: {len(x_train)} training images are too few for {world} process(es)")
@@ -146,33 +149,33 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
                  "device": str(dev)}
         if rank == 0:
             _write_start(run, config, world, stamp, placed, compile_model, history)
-        say(f"training {config.recipe} ({config.arch}) on {dev} (world {world}), {config.protocol} protocol: "
-            f"{len(x_train)} train "
-            f"images, {len(x_sel)} selection images ({data_info['selection_split']}), input {config.image_size} px, "
-            f"batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, data "
-            f"{'on the device' if placed.resident else 'in host memory, staged through pinned buffers'}, "
-            f"{plan.describe()}"
-            + (", compiled" if compile_model else ""))
+        say(_start_line(config, dev, world, len(x_train), len(x_sel), data_info, weights_info, placed, compile_model))
+        used = ema.module if ema is not None else model  # what is selected, saved as "model" and evaluated
+        stopped_early = None
         for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
+            if config.patience and epoch - 1 - best_epoch >= config.patience:
+                stopped_early = epoch - 1
+                say(f"stopping after epoch {epoch - 1}: no better selection score in {config.patience} epoch(s) "
+                    f"(patience); best epoch {best_epoch}")
+                break
             rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, placed, config, epoch=epoch,
-                                                            rank=rank, world=world, progress=progress)}
+                                                            rank=rank, world=world, progress=progress, ema=ema,
+                                                            model=model)}
             if not math.isfinite(rec["train_loss"]):  # every rank sees the same all-reduced loss
                 raise DeepLenseError(f"{run}: training diverged at epoch {epoch} (loss {rec['train_loss']}); lower "
                                      f"--lr (now {config.lr:g}) and start again; the epochs before it are kept")
-            rec.update(_validate_on_rank0(model, placed, y_sel, config, rank, world))
+            rec.update(_validate_on_rank0(used, placed, y_sel, config, rank, world))
             history.append(rec)
             score = selection_score(rec, config)
             improved = score > best_metric
             if improved:
                 best_metric, best_epoch = score, epoch
-            say(f"epoch {epoch}/{config.epochs}: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}, "
-                f"val acc {rec['val_accuracy']:.4f}, val macro AUC {rec['val_macro_auc'] or float('nan'):.4f}, "
-                f"{rec['train_images_per_s']:.1f} img/s" + (" *best*" if improved else ""))
+            say(_epoch_line(rec, config, improved))
             if rank == 0:
-                payload = checkpoint_payload(model, config, epoch, rec, best_metric, best_epoch, stamp)
+                payload = checkpoint_payload(used, config, epoch, rec, best_metric, best_epoch, stamp)
                 if improved:
                     save_checkpoint(run / "best.pt", payload)
-                save_checkpoint(run / "last.pt", resumable(payload, opt, sched, scaler))
+                save_checkpoint(run / "last.pt", resumable(payload, opt, sched, scaler, raw_model=model, ema=ema))
                 _write_history(run, history)
             if world > 1:
                 torch.distributed.barrier()
@@ -180,7 +183,25 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
             torch.distributed.destroy_process_group()
         return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
                 "weights": weights_info, "device": str(dev), "precision": plan.precision, "rank": rank,
-                "config": config.to_dict()}
+                "config": config.to_dict(), "stopped_early_after": stopped_early}
+
+
+def _start_line(config: TrainConfig, dev, world: int, n_train: int, n_sel: int, data_info: dict, weights_info: dict,
+                placed: engine.Placement, compile_model: bool) -> str:
+    """The run's first line: what trains on what, where and how."""
+    return (f"training {config.recipe} ({config.arch}) on {dev} (world {world}), {config.protocol} protocol: "
+            f"{n_train} train images, {n_sel} selection images ({data_info['selection_split']}), input "
+            f"{config.image_size} px, batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, "
+            f"data {'on the device' if placed.resident else 'in host memory, staged through pinned buffers'}, "
+            f"{placed.plan.describe()}" + (", compiled" if compile_model else "")
+            + (f", EMA {config.ema:g}" if config.ema else ""))
+
+
+def _epoch_line(rec: dict, config: TrainConfig, improved: bool) -> str:
+    return (f"epoch {rec['epoch']}/{config.epochs}: train loss {rec['train_loss']:.4f}, val loss "
+            f"{rec['val_loss']:.4f}, val acc {rec['val_accuracy']:.4f}, val macro AUC "
+            f"{rec['val_macro_auc'] or float('nan'):.4f}, {rec['train_images_per_s']:.1f} img/s"
+            + (" *best*" if improved else ""))
 
 
 def _on_device(model, plan, world: int, compile_model: bool):

@@ -84,16 +84,30 @@ def d4_transform(x, k: int):
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
+D2_ELEMENTS = (0, 2, 4, 6)
+"""The elements of D4 (:func:`d4_transform`) that keep the x axis: identity, the half turn, the horizontal flip
+and the vertical flip (a horizontal flip and a half turn). The real images' lens and shear lie along x, so their
+distribution is symmetric under these 4, not under quarter turns."""
+
+
+def symmetries(mode: str) -> tuple[int, ...]:
+    """The D4 elements test-time averaging uses for a run trained with augmentation ``mode``: the 4 of D2 for
+    ``d2``, all 8 otherwise."""
+    return D2_ELEMENTS if mode == "d2" else tuple(range(8))
+
+
 def augmentation_draws(mode: str, n: int, generator=None):
     """The random choices of ``n`` augmentations, drawn up front (an epoch's worth at once, so that no step waits
-    on the host): the D4 element ``k`` (int64, 0..7) per image, a flip flag per image for ``hflip``, None for
-    ``none``."""
+    on the host): the D4 element ``k`` (int64, 0..7; one of :data:`D2_ELEMENTS` for ``d2``) per image, a flip flag
+    per image for ``hflip``, None for ``none``."""
     import torch
 
     if mode == "none":
         return None
     if mode == "d4":
         return torch.randint(0, 8, (n,), generator=generator)
+    if mode == "d2":
+        return 2 * torch.randint(0, 4, (n,), generator=generator)
     if mode == "hflip":
         return torch.rand(n, generator=generator) < 0.5
     raise ValueError(f"unknown augmentation {mode!r}")
@@ -102,7 +116,8 @@ def augmentation_draws(mode: str, n: int, generator=None):
 def augment(x, mode: str, generator=None, draws=None):
     """Random training augmentation of a batch ``(B, C, H, W)``.
 
-    ``mode``: ``"d4"`` applies one of the 8 flips/rotations per image, ``"hflip"`` flips half the images
+    ``mode``: ``"d4"`` applies one of the 8 flips/rotations per image, ``"d2"`` one of the 4 that keep the x axis,
+    ``"hflip"`` flips half the images
     horizontally (the reference solution), ``"none"`` returns ``x`` unchanged. ``draws``: the choices from
     :func:`augmentation_draws` on ``x``'s device (drawn from ``generator`` here when not given). Exact (pixels are
     permuted). On an accelerator it is free of host synchronisation (every symmetry is computed and the drawn one
@@ -117,7 +132,7 @@ def augment(x, mode: str, generator=None, draws=None):
         draws = augmentation_draws(mode, x.shape[0], generator).to(x.device)
     if mode == "hflip":
         return torch.where(draws.view(-1, 1, 1, 1), torch.flip(x, dims=(-1,)), x)
-    if mode != "d4":
+    if mode not in ("d4", "d2"):
         raise ValueError(f"unknown augmentation {mode!r}")
     return _d4_by_group(x, draws) if x.device.type == "cpu" else _d4_by_select(x, draws)
 
