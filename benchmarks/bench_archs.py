@@ -29,10 +29,10 @@ import torch
 
 from deeplense.config import ARCHS, input_channels, recipe
 from deeplense.engine import as_plan, build_optimizer, predict_proba, train_step
-from deeplense.model import build_model, parameter_count
+from deeplense.model import build_model, model_for, parameter_count
 from deeplense.report import write_section
 from deeplense.transforms import augmentation_draws
-from deeplense.util import REPO, cpu_name
+from deeplense.util import REPO, DeepLenseError, cpu_name
 
 from common import emit
 
@@ -41,7 +41,13 @@ STUDY_ARM = {"resnet34": "default", "resnet18": "resnet18", "lensnet": "lensnet"
 
 
 def configs(arch: str) -> dict:
-    return {"recipe": recipe("default", arch=arch), "quick": recipe("default", scale="demo", arch=arch)}
+    """The recipe's input and the quick scale's; the quick one is None for a network that cannot take it
+    (``maxvit_t``: multiples of 224 px only)."""
+    try:
+        quick = recipe("default", scale="demo", arch=arch)
+    except DeepLenseError:
+        quick = None
+    return {"recipe": recipe("default", arch=arch), "quick": quick}
 
 
 def speed(arch: str, cfg, steps: int) -> tuple[float, float]:
@@ -49,7 +55,7 @@ def speed(arch: str, cfg, steps: int) -> tuple[float, float]:
     recipe's input, to keep the run short)."""
     plan = as_plan(torch.device("cpu"), cfg.replace(precision="fp32"))
     torch.manual_seed(0)
-    model = build_model("none", arch=arch)[0]
+    model = model_for(cfg, "none")[0]
     opt = build_optimizer(model, cfg, plan)
     scaler = plan.grad_scaler()
     batch = min(cfg.batch_size, 16 if (cfg.crop is None) else cfg.batch_size)
@@ -74,6 +80,8 @@ def speed(arch: str, cfg, steps: int) -> tuple[float, float]:
 
 
 def geometry(cfg) -> str:
+    if cfg is None:
+        return "n/a (its 7 x 7 windows need multiples of 224 px)"
     c = input_channels(cfg.arch)
     if cfg.arch == "lensnet":
         return f"{c} x {cfg.image_size} px (native{', central crop' if cfg.crop else ''})"
@@ -111,7 +119,8 @@ def main(argv=None) -> int:
     for arch in archs:
         cfgs = configs(arch)
         params = parameter_count(build_model("none", arch=arch)[0])
-        (tr, pr), (tq, pq) = (speed(arch, cfgs[k], args.steps) for k in ("recipe", "quick"))
+        (tr, pr), (tq, pq) = (speed(arch, cfgs[k], args.steps) if cfgs[k] else (float("nan"),) * 2
+                              for k in ("recipe", "quick"))
         emit(f"arch_{arch}", f"{params / 1e6:.2f} M parameters; input {geometry(cfgs['recipe'])}: train {tr:.1f} "
              f"img/s, predict {pr:.1f} img/s; quick input {geometry(cfgs['quick'])}: train {tq:.1f} img/s, "
              f"predict {pq:.1f} img/s", value=tq, unit="img/s (quick-input training)")

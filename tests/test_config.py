@@ -100,3 +100,23 @@ def test_training_options_of_the_leaders_are_checked_and_described():
                      ({"patience": 0}, "patience must be at least 1")):
         with pytest.raises(DeepLenseError, match=msg):
             recipe("default", **bad)
+
+
+def test_the_transformers_inputs_and_the_attention_setting_are_checked():
+    import pytest
+
+    from deeplense.util import DeepLenseError
+
+    assert recipe("default", arch="resnet34_attn").attention == "se"  # its default
+    assert recipe("default", arch="resnet34_attn", attention="mhsa").attention == "mhsa"
+    assert recipe("default", arch="resnet34").attention is None
+    with pytest.raises(DeepLenseError, match="attention applies to arch resnet34_attn only"):
+        recipe("default", attention="cbam")
+    with pytest.raises(DeepLenseError, match="attention must be one of se, cbam, mhsa"):
+        recipe("default", arch="resnet34_attn", attention="bam")
+    assert recipe("default", scale="demo", arch="vit_b_16").image_size == 64  # 4 x 4 patches of 16 px
+    with pytest.raises(DeepLenseError, match="vit_b_16 takes an image_size that is a multiple of 16 px"):
+        recipe("default", arch="vit_b_16", image_size=40)
+    with pytest.raises(DeepLenseError, match="maxvit_t takes an image_size that is a multiple of 224 px"):
+        recipe("default", scale="demo", arch="maxvit_t")
+    assert recipe("default", arch="maxvit_t").image_size == 224

@@ -111,7 +111,9 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, where, offline):
 
 
 # ------------------------------------------------------------------------------------------------ every arch
-TORCHVISION = ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3"]
+TORCHVISION = ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3",
+               *(pytest.param(a, marks=pytest.mark.slow) for a in ("convnext_tiny", "swin_t", "vit_b_16", "maxvit_t"))]
+SIDE = {"maxvit_t": 224}  # the smallest input each network takes; 32 px for the others (vit_b_16: 2 x 2 patches)
 
 
 @pytest.mark.parametrize("arch", TORCHVISION)
@@ -124,15 +126,46 @@ def test_imagenet_weights_of_each_arch_from_a_planted_hub_file(arch, offline):
     sd = get_model(arch, weights=None).state_dict()
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, cached)
-    model, info = build_model("auto", arch=arch)
+    side = SIDE.get(arch, 32)
+    model, info = build_model("auto", arch=arch, image_size=side)
     assert info["pretrained"] and info["source"] == "imagenet" and info["warning"] is None
     first = next(k for k in sd if k.endswith("weight"))
     torch.testing.assert_close(model.state_dict()[first], sd[first], rtol=0, atol=0)
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert model(torch.zeros(2, 3, side, side)).shape == (2, 3)
+    if arch == "vit_b_16":  # ImageNet's 14 x 14 position embeddings, interpolated to this input's 2 x 2 patches
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        expected = interpolate_embeddings(side, 16, {"encoder.pos_embedding": sd["encoder.pos_embedding"]})
+        assert model.encoder.pos_embedding.shape == (1, 1 + (side // 16) ** 2, 768)
+        torch.testing.assert_close(model.encoder.pos_embedding, expected["encoder.pos_embedding"], rtol=0, atol=0)
     # the wrong network's file under that name is refused with the arch named
     torch.save(resnet34(weights=None).state_dict(), cached)
     with pytest.raises(DeepLenseError, match=f"not ImageNet {arch} weights"):
-        build_model("imagenet", arch=arch)
+        build_model("imagenet", arch=arch, image_size=side)
+
+
+@pytest.mark.parametrize("attention", ["se", "cbam", "mhsa"])
+def test_resnet34_with_attention_starts_as_the_imagenet_resnet34(attention, offline):
+    """resnet34_attn loads ImageNet ResNet34's weights (the same hub file) and, until it trains, computes exactly
+    what that ResNet34 computes: every attention module starts as the identity."""
+    from deeplense.model import add_attention
+
+    cached = hub_checkpoint_path("resnet34_attn")
+    assert cached == hub_checkpoint_path("resnet34")
+    torch.manual_seed(3)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(resnet34(weights=None).state_dict(), cached)
+    model, info = build_model("auto", arch="resnet34_attn", attention=attention)
+    plain, _ = build_model("auto", arch="resnet34")
+    assert info["pretrained"] and info["attention"] == attention
+    model.eval(), plain.eval()
+    plain.fc.load_state_dict(model.fc.state_dict())  # the same new head
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra > 0  # the attention has weights of its own, which training moves
+    with pytest.raises(DeepLenseError, match="unknown attention"):
+        add_attention(plain, "transformer")
 
 
 def test_lensnet_is_small_single_channel_and_has_no_imagenet_weights():
@@ -146,3 +179,17 @@ def test_lensnet_is_small_single_channel_and_has_no_imagenet_weights():
         model(torch.zeros(2, 3, 150, 150))  # one channel only
     with pytest.raises(DeepLenseError, match="lensnet trains from scratch"):
         build_model("imagenet", arch="lensnet")
+
+
+def test_readme_weights_table_names_each_networks_file():
+    """Users copy these names into an offline hub cache: each must be the file torchvision looks for."""
+    from deeplense.config import ARCHS
+    from deeplense.util import REPO
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| `--arch` | ImageNet weights file | input side |"):]
+    table = table[: table.index("\n\n")]
+    for arch in ARCHS:
+        row = next(line for line in table.splitlines() if f"`{arch}`" in line)
+        if arch != "lensnet":
+            assert f"`{model_mod.hub_file(arch)}`" in row, (arch, row)

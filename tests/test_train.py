@@ -185,7 +185,9 @@ def test_best_checkpoint_holds_the_peak_epoch_also_across_resume(small, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "lensnet"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "convnext_tiny",
+                                  "swin_t", "vit_b_16", "maxvit_t", "resnet34_attn:se", "resnet34_attn:cbam",
+                                  "resnet34_attn:mhsa", "lensnet"])
 def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path, capsys):
     """The network is rebuilt from the checkpoint, fed the input its config records (lensnet: 1 channel, the
     native pixels of the crop, no resizing)."""
@@ -193,16 +195,19 @@ def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path,
     from deeplense.transforms import input_fn
 
     run = tmp_path / "run"
-    size = ["--crop", "48"] if arch == "lensnet" else ["--image-size", "32"]
+    arch, _, attention = arch.partition(":")
+    side = 224 if arch == "maxvit_t" else 32  # maxvit_t's windows tile only multiples of 224 px
+    size = ["--crop", "48"] if arch == "lensnet" else ["--image-size", str(side)]
+    size += ["--attention", attention] if attention else []
     assert main(["train", "--data", str(small), "--out", str(run), "--arch", arch, "--epochs", "2", *size,
                  "--batch-size", "6", "--weights", "none", "--device", "cpu", "--stop-after-epoch", "1"]) == 0
     assert main(["train", "--resume", str(run), "--device", "cpu"]) == 0
     ck = load_checkpoint(run / "last.pt")
-    assert ck["epoch"] == 2 and ck["config"]["arch"] == arch
-    cfg = recipe("default", arch=arch, **({"crop": 48} if arch == "lensnet" else {"image_size": 32}))
+    assert ck["epoch"] == 2 and ck["config"]["arch"] == arch and ck["config"]["attention"] == (attention or None)
+    cfg = recipe("default", arch=arch, **({"crop": 48} if arch == "lensnet" else {"image_size": side}))
     assert ck["config"]["input_channels"] == cfg.in_channels == (1 if arch == "lensnet" else 3)
     x = input_fn(cfg)(torch.rand(2, 1, 48 if arch == "lensnet" else 150, 48 if arch == "lensnet" else 150))
-    assert x.shape == ((2, 1, 48, 48) if arch == "lensnet" else (2, 3, 32, 32))
+    assert x.shape == ((2, 1, 48, 48) if arch == "lensnet" else (2, 3, side, side))
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "ev"), "--bootstrap", "0",
                  "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["provenance"]["config"]["arch"] == arch

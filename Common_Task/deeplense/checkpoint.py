@@ -71,8 +71,9 @@ def model_from_checkpoint(ckpt: dict, device: torch.device, path: str | os.PathL
     when its weights do not fit the network (another head size, missing or extra keys)."""
     from .model import build_model
 
-    arch = (ckpt.get("config") or {}).get("arch", "resnet34") if isinstance(ckpt.get("config"), dict) else "resnet34"
-    model, _ = build_model("none", arch=arch)
+    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    arch = cfg.get("arch", "resnet34")
+    model, _ = build_model("none", arch=arch, image_size=cfg.get("image_size", 224), attention=cfg.get("attention"))
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:

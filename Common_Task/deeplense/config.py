@@ -19,9 +19,20 @@ EVAL_SPLITS = ("test", "selection", "val")
 """What ``evaluate --split`` can report on: the run's held-out test, or the images that selected the checkpoint
 (``val`` is their old name)."""
 
-ARCHS = ("resnet34", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "lensnet")
-"""The networks (deeplense.model): torchvision's, which take 3 channels, and ``lensnet``, which takes 1 at the
-native size."""
+ARCHS = ("resnet34", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "convnext_tiny", "swin_t",
+         "vit_b_16", "maxvit_t", "resnet34_attn", "lensnet")
+"""The networks (deeplense.model): torchvision's, which take 3 channels (the transformers among them: ``swin_t``,
+``vit_b_16``, ``maxvit_t``), ``resnet34_attn`` (ResNet34 with attention added, ``attention``), and ``lensnet``, which
+takes 1 channel at the native size."""
+
+ATTENTIONS = ("se", "cbam", "mhsa")
+"""``resnet34_attn``'s attention: squeeze-and-excitation channel attention in every block (``se``), channel and
+spatial attention in every block (``cbam``), or multi-head self-attention over the last stage's feature map, as in
+BoTNet (``mhsa``)."""
+
+INPUT_MULTIPLE = {"vit_b_16": 16, "maxvit_t": 224}
+"""Networks that take only some input sides: ViT-B/16 a multiple of its 16 px patches (its position embeddings are
+interpolated to the side), MaxViT-T a multiple of 224 (its 7 x 7 windows must tile every stage)."""
 
 
 def input_channels(arch: str) -> int:
@@ -47,8 +58,14 @@ class TrainConfig:
     """
 
     recipe: str = _setting("default", "name of the recipe (RECIPES) the values started from: a label, not checked")
-    arch: str = _setting("resnet34", "the network: resnet34 (the task's), another torchvision ImageNet network, or "
-                         "lensnet (2.7 M parameters, from scratch, 1 channel at the native 150 px or the crop)", ARCHS)
+    arch: str = _setting("resnet34", "the network: resnet34 (the task's), another torchvision ImageNet network (the "
+                         "transformers swin_t, vit_b_16 with 16 px patches, maxvit_t at 224 px), resnet34_attn "
+                         "(ResNet34 with --attention), or lensnet (2.7 M parameters, from scratch, 1 channel at the "
+                         "native 150 px or the crop)", ARCHS)
+    attention: str | None = _setting(None, "resnet34_attn's attention: se (channel attention in every block), cbam "
+                                     "(channel and spatial attention in every block) or mhsa (self-attention over the "
+                                     "last stage, as BoTNet); each starts as plain ResNet34 (default for "
+                                     "resnet34_attn: se)", ATTENTIONS)
     epochs: int = _setting(20, "training length in epochs")
     batch_size: int = _setting(64, "images per training step (per process under torchrun)")
     optimizer: str = _setting("adamw", "the optimizer", ("adamw", "sgd"))
@@ -100,7 +117,13 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self, "training config")  # cast every value to its field's type; named settings checked
+        if self.arch == "resnet34_attn" and self.attention is None:
+            object.__setattr__(self, "attention", ATTENTIONS[0])
+        multiple = INPUT_MULTIPLE.get(self.arch)
         checks = [
+            (self.attention is None or self.arch == "resnet34_attn", "attention applies to arch resnet34_attn only"),
+            (multiple is None or self.image_size % multiple == 0,
+             f"{self.arch} takes an image_size that is a multiple of {multiple} px (not {self.image_size})"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.arch != "lensnet" or (self.resize_then_crop is None and self.image_size == (self.crop or 150)),
              "lensnet takes the native pixels: image_size must equal the crop (or 150) and resize_then_crop none"),
@@ -243,7 +266,7 @@ def check_fields(obj, label: str) -> None:
         value = cast(f.name, getattr(obj, f.name), type(obj), label)
         object.__setattr__(obj, f.name, value)
         allowed = f.metadata.get("choices")
-        if allowed and value not in allowed:
+        if allowed and value is not None and value not in allowed:
             raise DeepLenseError(f"{label}: {f.name} must be one of {', '.join(allowed)}")
 
 

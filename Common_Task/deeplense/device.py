@@ -225,7 +225,7 @@ def activation_bytes(arch: str, image_size: int, element_bytes: int = 2) -> tupl
     from .model import build_model
 
     with torch.device("meta"):
-        model, _ = build_model("none", arch=arch)
+        model, _ = build_model("none", arch=arch, image_size=image_size)
     outputs = []
 
     def hook(module, args, out):

@@ -1,10 +1,15 @@
 """The networks, with a 3-class head, and the ways to get the torchvision ones' pretrained ImageNet weights.
 
 ``arch`` (:data:`ARCHS`): torchvision's ``resnet34`` (the task's network, the default), ``resnet18``,
-``resnet50``, ``efficientnet_b0`` and ``efficientnet_b3``, which take 3 channels at any size (224 px for their
-ImageNet weights), and :class:`LensNet`, a small ResNet-style network trained from scratch on the native
-single-channel image (150 px, no upsampling). Every network takes its input in [-1, 1]; the channels it takes
-are :func:`~deeplense.config.input_channels` (recorded in every checkpoint's config).
+``resnet50``, ``efficientnet_b0``, ``efficientnet_b3`` and ``convnext_tiny``, which take 3 channels at any size
+(224 px for their ImageNet weights); torchvision's transformers ``swin_t`` (any size), ``vit_b_16`` (a multiple of
+16 px: the network is built for the run's input side and ImageNet's position embeddings are interpolated to it
+with torchvision's ``interpolate_embeddings``) and ``maxvit_t`` (a multiple of 224 px); ``resnet34_attn``, ResNet34
+with attention added (:func:`add_attention`: ``se``, ``cbam`` or ``mhsa``) on ImageNet ResNet34 weights, the new
+modules initialised so that the network starts as plain ResNet34; and :class:`LensNet`, a small ResNet-style
+network trained from scratch on the native single-channel image (150 px, no upsampling). Every network takes its
+input in [-1, 1]; the channels it takes are :func:`~deeplense.config.input_channels` (recorded in every checkpoint's
+config).
 
 ``weights`` (torchvision networks):
 
@@ -28,11 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ARCHS
+from .config import ARCHS, ATTENTIONS
 from .data import CLASSES
 from .util import DeepLenseError
 
-TORCHVISION_ARCHS = tuple(a for a in ARCHS if a != "lensnet")
+TORCHVISION_ARCHS = tuple(a for a in ARCHS if a not in ("lensnet", "resnet34_attn"))
 RESNET34_FILE = "resnet34-b627a593.pth"
 
 
@@ -41,11 +46,16 @@ def _check_arch(arch: str) -> None:
         raise DeepLenseError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
 
 
+def _backbone(arch: str) -> str:
+    """The torchvision network whose ImageNet weights ``arch`` starts from."""
+    return "resnet34" if arch == "resnet34_attn" else arch
+
+
 def hub_file(arch: str = "resnet34") -> str:
     """The file name of a torchvision network's default ImageNet weights, as the torch hub cache stores it."""
     from torchvision.models import get_model_weights
 
-    return get_model_weights(arch).DEFAULT.url.rsplit("/", 1)[-1]
+    return get_model_weights(_backbone(arch)).DEFAULT.url.rsplit("/", 1)[-1]
 
 
 def hub_checkpoint_path(arch: str = "resnet34") -> Path:
@@ -72,14 +82,19 @@ def _load_state_dict_file(path: Path, *, check_name_hash: bool = True) -> dict:
     return sd
 
 
-def _torchvision(arch: str, num_classes: int = 1000) -> nn.Module:
+def _torchvision(arch: str, num_classes: int = 1000, image_size: int = 224) -> nn.Module:
     from torchvision.models import get_model
 
-    return get_model(arch, weights=None, num_classes=num_classes)
+    size = {"vit_b_16": {"image_size": image_size}, "maxvit_t": {"input_size": (image_size, image_size)}}
+    return get_model(_backbone(arch), weights=None, num_classes=num_classes, **size.get(arch, {}))
 
 
-def _imagenet(arch: str, sd: dict, source: str) -> nn.Module:
-    model = _torchvision(arch)
+def _imagenet(arch: str, sd: dict, source: str, image_size: int = 224) -> nn.Module:
+    model = _torchvision(arch, image_size=image_size)
+    if arch == "vit_b_16" and image_size != 224 and "encoder.pos_embedding" in sd:
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        sd = interpolate_embeddings(image_size, 16, sd)  # ImageNet's 14 x 14 patch grid to this input's
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
@@ -95,16 +110,22 @@ def _download_imagenet(arch: str = "resnet34") -> dict:
 
 
 def _replace_head(model: nn.Module, arch: str, num_classes: int) -> nn.Module:
+    """The ImageNet network's last linear layer replaced by a ``num_classes`` one (where each family keeps it)."""
     if arch.startswith("resnet"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
-    else:  # efficientnet: classifier = (Dropout, Linear)
+    elif arch == "swin_t":
+        model.head = nn.Linear(model.head.in_features, num_classes)
+    elif arch == "vit_b_16":
+        model.heads.head = nn.Linear(model.heads.head.in_features, num_classes)
+    else:  # efficientnet (Dropout, Linear), convnext (LayerNorm2d, Flatten, Linear), maxvit (..., Tanh, Linear)
         model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
     return model
 
 
-def build_model(weights: str = "auto", num_classes: int = len(CLASSES), arch: str = "resnet34"
-                ) -> tuple[nn.Module, dict]:
-    """Build ``arch`` with a ``num_classes`` linear head.
+def build_model(weights: str = "auto", num_classes: int = len(CLASSES), arch: str = "resnet34", *,
+                image_size: int = 224, attention: str | None = None) -> tuple[nn.Module, dict]:
+    """Build ``arch`` with a ``num_classes`` linear head; ``image_size``: the input side (``vit_b_16`` and
+    ``maxvit_t`` are built for it); ``attention``: ``resnet34_attn``'s (default ``se``).
 
     Returns
     -------
@@ -125,9 +146,10 @@ def build_model(weights: str = "auto", num_classes: int = len(CLASSES), arch: st
         try:
             if cached.is_file():
                 # like torchvision, trust the hub cache (it checks the hash only when downloading)
-                model = _imagenet(arch, _load_state_dict_file(cached, check_name_hash=False), str(cached))
+                model = _imagenet(arch, _load_state_dict_file(cached, check_name_hash=False), str(cached),
+                                  image_size)
             else:
-                model = _imagenet(arch, _download_imagenet(arch), "ImageNet download")
+                model = _imagenet(arch, _download_imagenet(_backbone(arch)), "ImageNet download", image_size)
             info.update(source="imagenet", pretrained=True)
         except Exception as exc:  # noqa: BLE001 - offline, corrupt cache, ...
             reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
@@ -138,14 +160,25 @@ def build_model(weights: str = "auto", num_classes: int = len(CLASSES), arch: st
             info["warning"] = (f"ImageNet weights unavailable ({reason}); training from RANDOM initial weights. "
                                f"Place the file at {cached} to fine-tune from ImageNet.")
             warnings.warn(info["warning"], stacklevel=2)
-            model = _torchvision(arch)
+            model = _torchvision(arch, image_size=image_size)
     elif weights in ("none", "random", None):
-        model = _torchvision(arch)
+        model = _torchvision(arch, image_size=image_size)
     else:
         path = Path(weights).expanduser()
-        model = _imagenet(arch, _load_state_dict_file(path), str(path))
+        model = _imagenet(arch, _load_state_dict_file(path), str(path), image_size)
         info.update(source=str(path), pretrained=True)
-    return _replace_head(model, arch, num_classes), info
+    model = _replace_head(model, arch, num_classes)
+    if arch == "resnet34_attn":
+        info["attention"] = attention or ATTENTIONS[0]
+        model = add_attention(model, info["attention"])
+    return model, info
+
+
+def model_for(config, weights: str | None = None) -> tuple[nn.Module, dict]:
+    """:func:`build_model` for a :class:`~deeplense.config.TrainConfig`: its arch, input side and attention
+    (``weights``: default the config's)."""
+    return build_model(config.weights if weights is None else weights, arch=config.arch,
+                       image_size=config.image_size, attention=config.attention)
 
 
 def describe_weights(weights: str = "auto", arch: str = "resnet34") -> str:
@@ -168,6 +201,85 @@ def describe_weights(weights: str = "auto", arch: str = "resnet34") -> str:
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ attention on ResNet
+class _Gate(nn.Module):
+    """Multiply by ``2 sigmoid(z)``: a gate that is exactly 1 while ``z`` is 0, which the zero-initialised last layer
+    of every attention module below gives at the start, so the network starts as the ResNet it was added to."""
+
+    def forward(self, z):
+        return 2 * torch.sigmoid(z)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention (squeeze-and-excitation, reduction 16): the block's output scaled per channel by a gate
+    computed from its global average."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels // reduction, 1),
+                                nn.ReLU(inplace=True), nn.Conv2d(channels // reduction, channels, 1))
+        nn.init.zeros_(self.fc[-1].weight)
+        nn.init.zeros_(self.fc[-1].bias)
+        self.gate = _Gate()
+
+    def forward(self, x):
+        return x * self.gate(self.fc(x))
+
+
+class CBAM(nn.Module):
+    """Channel attention from the average- and max-pooled features through one shared MLP, then spatial attention
+    from the channel-wise average and maximum through a 7 x 7 convolution (Woo et al. 2018)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(channels, channels // reduction, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(channels // reduction, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+        for layer in (self.mlp[-1], self.spatial):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.gate = _Gate()
+
+    def forward(self, x):
+        channel = self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True))
+        x = x * self.gate(channel)
+        return x * self.gate(self.spatial(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
+
+
+class SelfAttention2d(nn.Module):
+    """Multi-head self-attention over every position of a feature map (BoTNet's idea, on the last stage), with a
+    depthwise 3 x 3 convolution as position encoding (any map size), added as a residual whose scale starts at 0."""
+
+    def __init__(self, channels: int, heads: int = 8):
+        super().__init__()
+        self.position = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = self.norm((x + self.position(x)).flatten(2).transpose(1, 2))  # (B, h w, C)
+        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return x + self.scale * attended.transpose(1, 2).reshape(b, c, h, w)
+
+
+def add_attention(model: nn.Module, kind: str) -> nn.Module:
+    """Add attention to a torchvision ResNet34 in place (its weights kept): ``se`` or ``cbam`` after the second
+    batch norm of every basic block (before the residual sum), ``mhsa`` after the last stage. Returns the model,
+    which computes exactly what it computed before until training moves the new modules' zero-initialised layers."""
+    if kind not in ATTENTIONS:
+        raise DeepLenseError(f"unknown attention {kind!r} (choose from {', '.join(ATTENTIONS)})")
+    if kind == "mhsa":
+        model.layer4 = nn.Sequential(*model.layer4, SelfAttention2d(model.fc.in_features))
+        return model
+    make = SqueezeExcite if kind == "se" else CBAM
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            block.bn2 = nn.Sequential(block.bn2, make(block.bn2.num_features))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- LensNet

@@ -30,7 +30,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import CLASSES, SPLITS, combine_fingerprints, load_splits
 from .device import default_timeout_minutes, pick_device, plan_for
-from .model import build_model
+from .model import model_for
 from .splits import ProtocolSplit, check_disjoint, limit_per_class, pixel_digest, protocol_split
 from .transforms import native_crop
 from .util import (
@@ -118,7 +118,7 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     torch.manual_seed(config.seed)
-    model, weights_info = build_model(config.weights if ckpt is None else "none", arch=config.arch)
+    model, weights_info = model_for(config, None if ckpt is None else "none")
     placed = engine.place_data(x_train, y_train, x_sel, plan, config, sum(p.numel() for p in model.parameters()),
                                log=say)
     if ckpt is not None:
