@@ -138,9 +138,12 @@ def main(argv=None) -> int:
                  "quick-scale input | train img/s (CPU, batch 32) | predict img/s (CPU) | held-out macro AUC, "
                  "benchmark preset, quick scale |",
                  "|---|---|---|---|---|---|---|---|---|"]
+        def rate(v: float) -> str:
+            return "n/a" if v != v else f"{v:.1f}"  # NaN: the network cannot take that input
+
         for arch, params, g, tr, pr, gq, tq, pq in rows:
-            lines.append(f"| `{arch}` | {params / 1e6:.2f} M | {g} | {tr:.1f} | {pr:.1f} | {gq} | {tq:.1f} | "
-                         f"{pq:.1f} | {aucs.get(arch, 'not in the study')} |")
+            lines.append(f"| `{arch}` | {params / 1e6:.2f} M | {g} | {rate(tr)} | {rate(pr)} | {gq} | {rate(tq)} | "
+                         f"{rate(pq)} | {aucs.get(arch, 'not in the study')} |")
         print(f"wrote the arch table into {write_section('archs', chr(10).join(lines))}")
     return 0
 
