@@ -65,14 +65,14 @@ def test_training_batches_are_d4_augmented(small, tmp_path, monkeypatch):
     import deeplense.train as train_mod
 
     seen = []
-    real = train_mod.build_model
+    real = train_mod.model_for
 
     def spy(*a, **k):
         model, info = real(*a, **k)
         model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
         return model, info
 
-    monkeypatch.setattr(train_mod, "build_model", spy)
+    monkeypatch.setattr(train_mod, "model_for", spy)
     # crop 32 at 32 px: no resize, so the input is exactly the native crop mapped to [-1, 1]
     cfg = recipe("default", epochs=1, image_size=32, crop=32, batch_size=6, weights="none", warmup_epochs=0.0)
     train(cfg, small, tmp_path / "run", **quiet())
