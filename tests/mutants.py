@@ -523,7 +523,8 @@ MUTANTS = (
            ("tests/test_engine.py::test_d2_runs_average_over_the_d2_symmetries_only",)),
     # issue 25: transformers and attention on ResNet
     Mutant("vit_embeddings_not_interpolated", "ViT's ImageNet weights are refused at any input but 224 px",
-           PKG + "model.py", "        sd = interpolate_embeddings(image_size, 16, sd)", "        pass",
+           PKG + "model.py", "        sd = interpolate_embeddings(image_size, INPUT_MULTIPLE[arch], sd)",
+           "        pass",
            ("tests/test_model.py::test_imagenet_weights_of_each_arch_from_a_planted_hub_file",)),
     Mutant("se_not_identity_at_start", "resnet34_attn (se) starts from a perturbed ResNet34, not the ImageNet one",
            PKG + "model.py", "        nn.init.zeros_(self.fc[-1].weight)\n", "\n",

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ARCHS, ATTENTIONS
+from .config import ARCHS, ATTENTIONS, INPUT_MULTIPLE
 from .data import CLASSES
 from .util import DeepLenseError
 
@@ -94,7 +94,7 @@ def _imagenet(arch: str, sd: dict, source: str, image_size: int = 224) -> nn.Mod
     if arch == "vit_b_16" and image_size != 224 and "encoder.pos_embedding" in sd:
         from torchvision.models.vision_transformer import interpolate_embeddings
 
-        sd = interpolate_embeddings(image_size, 16, sd)  # ImageNet's 14 x 14 patch grid to this input's
+        sd = interpolate_embeddings(image_size, INPUT_MULTIPLE[arch], sd)  # ImageNet's 14 x 14 patches to this input's
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
@@ -205,8 +205,8 @@ def parameter_count(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------ attention on ResNet
 class _Gate(nn.Module):
-    """Multiply by ``2 sigmoid(z)``: a gate that is exactly 1 while ``z`` is 0, which the zero-initialised last layer
-    of every attention module below gives at the start, so the network starts as the ResNet it was added to."""
+    """The gate ``2 sigmoid(z)`` the attention modules below multiply by: exactly 1 while ``z`` is 0, which their
+    zero-initialised last layer gives at the start, so the network starts as the ResNet it was added to."""
 
     def forward(self, z):
         return 2 * torch.sigmoid(z)
