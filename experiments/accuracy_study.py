@@ -20,6 +20,10 @@ Arms (``--arms`` picks a subset):
 - ``default_ema``: ``default`` selected and evaluated on an exponential moving average of its weights (decay 0.99
   per step at the quick scale, whose 5 epochs are about 340 steps; 0.999 at the GPU scale);
 - ``default_clip``: ``default`` with the gradients' global norm clipped to 1;
+- ``default_no_recal``: ``default`` without recomputing BatchNorm's running statistics before each validation (the
+  recipe before that fix: the same training, bit for bit; only what is evaluated, selected and saved differs);
+- the networks (:data:`NETWORK_ARMS`): ``default`` on ``resnet34_attn`` with each attention (``resnet34_attn_se``,
+  ``_cbam``, ``_mhsa``), ``convnext_tiny``, ``swin_t``, ``vit_b_16``, ``efficientnet_b3``, ``maxvit_t``;
 - ``default_onecycle``: ``default`` with a one-cycle schedule instead of warm-up + cosine;
 - ``resnet18``: ``default`` on torchvision's ResNet18 (11.2 M parameters instead of 21.3 M);
 - ``default_bf16``: ``default`` under bf16 autocast (on a CPU only where bf16 is native; not in the default arms:
@@ -30,10 +34,11 @@ Arms (``--arms`` picks a subset):
 ``--scale quick`` (the default, for a 2-core CPU): 800 train and 1,000 val images per class, 5 epochs, random
 initial weights (ImageNet weights when the torch hub cache holds them), input = the central 96 px shrunk to 64 px
 (the reference arm: the whole image resized to 73 px, centre 64 px, its 256 -> 224 geometry scaled); 4 seeds; every
-arm but ``default_150px`` (4.7x the training time of ``default`` on a CPU) and ``reference`` (from random weights
-its SGD at lr 1e-4 stays at chance in 5 epochs: macro AUC 0.508 ± 0.025 in the earlier common_task study), to
-fit about 2 hours. ``--scale gpu``: 10,000 / 2,500 per class at the recipes' own settings (224 px, or 150 px for
-``default_150px`` and ``lensnet``; 20 epochs), every arm.
+arm but those of :data:`GPU_ONLY` (``default_150px``: 4.7x the training time of ``default`` on a CPU;
+``reference``: from random weights its SGD at lr 1e-4 stays at chance in 5 epochs, macro AUC 0.508 ± 0.025 in the
+earlier common_task study; ``maxvit_t``, which takes 224 px only; ``vit_b_16``, 4x ``default``'s time), about 5
+to 14 minutes per arm and seed. ``--scale gpu``: 10,000 / 2,500 per class at the recipes' own settings (224 px,
+or 150 px for ``default_150px`` and ``lensnet``; 20 epochs), every arm.
 
 Writes ``OUT/study.json``, ``OUT/study_auc.png|pdf`` (macro AUC per arm, and each arm's paired difference from
 ``default``) and ``OUT/study_roc.png|pdf`` (class-wise ROC of the best arm against the reference); ``--readme``
@@ -64,13 +69,23 @@ from deeplense.simulate import SimulationConfig, simulate_dataset
 from deeplense.train import resume, train
 from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, versions, write_json_atomic
 
-ARMS = ("reference", "default", "default_no_d4", "default_tta", "default_150px", "default_ls", "default_onecycle",
-        "resnet18", "lensnet", "default_bf16", "default_d2", "default_d2_tta", "default_ema", "default_clip")
+NETWORK_ARMS = ("resnet34_attn_se", "resnet34_attn_cbam", "resnet34_attn_mhsa", "convnext_tiny", "swin_t", "vit_b_16",
+                "efficientnet_b3", "maxvit_t")
+"""The arms that change the network only (the reference solution's two ideas, and the CNNs that lead): each is
+``default`` on that ``--arch`` (``resnet34_attn_<kind>``: ``--arch resnet34_attn --attention <kind>``)."""
+ARMS = ("reference", "default", "default_no_recal", "default_no_d4", "default_tta", "default_150px", "default_ls",
+        "default_onecycle", "resnet18", "lensnet", "default_bf16", "default_d2", "default_d2_tta", "default_ema",
+        "default_clip", *NETWORK_ARMS)
+GPU_ONLY = ("default_150px", "reference", "default_bf16", "maxvit_t", "vit_b_16")
+"""Arms the quick scale leaves out, and why: ``default_150px`` trains 4.7x as long as ``default`` on a CPU;
+``reference`` stays at chance from random weights in 5 epochs; ``default_bf16`` needs native bf16; ``maxvit_t``
+takes only multiples of 224 px (20x the quick input's pixels); ``vit_b_16`` trains at 13.7 img/s against ResNet34's
+57.4 at the quick input (benchmarks/bench_archs.py), about 90 minutes for 4 seeds."""
 SCALES = {
     # each study scale: the simulated set, the seeds and arms, and the training scale (deeplense.config.SCALES) that
     # sets every arm's epochs, input and batch
     "quick": {"training_scale": "demo", "train_per_class": 800, "val_per_class": 1000, "seeds": 4,
-              "arms": tuple(a for a in ARMS if a not in ("default_150px", "reference", "default_bf16"))},
+              "arms": tuple(a for a in ARMS if a not in GPU_ONLY)},
     "gpu": {"training_scale": "full", "train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
 }
 DATA_SEED = 1234
@@ -96,8 +111,14 @@ def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | Non
             "resnet18": default.replace(arch="resnet18"),
             "default_d2": default.replace(augmentation="d2"),
             "default_ema": default.replace(ema=0.999 if training == "full" else 0.99),
-            "default_clip": default.replace(clip_grad=1.0)}
-    cfg = cfgs[TRAINED_AS.get(arm, arm)]
+            "default_clip": default.replace(clip_grad=1.0),
+            "default_no_recal": default.replace(bn_recalibration=None)}
+    name = TRAINED_AS.get(arm, arm)
+    if name in NETWORK_ARMS:  # built only when asked: maxvit_t refuses the quick scale's 64 px
+        arch, _, attention = name.partition("_attn_")
+        cfg = default.replace(arch="resnet34_attn" if attention else arch, attention=attention or None)
+    else:
+        cfg = cfgs[name]
     return cfg.replace(epochs=epochs) if epochs else cfg
 
 
@@ -187,7 +208,10 @@ def describe(arm: dict) -> str:
     extra = (", one-cycle" if c.get("schedule") == "onecycle" else "") + (
         f", label smoothing {c['label_smoothing']:g}" if c.get("label_smoothing") else "") + (
         f", EMA {c['ema']:g}" if c.get("ema") else "") + (f", clip {c['clip_grad']:g}" if c.get("clip_grad") else "")
-    net = "" if c.get("arch", "resnet34") == "resnet34" else f"{c['arch']}, "
+    if c.get("recipe") == "default" and not c.get("bn_recalibration"):
+        extra += ", no BN recalibration"
+    attention = f"/{c['attention']}" if c.get("attention") else ""
+    net = "" if c.get("arch", "resnet34") == "resnet34" else f"{c['arch']}{attention}, "
     precision = f", {c['precision']}" if c.get("precision", "auto") != "auto" else ""
     tta = f", {'D2' if c['augmentation'] == 'd2' else 'D4'} TTA" if arm.get("tta") else ""
     return f"{net}{opt}{extra}, {aug}, {geometry}{precision}{tta}"

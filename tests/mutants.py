@@ -514,6 +514,21 @@ MUTANTS = (
            TRAIN, "            if config.patience and epoch - 1 - best_epoch >= config.patience:",
            "            if False:",
            ("tests/test_train.py::test_patience_stops_training_and_a_resume_stays_stopped",)),
+    Mutant("bn_recalibration_skipped", "the default recipe records BatchNorm recalibration but validates and saves "
+           "the lagging running statistics (the early selection-loss jumps)",
+           TRAIN, "        engine.recalibrate_bn(model, placed, config)", "        pass",
+           ("tests/test_train.py::test_bn_recalibration_changes_what_is_evaluated_never_the_training",)),
+    Mutant("bn_recalibration_global_rng", "BatchNorm recalibration draws its images from the global random state: "
+           "other images each call, and a resumed run differs from an uninterrupted one",
+           ENGINE, "idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed + 7919))[:n]",
+           "idx = torch.randperm(n_train)[:n]",
+           ("tests/test_engine.py::test_recalibrate_bn_is_update_bn_over_the_seeds_drawn_training_images",)),
+    Mutant("bn_recalibration_on_selection_images", "BatchNorm recalibration computes the statistics on the "
+           "selection images instead of the training images",
+           ENGINE, "plan.to_device(data.x_train[idx[s : s + bs]])",
+           "plan.to_device(data.x_sel[idx[s : s + bs] % len(data.x_sel)])",
+           ("tests/test_engine.py::test_recalibrate_bn_is_update_bn_over_the_seeds_drawn_training_images",
+            "tests/test_train.py::test_bn_recalibration_changes_what_is_evaluated_never_the_training")),
     Mutant("d2_draws_quarter_turns", "--augmentation d2 turns images by quarter turns too",
            PKG + "transforms.py", "return 2 * torch.randint(0, 4, (n,), generator=generator)",
            "return torch.randint(0, 8, (n,), generator=generator)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,33 @@ def test_clip_grad_bounds_each_step(monkeypatch):
         train_step(model, opt, plan.grad_scaler(), x, y, cfg, plan)
         moved[clip] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
     assert moved[1e-3] <= 1e-3 * (1 + 1e-4) and moved[None] > 100 * moved[1e-3]
+
+
+def test_recalibrate_bn_is_update_bn_over_the_seeds_drawn_training_images():
+    """recalibrate_bn sets every BatchNorm's running statistics to torch's update_bn over the drawn training images
+    (not augmented, model input), uses a generator of its own (the global random state is untouched, the same
+    images every call), drops a last batch of one image, and does nothing to a network without BatchNorm."""
+    from deeplense.engine import place_data, recalibrate_bn, recalibration_indices
+    from deeplense.transforms import input_fn
+
+    cfg = recipe("default", bn_recalibration=21, eval_batch_size=10, **FAST)
+    x, y = torch.rand(40, 1, 32, 32), torch.arange(40) % 3
+    torch.manual_seed(0)
+    model = build_model("none")[0]
+    reference = copy.deepcopy(model)
+    state = torch.get_rng_state()
+    idx = recalibration_indices(40, cfg)
+    assert torch.equal(idx, recalibration_indices(40, cfg)) and torch.equal(state, torch.get_rng_state())
+    assert len(idx) == 21 and len(set(idx.tolist())) == 21 and torch.equal(idx, idx.sort().values)
+    assert not torch.equal(idx, recalibration_indices(40, cfg.replace(seed=1)))
+    placed = place_data(x, y, x[:6], torch.device("cpu"), cfg, 0)
+    assert recalibrate_bn(model, placed, cfg) == 20  # 10 + 10; the 21st alone would be a batch of one
+    torch.optim.swa_utils.update_bn([input_fn(cfg)(x[idx[:10]]), input_fn(cfg)(x[idx[10:20]])], reference)
+    bns = [(a, b) for a, b in zip(model.modules(), reference.modules(), strict=True)
+           if isinstance(a, torch.nn.BatchNorm2d)]
+    assert bns and all(torch.allclose(a.running_mean, b.running_mean, atol=1e-6) and
+                       torch.allclose(a.running_var, b.running_var, rtol=1e-4) for a, b in bns)
+    assert torch.equal(state, torch.get_rng_state())
+    assert recalibrate_bn(model, placed, cfg.replace(bn_recalibration=None)) == 0
+    no_bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(3 * 32 * 32))
+    assert recalibrate_bn(no_bn, placed, cfg) == 0

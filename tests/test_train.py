@@ -292,3 +292,31 @@ def test_patience_stops_training_and_a_resume_stays_stopped(small, tmp_path, mon
     _script_selection_auc(monkeypatch, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     no_patience = train(cfg.replace(patience=None), small, tmp_path / "all", **quiet())
     assert len(no_patience["history"]) == 6
+
+
+@pytest.mark.slow
+def test_bn_recalibration_changes_what_is_evaluated_never_the_training(small, tmp_path):
+    """The default recipe recomputes BatchNorm's statistics before each validation: the trained weights are bit for
+    bit those of a run without it, while the saved statistics are recalibrate_bn's for those weights (what the
+    recorded selection score was computed with)."""
+    from deeplense import engine
+    from deeplense.checkpoint import model_from_checkpoint
+    from deeplense.train import _load
+
+    cfg = recipe("default", epochs=2, **FAST)
+    assert cfg.bn_recalibration and recipe("reference").bn_recalibration is None
+    train(cfg, small, tmp_path / "on", **quiet())
+    train(cfg.replace(bn_recalibration=None), small, tmp_path / "off", **quiet())
+    on, off = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("on", "off"))
+    stats = [k for k in on if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(on[k], off[k]) for k in on if k not in stats)  # the same training
+    assert not all(torch.equal(on[k], off[k]) for k in stats)
+    ck = load_checkpoint(tmp_path / "off" / "last.pt")
+    net = model_from_checkpoint(ck, torch.device("cpu"))
+    x_train, y_train, x_sel, y_sel, _ = _load(cfg, small, False, False, torch.device("cpu"))
+    placed = engine.place_data(x_train, y_train, x_sel, torch.device("cpu"), cfg, 0)
+    assert engine.recalibrate_bn(net, placed, cfg) > 0
+    got = net.state_dict()
+    assert all(torch.allclose(got[k], on[k], atol=1e-6) for k in stats if "running" in k)
+    score = engine.validate(net, x_sel, y_sel, cfg, torch.device("cpu"))["val_macro_auc"]
+    assert score == pytest.approx(load_checkpoint(tmp_path / "on" / "last.pt")["metrics"]["val_macro_auc"], abs=1e-9)

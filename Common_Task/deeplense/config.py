@@ -111,6 +111,11 @@ class TrainConfig:
                                  "(none: off)")
     patience: int | None = _setting(None, "stop after this many epochs without a better selection score (none: "
                                     "train every epoch)")
+    bn_recalibration: int | None = _setting(None, "before each validation, recompute BatchNorm's running statistics "
+                                            "from this many training images (not augmented, a fixed draw of the "
+                                            "seed) with the current weights, as a cumulative average (precise "
+                                            "BatchNorm); it changes what is evaluated and saved, never the training "
+                                            "itself (none: off; networks without BatchNorm: nothing to do)")
     precision: str = _setting("auto", "auto (bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient "
                               "scaler on older ones, fp32 on MPS and the CPU), fp32, bf16 or fp16; what auto became "
                               "is recorded in config.json (execution.precision)", PRECISIONS)
@@ -139,6 +144,8 @@ class TrainConfig:
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be positive (or none)"),
             (self.ema is None or 0 < self.ema < 1, "ema must be a decay between 0 and 1 (or none)"),
             (self.patience is None or self.patience >= 1, "patience must be at least 1 (or none)"),
+            (self.bn_recalibration is None or self.bn_recalibration >= 2,
+             "bn_recalibration must be at least 2 images (or none)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -182,6 +189,9 @@ class TrainConfig:
             sched += f"; an exponential moving average of the weights (decay {self.ema:g} per step) selected and used"
         if self.patience:
             sched += f"; stopping after {self.patience} epoch(s) without a better selection score"
+        if self.bn_recalibration:
+            sched += (f"; BatchNorm's running statistics recomputed on {self.bn_recalibration} training images before "
+                      f"each validation")
         aug = {"d4": "one of the 8 exact flips and quarter turns (D4) drawn per image",
                "d2": "one of the 4 symmetries that keep the x axis (D2: identity, both flips, the half turn) drawn "
                      "per image",
@@ -288,10 +298,12 @@ RECIPES: dict[str, TrainConfig] = {
                              weight_decay=0.0, schedule="step", warmup_epochs=0.0, step_size=7, gamma=0.1,
                              augmentation="hflip", image_size=224, resize_then_crop=256,
                              select_metric="accuracy"),
-    # Ours: AdamW with warm-up and cosine decay, exact D4 augmentation, selection by macro AUC.
+    # Ours: AdamW with warm-up and cosine decay, exact D4 augmentation, selection by macro AUC, BatchNorm's running
+    # statistics recomputed before each validation (without it the selection loss jumps in the early epochs, while
+    # the weights move fast: experiments/early_instability.py, docs/studies.md)
     "default": TrainConfig(recipe="default", epochs=20, batch_size=64, optimizer="adamw", lr=1e-3,
                            weight_decay=0.05, schedule="cosine", warmup_epochs=1.0, augmentation="d4",
-                           image_size=224, select_metric="macro_auc"),
+                           image_size=224, select_metric="macro_auc", bn_recalibration=1024),
 }
 
 

@@ -281,6 +281,40 @@ def train_one_epoch(net, opt, sched, scaler, data: Placement, config: TrainConfi
             "train_images_per_s": seen / seconds}
 
 
+def has_batchnorm(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recalibration_indices(n_train: int, config: TrainConfig) -> torch.Tensor:
+    """The training images :func:`recalibrate_bn` uses: ``config.bn_recalibration`` of them (all when fewer),
+    drawn once from a generator of the seed (never the global one, so training is untouched), in index order; a
+    last batch of one image is dropped (BatchNorm cannot average a single image's 1x1 map)."""
+    n = min(config.bn_recalibration or 0, n_train)
+    idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed + 7919))[:n]
+    return idx.sort().values
+
+
+def recalibrate_bn(model, data: Placement, config: TrainConfig) -> int:
+    """Recompute ``model``'s BatchNorm running statistics from training images with its current weights (precise
+    BatchNorm, :func:`torch.optim.swa_utils.update_bn`: a cumulative average over one pass in train mode, no
+    gradient), so that validation and the saved checkpoint use statistics of these weights rather than a running
+    average over the last steps' moving weights. Images: :func:`recalibration_indices`, not augmented, in
+    validation-sized batches under the plan's autocast. Returns the number of images used (0: off, or no
+    BatchNorm). Model parameters, optimiser and random state are not touched."""
+    if not config.bn_recalibration or not has_batchnorm(model):
+        return 0
+    plan = data.plan
+    idx = recalibration_indices(len(data.x_train), config).to(data.index_device)
+    bs = data.eval_batch_size or config.eval_batch_size or default_eval_batch_size(plan)
+    if len(idx) % bs == 1:
+        idx = idx[:-1]
+    fn = input_fn(config)
+    batches = (plan.layout(fn(plan.to_device(data.x_train[idx[s : s + bs]]))) for s in range(0, len(idx), bs))
+    with plan.autocast():
+        torch.optim.swa_utils.update_bn(batches, model)
+    return len(idx)
+
+
 def validate(model, x: torch.Tensor, y: np.ndarray, config: TrainConfig, device,
              batch_size: int | None = None) -> dict:
     """Loss, accuracy and AUCs of ``model`` on the selection images ``x`` with labels ``y``."""

@@ -194,7 +194,9 @@ def _start_line(config: TrainConfig, dev, world: int, n_train: int, n_sel: int, 
             f"{config.image_size} px, batch {config.batch_size}, lr {config.lr:g}, weights {weights_info['source']}, "
             f"data {'on the device' if placed.resident else 'in host memory, staged through pinned buffers'}, "
             f"{placed.plan.describe()}" + (", compiled" if compile_model else "")
-            + (f", EMA {config.ema:g}" if config.ema else ""))
+            + (f", EMA {config.ema:g}" if config.ema else "")
+            + (f", BatchNorm recalibrated on {config.bn_recalibration} images before each validation"
+               if config.bn_recalibration else ""))
 
 
 def _epoch_line(rec: dict, config: TrainConfig, improved: bool) -> str:
@@ -246,7 +248,10 @@ def _results_in(run: Path) -> list[str]:
 
 
 def _validate_on_rank0(model, placed: engine.Placement, y_sel, config: TrainConfig, rank: int, world: int) -> dict:
-    """The selection metrics, computed by rank 0 alone and sent to the other ranks (which wait meanwhile)."""
+    """The selection metrics, computed by rank 0 alone (after recalibrating BatchNorm when the config asks) and sent
+    to the other ranks (which wait meanwhile)."""
+    if rank == 0:
+        engine.recalibrate_bn(model, placed, config)  # statistics of these weights (config.bn_recalibration)
     rec = [engine.validate(model, placed.x_sel, y_sel, config, placed.plan, placed.eval_batch_size)
            if rank == 0 else None]
     if world > 1:
