@@ -303,16 +303,16 @@ def _draw_figures(study: dict, out: Path, plots) -> None:
     plots.save_figure(fig, out / "study_roc")
 
 
-def write_readme(study: dict, out: Path, repo: Path) -> None:
-    """Copy study.json to ``repo/experiments/results``, the table into the document with the study markers
-    (:func:`deeplense.report.write_section`) and the two figures into ``repo/images``."""
-    readme = write_section("study", table(study), repo)
-    write_json_atomic(repo / "experiments" / "results" / "study.json", study)
-    for name in ("study_auc.png", "study_auc.pdf", "study_roc.png", "study_roc.pdf"):
-        with atomic_path(repo / "images" / name) as tmp:
-            shutil.copyfile(out / name, tmp)
-    print(f"updated {readme}, {repo / 'experiments' / 'results' / 'study.json'} and "
-          f"{repo / 'images'}/study_auc.png, study_roc.png")
+def write_readme(study: dict, out: Path, repo: Path, name: str = "study") -> None:
+    """Copy study.json to ``repo/experiments/results/NAME.json``, the table into the document with the ``NAME``
+    markers (:func:`deeplense.report.write_section`) and the two figures into ``repo/images/NAME_auc|roc.png|pdf``."""
+    readme = write_section(name, table(study), repo)
+    write_json_atomic(repo / "experiments" / "results" / f"{name}.json", study)
+    for figure in ("auc.png", "auc.pdf", "roc.png", "roc.pdf"):
+        with atomic_path(repo / "images" / f"{name}_{figure}") as tmp:
+            shutil.copyfile(out / f"study_{figure}", tmp)
+    print(f"updated {readme}, {repo / 'experiments' / 'results' / f'{name}.json'} and "
+          f"{repo / 'images'}/{name}_auc.png, {name}_roc.png")
 
 
 def main(argv=None) -> int:
@@ -331,6 +331,9 @@ def main(argv=None) -> int:
     p.add_argument("--readme", action="store_true",
                    help="copy study.json to experiments/results/, the table into its README section, the figures "
                         "into images/")
+    p.add_argument("--name", default="study",
+                   help="with --readme: the results file experiments/results/NAME.json, the document section between "
+                        "the NAME markers and the figures images/NAME_auc|roc (default study)")
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     arms = [a for a in (args.arms.split(",") if args.arms else scale["arms"]) if a]
@@ -368,7 +371,7 @@ def main(argv=None) -> int:
     figures(study, out)
     print(table(study))
     if args.readme:
-        write_readme(study, out, REPO)
+        write_readme(study, out, REPO, args.name)
     return 0
 
 

@@ -99,6 +99,12 @@ def test_readme_gets_the_table_and_images_the_figures(tiny_study, tmp_path):
     (tmp_path / "README.md").write_text("# no markers\n")
     with pytest.raises(DeepLenseError, match="section 'study': its markers must be in exactly one document"):
         study.write_readme(s, out, tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "studies.md").write_text("<!-- study_b:start -->\n<!-- study_b:end -->\n")
+    study.write_readme(s, out, tmp_path, "study_b")  # a second study beside the first: its own names everywhere
+    assert "| `default_tta` |" in (tmp_path / "docs" / "studies.md").read_text()
+    assert (tmp_path / "images" / "study_b_auc.pdf").read_bytes() == (out / "study_auc.pdf").read_bytes()
+    assert json.loads((tmp_path / "experiments" / "results" / "study_b.json").read_text()) == s
 
 
 def test_recipe_column_names_each_arms_geometry():
@@ -119,3 +125,27 @@ def test_recipe_column_names_each_arms_geometry():
                                                    "central 96 px → 64 px")
     bf16 = _study_module().arm_config("default_bf16", "quick", 0, "clean")
     assert bf16.precision == "bf16" and describe({"config": asdict(bf16)}).endswith("central 96 px → 64 px, bf16")
+
+
+def test_network_arms_change_only_the_network_and_no_recal_only_the_recalibration():
+    from dataclasses import asdict
+
+    study = _study_module()
+    default = asdict(study.arm_config("default", "quick", 3, "clean"))
+    assert default["bn_recalibration"]
+    for arm in (*study.NETWORK_ARMS, "default_no_recal"):
+        if arm == "maxvit_t":
+            with pytest.raises(DeepLenseError, match="multiple of 224"):  # hence a GPU-scale arm only
+                study.arm_config(arm, "quick", 3, "clean")
+            assert study.arm_config(arm, "gpu", 3, "clean").image_size == 224
+            continue
+        cfg = asdict(study.arm_config(arm, "quick", 3, "clean"))
+        changed = {k for k in cfg if cfg[k] != default[k]}
+        assert changed == ({"bn_recalibration"} if arm == "default_no_recal" else
+                           {"arch", "attention"} if "_attn_" in arm else {"arch"}), arm
+    se = study.arm_config("resnet34_attn_mhsa", "quick", 0, "clean")
+    assert (se.arch, se.attention) == ("resnet34_attn", "mhsa")
+    assert study.describe({"config": asdict(se)}).startswith("resnet34_attn/mhsa, AdamW 0.001")
+    assert "no BN recalibration" in study.describe({"config": asdict(study.arm_config("default_no_recal", "quick", 0,
+                                                                                      "clean"))})
+    assert not set(study.GPU_ONLY) & set(study.SCALES["quick"]["arms"])
