@@ -500,6 +500,9 @@ MUTANTS = (
     Mutant("clip_grad_ignored", "--clip-grad is recorded but the gradients are never clipped",
            ENGINE, "        torch.nn.utils.clip_grad_norm_(", "        (lambda *a: None)(",
            ("tests/test_engine.py::test_clip_grad_bounds_each_step",)),
+    Mutant("clip_before_unscale", "under fp16's gradient scaler --clip-grad clips the scaled gradients: steps "
+           "65536x too small", ENGINE, "        scaler.unscale_(opt)  # clip the true gradients", "        pass  #",
+           ("tests/test_engine.py::test_clip_grad_clips_the_unscaled_gradients_under_a_gradient_scaler",)),
     Mutant("ema_never_updated", "--ema keeps the initial weights as the 'average': best.pt is an untrained network",
            ENGINE, "            ema.update_parameters(model if model is not None else net)\n",
            "            pass\n",

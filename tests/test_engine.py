@@ -148,6 +148,26 @@ def test_clip_grad_bounds_each_step(monkeypatch):
     assert moved[1e-3] <= 1e-3 * (1 + 1e-4) and moved[None] > 100 * moved[1e-3]
 
 
+def test_clip_grad_clips_the_unscaled_gradients_under_a_gradient_scaler():
+    """Under fp16's gradient scaler (forced on the CPU: torch's GradScaler runs there) the gradients are unscaled
+    before clipping, so a clipped SGD step at lr 1 moves the weights by the clip norm itself, not by the clip norm
+    divided by the scale (65536)."""
+    from deeplense.device import plan_for
+    from deeplense.engine import build_optimizer, train_step
+
+    plan = plan_for(torch.device("cpu"), "fp32")
+    torch.manual_seed(0)
+    model = build_model("none")[0]
+    cfg = recipe("default", optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, augmentation="none",
+                 clip_grad=1e-3, **{k: v for k, v in FAST.items() if k != "warmup_epochs"})
+    opt = build_optimizer(model, cfg, plan)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    train_step(model, opt, scaler, torch.rand(6, 1, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]), cfg, plan)
+    moved = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+    assert moved == pytest.approx(1e-3, rel=1e-2)  # fp32 rounding of the weights; the fault gives 1.5e-8
+
+
 def test_recalibrate_bn_is_update_bn_over_the_seeds_drawn_training_images():
     """recalibrate_bn sets every BatchNorm's running statistics to torch's update_bn over the drawn training images
     (not augmented, model input), uses a generator of its own (the global random state is untouched, the same
