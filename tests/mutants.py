@@ -532,6 +532,26 @@ MUTANTS = (
            "plan.to_device(data.x_sel[idx[s : s + bs] % len(data.x_sel)])",
            ("tests/test_engine.py::test_recalibrate_bn_is_update_bn_over_the_seeds_drawn_training_images",
             "tests/test_train.py::test_bn_recalibration_changes_what_is_evaluated_never_the_training")),
+    # issue 26: calibration
+    Mutant("temperature_not_applied", "evaluate --calibrated records the temperature but saves and scores the raw "
+           "probabilities", EVALUATE, "    probs = apply_temperature(raw, temperature) if calibrated else raw\n",
+           "    probs = raw\n",
+           ("tests/test_calibration.py::test_evaluate_and_predict_apply_the_temperature_only_when_asked",)),
+    Mutant("temperature_tta_mixup", "--tta --calibrated scales TTA-averaged probabilities by the plain predictions' "
+           "temperature", EVALUATE, '.get("tta" if tta else "plain")', '.get("plain")',
+           ("tests/test_calibration.py::test_evaluate_and_predict_apply_the_temperature_only_when_asked",)),
+    Mutant("temperature_fitted_on_training_images", "the temperature is fitted on training images the network has "
+           "memorised, not on the selection images", TRAIN,
+           "probs = engine.predict_proba(model, placed.x_sel, config,",
+           "probs = engine.predict_proba(model, placed.x_train[: len(y_sel)], config,",
+           ("tests/test_calibration.py::test_training_fits_temperatures_on_the_selection_images_into_best_pt",)),
+    Mutant("ece_per_image_gap", "the ECE averages each image's |hit - confidence| instead of each bin's gap",
+           PKG + "calibration.py",
+           "gap = np.abs(np.bincount(b, weights=hit, minlength=n_bins) - "
+           "np.bincount(b, weights=score, minlength=n_bins))",
+           "gap = np.bincount(b, weights=np.abs(hit - score), minlength=n_bins)",
+           ("tests/test_calibration.py::test_ece_of_a_known_overconfident_model_and_of_a_calibrated_one",
+            "tests/test_calibration.py::test_classwise_ece_matches_scikit_learns_calibration_curve")),
     Mutant("d2_draws_quarter_turns", "--augmentation d2 turns images by quarter turns too",
            PKG + "transforms.py", "return 2 * torch.randint(0, 4, (n,), generator=generator)",
            "return torch.randint(0, 8, (n,), generator=generator)",

@@ -173,7 +173,7 @@ def _cmd_evaluate(args) -> int:
     m = evaluate(args.checkpoint, args.data, out, split=args.split, tta=args.tta, device=args.device,
                  n_bootstrap=args.bootstrap, allow_pickle=args.allow_pickle,
                  allow_changed_data=args.allow_changed_data, precision=args.precision,
-                 eval_batch_size=args.eval_batch_size)
+                 eval_batch_size=args.eval_batch_size, calibrated=args.calibrated)
     ci = m["ci"]
     print(f"{m['provenance']['split_description']}: n={m['n']}")
     if m["provenance"]["heldout_check"].startswith("NOT"):
@@ -184,6 +184,11 @@ def _cmd_evaluate(args) -> int:
     print(f"micro AUC {format_ci(m['auc']['micro'], ci['micro_auc'], 4, why)}")
     for c, v in m["auc"]["per_class"].items():
         print(f"AUC {c:<6} {format_ci(v, ci['per_class_auc'][c], 4, why)}")
+    cal = m["calibration"]
+    for name in ("uncalibrated", "calibrated"):
+        if cal[name]:
+            t = f" (temperature {cal['temperature']:.3f})" if name == "calibrated" else ""
+            print(f"ECE {name}{t} {format_ci(cal[name]['ece'], cal[name]['ece_ci'], 4)}")
     print(f"wrote {out}/metrics.json and {out}/predictions.npz")
     return 0
 
@@ -195,7 +200,8 @@ def _cmd_predict(args) -> int:
         _check_writable(Path(args.output).parent, args.output)
 
     predict_files(args.checkpoint, args.paths, args.output, tta=args.tta, device=args.device,
-                  allow_pickle=args.allow_pickle, precision=args.precision, eval_batch_size=args.eval_batch_size)
+                  allow_pickle=args.allow_pickle, precision=args.precision, eval_batch_size=args.eval_batch_size,
+                  calibrated=args.calibrated)
     if args.output:
         print(f"wrote {args.output}")
     return 0
@@ -325,7 +331,12 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     device.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
     _add_config_options(device, DEVICE_OPTIONS)
     tta = argparse.ArgumentParser(add_help=False)
-    tta.add_argument("--tta", action="store_true", help="average over the 8 D4 flips/rotations")
+    tta.add_argument("--tta", action="store_true", help="average over the symmetries the run trained with (the 8 "
+                                                        "flips and quarter turns of D4; the 4 of D2 for "
+                                                        "--augmentation d2)")
+    tta.add_argument("--calibrated", action="store_true",
+                     help="scale the probabilities by the temperature fitted on the run's selection images (stored "
+                          "in best.pt); the predicted class is unchanged")
 
     return {"pickle": pickle, "data": data, "recorded_data": recorded_data, "device": device, "tta": tta}
 

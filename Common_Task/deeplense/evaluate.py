@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import apply_temperature, calibration_summary
 from .checkpoint import config_of, load_checkpoint, model_from_checkpoint
 from .config import EVAL_SPLITS
 from .data import CLASSES, SPLITS, _numeric_key, load_splits, read_image
@@ -29,13 +30,18 @@ from .util import DeepLenseError, atomic_path, file_sha256, folder_lock, version
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out: str | os.PathLike, *,
              split: str = "test", tta: bool = False, device: str | None = None, n_bootstrap: int = 1000,
              allow_pickle: bool = False, progress: bool = True, allow_changed_data: bool = False,
-             precision: str | None = None, eval_batch_size: int | None = None) -> dict:
+             precision: str | None = None, eval_batch_size: int | None = None, calibrated: bool = False) -> dict:
     """Evaluate ``checkpoint`` and write ``out/metrics.json`` and ``out/predictions.npz``.
 
     ``split="test"``: the images the run's protocol held out for the test, as the checkpoint recorded them:
     the held-out part of ``val`` (reference protocol; refused if ``val`` no longer lists the same files) or all
     of ``val`` (clean protocol, which never trains or selects on it). ``split="selection"`` (or ``"val"``): the
     images that chose the checkpoint.
+
+    ``metrics.json`` also holds ``calibration`` (:mod:`deeplense.calibration`): the ECE with its interval, the
+    class-wise ECE and the reliability curves of the probabilities as predicted, and, where the checkpoint holds a
+    temperature fitted on its selection images, the same after temperature scaling. ``calibrated``: save and score
+    the temperature-scaled probabilities (the accuracy is unchanged; the AUCs may move a little).
     """
     if split not in EVAL_SPLITS:
         raise DeepLenseError(f"--split {split}: expected test or selection")
@@ -66,9 +72,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
     if len(idx) == 0:
         raise DeepLenseError(f"{data}: the {description} is empty (holdout_fraction {config.holdout_fraction} of "
                              f"{len(labels)} images); nothing to evaluate")
+    temperature = fitted_temperature(ckpt, checkpoint, tta, required=calibrated)
     model = model_from_checkpoint(ckpt, dev, checkpoint)
-    probs = predict_proba(model, native_crop(images, idx, config.crop), config, plan, tta=tta, progress=progress,
-                          desc=f"evaluating {split}")
+    raw = predict_proba(model, native_crop(images, idx, config.crop), config, plan, tta=tta, progress=progress,
+                        desc=f"evaluating {split}")
+    probs = apply_temperature(raw, temperature) if calibrated else raw
     out = Path(out)
     # two evaluations into one folder would mix their two files; metrics.json names the hash of the predictions
     # it was computed from, so that report can tell a true pair from a pair left by two evaluations (or a kill)
@@ -80,9 +88,12 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
             metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap,
                                       seed=config.seed)
         metrics["predictions_sha256"] = digest
+        metrics["calibration"] = _calibration(labels[idx], raw, temperature, ckpt, calibrated, n_bootstrap,
+                                              config.seed)
         metrics["provenance"] = {
             "split": split, "split_description": description, "protocol": config.protocol, "heldout_check": checked,
             "holdout_fraction": config.holdout_fraction, "seed": config.seed, "tta": bool(tta),
+            "calibrated": bool(calibrated),
             "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_epoch": int(ckpt["epoch"]),
             "recipe": config.recipe, "config": config.to_dict(),
             "data": {"root": str(Path(data).resolve()), "split": source, "fingerprint": info[source].fingerprint,
@@ -93,6 +104,30 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
         }
         write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def fitted_temperature(ckpt: dict, path, tta: bool, *, required: bool) -> float | None:
+    """The temperature ``ckpt`` holds for predictions with (``tta``) or without test-time averaging, fitted on its
+    selection images when training ended; None when it holds none, or a one-line error when ``required``."""
+    t = (ckpt.get("temperature") or {}).get("tta" if tta else "plain")
+    if t is None and required:
+        raise DeepLenseError(f"{path}: holds no fitted temperature for --calibrated (only a run's best.pt does, from "
+                             f"the end of training; a run trained before this version gets one with "
+                             f"`python -m deeplense train --resume RUN`)")
+    return None if t is None else float(t)
+
+
+def _calibration(labels, raw, temperature: float | None, ckpt: dict, applied: bool, n_bootstrap: int,
+                 seed: int) -> dict:
+    """``metrics.json``'s calibration record: the probabilities as predicted and, with a temperature, scaled."""
+    record = {"temperature": temperature, "applied": applied, "uncalibrated":
+              calibration_summary(labels, raw, n_bootstrap=n_bootstrap, seed=seed), "calibrated": None}
+    if temperature is not None:
+        fit = ckpt["temperature"]
+        record["fitted_on"] = f"the {fit['n']} selection images of epoch {fit['epoch']} (never the test)"
+        record["calibrated"] = calibration_summary(labels, apply_temperature(raw, temperature),
+                                                   n_bootstrap=n_bootstrap, seed=seed)
+    return record
 
 
 def _indices(split: str, source: str, config, recorded: dict, labels: np.ndarray, listing: str, data, checkpoint,
@@ -183,13 +218,15 @@ def _expand(paths: list[str]) -> list[Path]:
 def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str | os.PathLike | None = None, *,
                   tta: bool = False, device: str | None = None, allow_pickle: bool = False,
                   batch_size: int = 64, precision: str | None = None,
-                  eval_batch_size: int | None = None) -> list[dict]:
+                  eval_batch_size: int | None = None, calibrated: bool = False) -> list[dict]:
     """Predict each ``.npy`` file (or every ``.npy`` under each folder); write a CSV
-    ``path,predicted,p_no,p_sphere,p_vort`` to ``output`` (or stdout). Returns the rows."""
+    ``path,predicted,p_no,p_sphere,p_vort`` to ``output`` (or stdout). Returns the rows. ``calibrated``: the
+    probabilities scaled by the checkpoint's fitted temperature (:func:`fitted_temperature`)."""
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     config = _for_this_run(config_of(ckpt, checkpoint), precision, eval_batch_size)
     plan = plan_for(dev, config.precision)
+    temperature = fitted_temperature(ckpt, checkpoint, tta, required=calibrated)
     model = model_from_checkpoint(ckpt, dev, checkpoint)
     files = _expand(paths)
     rows, shape = [], None
@@ -208,6 +245,8 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
                                  f"predict one image size at a time")
         arr = np.stack(images)[:, None]
         probs = predict_proba(model, native_crop(arr, np.arange(len(arr)), config.crop), config, plan, tta=tta)
+        if calibrated:
+            probs = apply_temperature(probs, temperature)
         for f, p in zip(chunk, probs, strict=True):
             rows.append({"path": str(f), "predicted": CLASSES[int(p.argmax())],
                          **{f"p_{c}": f"{float(v):.6f}" for c, v in zip(CLASSES, p, strict=True)}})

@@ -179,6 +179,8 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
                 _write_history(run, history)
             if world > 1:
                 torch.distributed.barrier()
+        if rank == 0 and (run / "best.pt").exists():
+            _fit_temperature(run / "best.pt", placed, y_sel, config)
         if world > 1:
             torch.distributed.destroy_process_group()
         return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
@@ -239,6 +241,27 @@ def selection_score(rec: dict, config: TrainConfig) -> float:
     """What chooses ``best.pt`` from an epoch's record: its selection accuracy or macro AUC (-1 where the AUC is
     undefined, e.g. a selection set missing a class)."""
     return rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
+
+
+def _fit_temperature(best: Path, placed: engine.Placement, y_sel, config: TrainConfig) -> None:
+    """Store in ``best.pt`` the temperatures that calibrate its probabilities (:mod:`deeplense.calibration`), fitted
+    on the selection images only, without and with test-time averaging (``evaluate``/``predict --calibrated``
+    apply the one that matches their TTA setting). Refitted only when best.pt changed since."""
+    ck = load_checkpoint(best)
+    if (ck.get("temperature") or {}).get("epoch") == ck["epoch"]:
+        return
+    from .calibration import apply_temperature, fit_temperature, nll
+    from .checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(ck, placed.plan.device, best)
+    fitted: dict = {"epoch": int(ck["epoch"]), "fitted_on": "selection", "n": int(len(y_sel))}
+    for name, tta in (("plain", False), ("tta", True)):
+        probs = engine.predict_proba(model, placed.x_sel, config, placed.plan, tta=tta,
+                                     batch_size=placed.eval_batch_size)
+        t = fit_temperature(y_sel, probs)
+        fitted[name] = t
+        fitted[f"{name}_selection_nll"] = [nll(y_sel, probs), nll(y_sel, apply_temperature(probs, t))]
+    save_checkpoint(best, {**ck, "temperature": fitted})
 
 
 def _results_in(run: Path) -> list[str]:

@@ -1,0 +1,156 @@
+"""Calibration: ECE as documented, reliability curves from scikit-learn, temperature scaling fitted where it should
+be and leaving the predicted class alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deeplense.calibration import (
+    apply_temperature,
+    calibration_summary,
+    classwise_ece,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability,
+)
+from deeplense.data import CLASSES
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _drawn(n=20_000, seed=0, scale=1.0):
+    """Logits, labels drawn from softmax(logits) (so softmax(logits) is calibrated), and softmax(scale * logits)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, 3))
+    true = _softmax(z)
+    y = (rng.random(n)[:, None] > np.cumsum(true, 1)).sum(1)
+    return y, true, _softmax(scale * z)
+
+
+def test_ece_of_a_known_overconfident_model_and_of_a_calibrated_one():
+    y = np.array([0] * 60 + [1] * 40)
+    p = np.tile([0.99, 0.005, 0.005], (100, 1))  # always 99% sure of class 0, right 60% of the time
+    assert expected_calibration_error(y, p) == pytest.approx(0.39)
+    assert classwise_ece(y, p)["no"] == pytest.approx(0.39) and classwise_ece(y, p)["sphere"] == pytest.approx(0.395)
+    y, calibrated, _ = _drawn()
+    assert expected_calibration_error(y, calibrated) < 0.02
+
+
+def test_classwise_ece_matches_scikit_learns_calibration_curve():
+    """Class-wise ECE = sum over non-empty bins of (share of images) x |observed - predicted| of calibration_curve."""
+    from sklearn.calibration import calibration_curve
+
+    y, _, p = _drawn(n=3000, seed=1, scale=2.0)
+    got = classwise_ece(y, p, n_bins=10)
+    for k, c in enumerate(CLASSES):
+        observed, predicted = calibration_curve(y == k, p[:, k], n_bins=10, strategy="uniform")
+        share = np.bincount(np.minimum((p[:, k] * 10).astype(int), 9), minlength=10)
+        share = share[share > 0] / len(y)
+        assert got[c] == pytest.approx(float((share * np.abs(observed - predicted)).sum()), abs=1e-9)
+    curves = reliability(y, p, n_bins=10)
+    assert set(curves) == set(CLASSES) and len(curves["no"]["predicted"]) == len(curves["no"]["observed"]) <= 10
+
+
+def test_temperature_recovers_the_overconfidence_and_keeps_the_predicted_class():
+    y, calibrated, over = _drawn(scale=3.0)  # logits 3x too large: the right temperature is 3
+    t = fit_temperature(y, over)
+    assert t == pytest.approx(3.0, rel=0.08)
+    fixed = apply_temperature(over, t)
+    assert np.array_equal(fixed.argmax(1), over.argmax(1))
+    assert expected_calibration_error(y, fixed) < expected_calibration_error(y, over) / 3
+    assert nll(y, fixed) < nll(y, over)
+    np.testing.assert_allclose(apply_temperature(calibrated, 1.0), calibrated, atol=1e-6)
+    _, _, under = _drawn(scale=0.5)
+    assert fit_temperature(y, under) == pytest.approx(0.5, rel=0.08)  # under-confident: T < 1 sharpens
+
+
+def test_summary_interval_brackets_the_ece():
+    y, _, over = _drawn(n=2000, scale=3.0)
+    s = calibration_summary(y, over, n_bootstrap=200)
+    assert s["ece_ci"][0] <= s["ece"] <= s["ece_ci"][1] and s["ece"] > 0.05
+    with pytest.raises(ValueError, match="probabilities"):
+        expected_calibration_error(y, over[:, :2])
+
+
+@pytest.fixture(scope="module")
+def trained(small, tmp_path_factory):
+    """A 2-epoch run on the small set (reference protocol: selection on part of val)."""
+    from deeplense.config import recipe
+    from deeplense.testing import FAST, quiet
+    from deeplense.train import train
+
+    run = tmp_path_factory.mktemp("cal") / "run"
+    train(recipe("default", epochs=2, **FAST), small, run, **quiet())
+    return run
+
+
+@pytest.mark.slow
+def test_training_fits_temperatures_on_the_selection_images_into_best_pt(small, trained):
+    import torch
+
+    from deeplense.checkpoint import config_of, load_checkpoint, model_from_checkpoint
+    from deeplense.data import load_splits
+    from deeplense.engine import predict_proba
+    from deeplense.testing import quiet
+    from deeplense.train import resume
+    from deeplense.transforms import native_crop
+
+    ck = load_checkpoint(trained / "best.pt")
+    fit = ck["temperature"]
+    assert fit["epoch"] == ck["epoch"] and fit["fitted_on"] == "selection" and "temperature" not in load_checkpoint(
+        trained / "last.pt")
+    x, y = load_splits(small, ("val",), progress=False)["val"]
+    sel = np.asarray(ck["data"]["selection_indices"])
+    assert fit["n"] == len(sel)
+    cfg = config_of(ck, "best.pt")
+    net = model_from_checkpoint(ck, torch.device("cpu"))
+    for name, tta in (("plain", False), ("tta", True)):
+        probs = predict_proba(net, native_crop(x, sel, cfg.crop), cfg, torch.device("cpu"), tta=tta)
+        assert fit[name] == pytest.approx(fit_temperature(y[sel], probs), rel=1e-6)
+        before, after = fit[f"{name}_selection_nll"]
+        assert after <= before + 1e-9 and before == pytest.approx(nll(y[sel], probs), rel=1e-6)
+    stamp = (trained / "best.pt").stat().st_mtime_ns
+    resume(trained, **quiet())  # finished, and fitted for this best.pt already: nothing rewritten
+    assert (trained / "best.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_apply_the_temperature_only_when_asked(small, trained, tmp_path, capsys):
+    from deeplense.checkpoint import load_checkpoint, save_checkpoint
+    from deeplense.cli import main
+    from deeplense.evaluate import evaluate, predict_files
+
+    ck = load_checkpoint(trained / "best.pt")
+    # this tiny selection set is separable, so both fits end at the lower bound; two distinct temperatures instead
+    # show which one is applied
+    fit = {**ck["temperature"], "plain": 2.0, "tta": 0.5}
+    best = tmp_path / "best.pt"
+    save_checkpoint(best, {**ck, "temperature": fit})
+    plain = evaluate(best, small, tmp_path / "plain", tta=True, progress=False, n_bootstrap=50)
+    cal = evaluate(best, small, tmp_path / "cal", tta=True, progress=False, n_bootstrap=50, calibrated=True)
+    raw = np.load(tmp_path / "plain" / "predictions.npz")["probabilities"]
+    scaled = np.load(tmp_path / "cal" / "predictions.npz")["probabilities"]
+    np.testing.assert_allclose(scaled, apply_temperature(raw, fit["tta"]), atol=1e-6)  # TTA's own temperature
+    assert cal["accuracy"] == plain["accuracy"] and cal["provenance"]["calibrated"]
+    for m in (plain, cal):  # both report the ECE before and after, whichever probabilities they saved
+        assert m["calibration"]["temperature"] == pytest.approx(fit["tta"])
+        labels = np.load(tmp_path / "plain" / "predictions.npz")["labels"]
+        assert m["calibration"]["uncalibrated"]["ece"] == pytest.approx(expected_calibration_error(labels, raw))
+        assert m["calibration"]["calibrated"]["ece"] == pytest.approx(expected_calibration_error(labels, scaled),
+                                                                      abs=1e-6)
+    files = sorted((small / "val" / "no").glob("*.npy"))[:3]
+    rows = predict_files(best, [str(f) for f in files], tmp_path / "p.csv", calibrated=True)
+    got = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+    want = predict_files(best, [str(f) for f in files], tmp_path / "q.csv")
+    np.testing.assert_allclose(got, apply_temperature([[float(r[f"p_{c}"]) for c in CLASSES] for r in want],
+                                                      fit["plain"]), atol=1e-5)  # the CSV keeps 6 decimals
+    # a checkpoint without a temperature (last.pt): one line, exit status 2
+    assert main(["evaluate", "--checkpoint", str(trained / "last.pt"), "--data", str(small), "--out",
+                 str(tmp_path / "x"), "--calibrated"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no fitted temperature" in err and len(err.splitlines()) == 1
