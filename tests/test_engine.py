@@ -76,7 +76,9 @@ def test_training_batches_are_d4_augmented(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "model_for", spy)
     # crop 32 at 32 px: no resize, so the input is exactly the native crop mapped to [-1, 1]
-    cfg = recipe("default", epochs=1, image_size=32, crop=32, batch_size=6, weights="none", warmup_epochs=0.0)
+    # no BatchNorm recalibration: its forward passes are in train mode too, but they are not training batches
+    cfg = recipe("default", epochs=1, image_size=32, crop=32, batch_size=6, weights="none", warmup_epochs=0.0,
+                 bn_recalibration=None)
     train(cfg, small, tmp_path / "run", **quiet())
     fed = (torch.cat(seen)[:, 0] + 1) / 2  # (18, 32, 32) back in [0, 1]
     images, _ = load_split(small, "train", progress=False)
