@@ -25,6 +25,7 @@ from deeplense.simulate import (
     simulate_dataset,
     simulate_image,
     source_kwargs,
+    substructure_rows,
 )
 from deeplense.util import DeepLenseError
 
@@ -560,3 +561,55 @@ def test_simulation_config_is_cast_and_checked_as_the_training_config_is():
         SimulationConfig(shear_range=(0.1, 0.2, 0.3))
     with pytest.raises(DeepLenseError, match="double_poisson='maybe' is not true or false"):
         SimulationConfig(double_poisson="maybe")
+
+
+def test_substructure_sidecar_lists_the_point_masses_each_image_was_rendered_with(tmp_path):
+    """substructure.csv: one row per subhalo and the two ends of each vortex line, at the lenstronomy kwargs the
+    image was rendered with, in arcsec and in pixels of the saved array (the 150 px grid's centre is 74.5)."""
+    out = simulate_dataset(tmp_path, train_per_class=2, val_per_class=1, seed=0, progress=False, config=CFG)
+    assert Path(out["substructure"]) == tmp_path / "substructure.csv"
+    with open(tmp_path / "substructure.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    half = (CFG.num_pix - 1) / 2
+    for s, n in (("train", 2), ("val", 1)):
+        for c in CLASSES:
+            for i in range(1, n + 1):
+                p = draw_parameters(CFG, 0, s, c, i)
+                points = lens_kwargs(CFG, p)[2:]
+                mine = [r for r in rows if (r["split"], r["class"], r["index"]) == (s, c, str(i))]
+                assert all(r["path"] == f"{s}/{c}/{i}.npy" and (tmp_path / r["path"]).is_file() for r in mine)
+                if c == "no":
+                    assert mine == []
+                    continue
+                if c == "sphere":
+                    assert [r["kind"] for r in mine] == ["subhalo"] * len(points) == ["subhalo"] * CFG.n_subhalos
+                    assert [float(r["mass_msun"]) for r in mine] == p.subhalo_masses.tolist()
+                    want = points
+                else:
+                    assert [r["kind"] for r in mine] == ["vortex_end"] * 2
+                    assert {float(r["mass_msun"]) for r in mine} == {CFG.vortex_mass_msun}
+                    want = [points[0], points[-1]]
+                    ends = np.array([[float(r["x_arcsec"]), float(r["y_arcsec"])] for r in mine])
+                    assert np.linalg.norm(ends[0] - ends[1]) == pytest.approx(2 * p.vortex_half_length)
+                for r, k in zip(mine, want, strict=True):
+                    assert (float(r["x_arcsec"]), float(r["y_arcsec"])) == (k["center_x"], k["center_y"])
+                    assert float(r["column"]) == pytest.approx(half + k["center_x"] / CFG.pixel_scale_arcsec)
+                    assert float(r["row"]) == pytest.approx(half + k["center_y"] / CFG.pixel_scale_arcsec)
+
+
+def test_a_subhalos_pixel_position_is_where_it_changes_the_image():
+    """The sidecar's column and row are where the saved array changes: one heavy subhalo on the Einstein ring,
+    rendered with and without it; the largest change is at the subhalo, not at its transposed or mirrored place."""
+    p = draw_parameters(CFG, 0, "val", "sphere", 1)
+    te = float(einstein_radius_arcsec(CFG.lens_mass_msun, CFG))
+    x, y = te * np.cos(np.radians(60)), te * np.sin(np.radians(60))
+    one = dataclasses.replace(p, source_x=0.0, source_y=0.0, subhalo_masses=np.array([5e10]),
+                              subhalo_x=np.array([x]), subhalo_y=np.array([y]))
+    none = dataclasses.replace(one, subhalo_masses=np.zeros(0), subhalo_x=np.zeros(0), subhalo_y=np.zeros(0))
+    change = np.abs(render_noise_free(CFG, one) - render_noise_free(CFG, none))
+    row, column = np.unravel_index(change.argmax(), change.shape)
+    (r,) = substructure_rows(CFG, one)
+    at = np.array([float(r[8]), float(r[9])])  # column, row
+    assert np.hypot(*(at - (column, row))) < 4
+    for wrong in (at[::-1], (CFG.num_pix - 1 - at[0], at[1]), (at[0], CFG.num_pix - 1 - at[1])):
+        assert np.hypot(*(np.asarray(wrong) - (column, row))) > 10

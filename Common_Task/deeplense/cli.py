@@ -48,7 +48,7 @@ def _cmd_simulate(args) -> int:
     out = simulate_dataset(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                            seed=args.seed, workers=args.workers, config=cfg, shard=shard)
     print(f"wrote {out['written']} images ({out['skipped']} already present) to {args.out}; "
-          f"manifest {out['manifest']}")
+          f"manifest {out['manifest']}; substructure positions {out['substructure']}")
     if args.figure:
         import numpy as np
 

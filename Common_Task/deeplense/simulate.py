@@ -628,6 +628,46 @@ def manifest_text(config: SimulationConfig, seed: int, order) -> str:
     return buf.getvalue()
 
 
+SUBSTRUCTURE_COLUMNS = ("split", "class", "index", "path", "kind", "mass_msun", "x_arcsec", "y_arcsec", "column",
+                        "row")
+"""The columns of ``substructure.csv`` (docs/simulation.md): where each image's substructure sits."""
+
+
+def substructure_rows(config: SimulationConfig, p: ImageParameters) -> list[list[str]]:
+    """Where the substructure of one image sits, read from the lenstronomy keyword arguments it is rendered with
+    (:func:`lens_kwargs`): one row per ``sphere`` subhalo (kind ``subhalo``, its mass) and two per ``vort`` image
+    (kind ``vortex_end``: the end points of the vortex line, whose 100 point masses lie evenly between them;
+    mass: the whole vortex's). ``x_arcsec, y_arcsec``: lenstronomy's angular coordinates (the lens at 0, 0);
+    ``column, row``: the same point in pixels of the saved array, ``image[0, row, column]``, pixel centres at
+    integers (lenstronomy's ``map_coord2pix``). ``no`` images have no rows."""
+    kw = lens_kwargs(config, p)[2:]  # after the SIE and the shear: the point masses
+    if p.cls == "sphere":
+        points = [(k, "subhalo", float(m)) for k, m in zip(kw, p.subhalo_masses, strict=True)]
+    elif p.cls == "vort":
+        total = float(p.value("vortex_mass_msun", config))
+        points = [(kw[0], "vortex_end", total), (kw[-1], "vortex_end", total)]
+    else:
+        points = []
+    grid = image_model(config, "no").Data
+    rows = []
+    for k, kind, mass in points:
+        column, row = grid.map_coord2pix(k["center_x"], k["center_y"])
+        rows.append([p.split, p.cls, str(p.index), f"{p.split}/{p.cls}/{p.index}.npy", kind, repr(mass),
+                     repr(float(k["center_x"])), repr(float(k["center_y"])), repr(float(column)), repr(float(row))])
+    return rows
+
+
+def substructure_text(config: SimulationConfig, seed: int, order) -> str:
+    """``substructure.csv`` of the images ``order``: :data:`SUBSTRUCTURE_COLUMNS`, rows from
+    :func:`substructure_rows`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SUBSTRUCTURE_COLUMNS)
+    for s, c, i in order:
+        w.writerows(substructure_rows(config, draw_parameters(config, seed, s, c, i)))
+    return buf.getvalue()
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"K/N"`` -> ``(K, N)``; None when no shard was asked for (an empty string is an error: an unset shell
     variable would otherwise run the whole job in every array task)."""
@@ -714,7 +754,8 @@ def _check_folder(out: Path, counts: dict[str, int], settings: dict) -> None:
 def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_class: int, seed: int = 0,
                      workers: int = 1, config: SimulationConfig | None = None,
                      shard: tuple[int, int] | None = None, progress: bool = True) -> dict:
-    """Write ``out/{train,val}/{no,sphere,vort}/<i>.npy`` (i from 1) and a manifest CSV.
+    """Write ``out/{train,val}/{no,sphere,vort}/<i>.npy`` (i from 1), a manifest CSV (each image's parameters) and
+    ``substructure.csv`` (where each subhalo and vortex sits, :func:`substructure_rows`).
 
     Files already present are skipped (not rewritten), so an interrupted run completes when restarted.
     With ``shard=(k, n)`` only images whose position in (split, class, index) order is k mod n are
@@ -774,9 +815,11 @@ def simulate_dataset(out: str | os.PathLike, *, train_per_class: int, val_per_cl
                 bar.update(handled)
     bar.close()
 
-    name = f"manifest.shard-{shard[0]}-of-{shard[1]}.csv" if shard else "manifest.csv"
-    write_text_atomic(out / name, manifest_text(config, seed, order))
-    return {"written": written, "skipped": len(order) - written, "manifest": str(out / name)}
+    tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
+    write_text_atomic(out / f"substructure{tag}.csv", substructure_text(config, seed, order))
+    write_text_atomic(out / f"manifest{tag}.csv", manifest_text(config, seed, order))
+    return {"written": written, "skipped": len(order) - written, "manifest": str(out / f"manifest{tag}.csv"),
+            "substructure": str(out / f"substructure{tag}.csv")}
 
 
 # ----------------------------------------------------------------------------------------------- statistics
