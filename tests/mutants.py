@@ -545,6 +545,24 @@ MUTANTS = (
            "probs = engine.predict_proba(model, placed.x_sel, config,",
            "probs = engine.predict_proba(model, placed.x_train[: len(y_sel)], config,",
            ("tests/test_calibration.py::test_training_fits_temperatures_on_the_selection_images_into_best_pt",)),
+    Mutant("reliability_after_is_before", "the reliability diagram's temperature-scaled panel draws the "
+           "probabilities as predicted", PKG + "plots.py", 'calibration["calibrated"]))',
+           'calibration["uncalibrated"]))',
+           ("tests/test_calibration.py::test_the_reliability_diagram_draws_each_state_with_its_own_ece",)),
+    Mutant("reliability_hit_by_confidence", "the top-label reliability bins count an image right when its "
+           "confidence is above one half, not when its top class is the true one", PKG + "calibration.py",
+           "score, hit = p.max(1), (p.argmax(1) == y).astype(np.float64)",
+           "score, hit = p.max(1), (p.max(1) > 0.5).astype(np.float64)",
+           ("tests/test_calibration.py::test_the_top_label_bins_drawn_are_the_ones_the_ece_is_computed_from",)),
+    Mutant("substructure_column_row_swapped", "substructure.csv gives a point's row as its column and its column as "
+           "its row (the saved array transposed)", PKG + "simulate.py",
+           "repr(float(k[\"center_y\"])), repr(float(column)), repr(float(row))])",
+           "repr(float(k[\"center_y\"])), repr(float(row)), repr(float(column))])",
+           ("tests/test_simulate.py::test_a_subhalos_pixel_position_is_where_it_changes_the_image",
+            "tests/test_simulate.py::test_substructure_sidecar_lists_the_point_masses_each_image_was_rendered_with")),
+    Mutant("substructure_vortex_middle", "substructure.csv's second vortex end is the line's middle point",
+           PKG + "simulate.py", '(kw[-1], "vortex_end", total)', '(kw[len(kw) // 2], "vortex_end", total)',
+           ("tests/test_simulate.py::test_substructure_sidecar_lists_the_point_masses_each_image_was_rendered_with",)),
     Mutant("ece_per_image_gap", "the ECE averages each image's |hit - confidence| instead of each bin's gap",
            PKG + "calibration.py",
            "gap = np.abs(np.bincount(b, weights=hit, minlength=n_bins) - "

@@ -14,6 +14,7 @@ from deeplense.calibration import (
     fit_temperature,
     nll,
     reliability,
+    top_label_reliability,
 )
 from deeplense.data import CLASSES
 
@@ -75,6 +76,51 @@ def test_summary_interval_brackets_the_ece():
     assert s["ece_ci"][0] <= s["ece"] <= s["ece_ci"][1] and s["ece"] > 0.05
     with pytest.raises(ValueError, match="probabilities"):
         expected_calibration_error(y, over[:, :2])
+
+
+def test_the_top_label_bins_drawn_are_the_ones_the_ece_is_computed_from():
+    y, _, over = _drawn(n=3000, seed=2, scale=2.5)
+    bins = top_label_reliability(y, over)
+    n, acc, conf = (np.asarray(bins[k]) for k in ("count", "accuracy", "confidence"))
+    assert n.sum() == len(y) and (n > 0).all() and np.all(np.diff(conf) > 0)
+    assert float((n * np.abs(acc - conf)).sum() / len(y)) == pytest.approx(expected_calibration_error(y, over))
+    assert calibration_summary(y, over, n_bootstrap=0)["top_label"] == bins
+
+
+def test_temperature_keeps_each_images_class_order_and_moves_the_aucs_only_a_little():
+    """What temperature scaling leaves alone with three classes: the order of the classes within each image (so
+    the predicted class and the accuracy). What it does not: the order of one class's probability across images,
+    so a one-vs-rest AUC can move (a constructed pair shows it); on realistic probabilities it moves little."""
+    from sklearn.metrics import roc_auc_score
+
+    y, _, over = _drawn(n=5000, seed=3, scale=3.0)
+    scaled = apply_temperature(over, fit_temperature(y, over))
+    assert np.array_equal(np.argsort(scaled, 1), np.argsort(over, 1))
+    for k in range(3):
+        assert abs(roc_auc_score(y == k, scaled[:, k]) - roc_auc_score(y == k, over[:, k])) < 0.01
+    pair = np.array([[0.6, 0.2, 0.2], [0.5, 0.49, 0.01]])  # class 0 ranks image 0 first, and after T = 4 last
+    assert pair[0, 0] > pair[1, 0] and apply_temperature(pair, 4.0)[0, 0] < apply_temperature(pair, 4.0)[1, 0]
+
+
+def test_the_reliability_diagram_draws_each_state_with_its_own_ece(monkeypatch):
+    import deeplense.plots as plots
+
+    y, _, over = _drawn(n=2000, seed=4, scale=3.0)
+    t = fit_temperature(y, over)
+    record = {"temperature": t, "uncalibrated": calibration_summary(y, over, n_bootstrap=20),
+              "calibrated": calibration_summary(y, apply_temperature(over, t), n_bootstrap=20)}
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, stem: drawn.append(fig) or [stem])
+    plots.reliability_diagram(record, "x")
+    plots.reliability_diagram({**record, "calibrated": None}, "y")
+    both, alone = ([a for a in f.axes] for f in drawn)
+    assert len(both) == 2 and len(alone) == 1
+    for ax, state in zip(both, ("uncalibrated", "calibrated"), strict=True):
+        assert f"ECE {record[state]['ece']:.3f} [" in ax.get_title()
+        top = record[state]["top_label"]
+        assert any(np.allclose(line.get_xydata(), np.c_[top["confidence"], top["accuracy"]]) for line in ax.lines
+                   if len(line.get_xydata()) == len(top["count"]))
+    assert f"T = {t:.3g}" in both[1].get_title()
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +189,18 @@ def test_evaluate_and_predict_apply_the_temperature_only_when_asked(small, train
         assert m["calibration"]["uncalibrated"]["ece"] == pytest.approx(expected_calibration_error(labels, raw))
         assert m["calibration"]["calibrated"]["ece"] == pytest.approx(expected_calibration_error(labels, scaled),
                                                                       abs=1e-6)
+    from deeplense.report import calibration_table, format_ci, report
+
+    table = calibration_table(cal)  # the notebook's and the README's calibration table, from metrics.json
+    for state in ("uncalibrated", "calibrated"):
+        s = cal["calibration"][state]
+        assert f"| {format_ci(s['ece'], s['ece_ci'])} |" in table
+    assert "T = 0.5 |" in table and "the scaled" in table and "selection images" in table
+    assert "the ones as predicted" in calibration_table(plain)
+    # the reliability diagram is redrawn from metrics.json, byte for byte
+    first = [p.read_bytes() for p in report(tmp_path / "cal", tmp_path / "f1") if p.stem == "reliability"]
+    again = [p.read_bytes() for p in report(tmp_path / "cal", tmp_path / "f2") if p.stem == "reliability"]
+    assert len(first) == 2 and first == again
     files = sorted((small / "val" / "no").glob("*.npy"))[:3]
     rows = predict_files(best, [str(f) for f in files], tmp_path / "p.csv", calibrated=True)
     got = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])

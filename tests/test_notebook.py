@@ -12,7 +12,7 @@ from torchvision.models import resnet34
 
 from deeplense.model import hub_checkpoint_path
 from deeplense.notebook import NOTEBOOK, output_signature, run_notebook
-from deeplense.report import report, results_table, update_readme
+from deeplense.report import calibration_table, report, results_table, update_readme
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     assert metrics["n"] == 15  # 5 per class: the fewest with AUC intervals, so every sentence is shown
     z = np.load(run / "predictions.npz")
     assert z["probabilities"].shape == (15, 3)
-    names = ["examples", "training_curves", "roc_classwise", "roc_average", "confusion_matrix"]
+    names = ["examples", "training_curves", "roc_classwise", "roc_average", "confusion_matrix", "reliability"]
     for name in names:
         for ext, min_size in (("png", 20_000), ("pdf", 5_000)):
             p = figs / f"{name}.{ext}"
@@ -81,7 +81,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
     # report redraws them from the saved files, byte for byte
     redrawn = report(run, tmp_path / "redrawn")
-    assert len(redrawn) == 8
+    assert len(redrawn) == 10
     for p in redrawn:
         assert p.read_bytes() == (figs / p.name).read_bytes(), p.name
 
@@ -91,6 +91,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     update_readme(run / "metrics.json", readme)
     text = readme.read_text()
     assert "old" not in text and f"{metrics['accuracy']:.3f}" in text and text.endswith("y\n")
+    assert calibration_table(metrics) in text  # the ECE before and after temperature scaling, from the same file
 
 
 def _cell_values(**changes) -> dict:

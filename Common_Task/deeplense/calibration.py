@@ -71,6 +71,20 @@ def reliability(labels, probabilities, n_bins: int = 10) -> dict:
     return out
 
 
+def top_label_reliability(labels, probabilities, n_bins: int = N_BINS) -> dict:
+    """The bins the ECE is computed from: for each non-empty equal-width bin of the confidence (the highest
+    probability), ``confidence`` (its mean), ``accuracy`` and ``count``. ECE = sum(count x |accuracy - confidence|)
+    / N over these bins."""
+    y, p = _check(labels, probabilities)
+    score, hit = p.max(1), (p.argmax(1) == y).astype(np.float64)
+    b = np.minimum((score * n_bins).astype(np.int64), n_bins - 1)
+    n = np.bincount(b, minlength=n_bins)
+    keep = n > 0
+    return {"confidence": (np.bincount(b, weights=score, minlength=n_bins)[keep] / n[keep]).tolist(),
+            "accuracy": (np.bincount(b, weights=hit, minlength=n_bins)[keep] / n[keep]).tolist(),
+            "count": n[keep].tolist()}
+
+
 def apply_temperature(probabilities, temperature: float) -> np.ndarray:
     """``softmax(log p / T)`` as float32 (probabilities of 0 stay 0)."""
     p = np.asarray(probabilities, dtype=np.float64)
@@ -114,4 +128,4 @@ def calibration_summary(labels, probabilities, *, n_bootstrap: int = 1000, seed:
     return {"ece": expected_calibration_error(y, p, n_bins),
             "ece_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else None,
             "classwise_ece": classwise_ece(y, p, n_bins), "nll": nll(y, p), "n_bins": n_bins,
-            "reliability": reliability(y, p)}
+            "reliability": reliability(y, p), "top_label": top_label_reliability(y, p, n_bins)}

@@ -176,3 +176,44 @@ def examples_grid(images, labels, stem, *, per_class: int = 4, title="Example im
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, stem)
+
+
+def _reliability_panel(ax, summary: dict, title: str) -> None:
+    """One reliability diagram: the top-label bins the ECE is computed from (accuracy against mean confidence,
+    marker area by image count) and each class's one-vs-rest curve, over the diagonal of perfect calibration."""
+    ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="perfectly calibrated")
+    for cls in CLASSES:
+        c = summary["reliability"][cls]
+        ax.plot(c["predicted"], c["observed"], "-", color=CLASS_COLORS[cls], lw=1.2, alpha=0.8,
+                label=f"{CLASS_LABELS[cls]} ({cls}), ECE {summary['classwise_ece'][cls]:.3f}")
+    top = summary.get("top_label")
+    if top and top["count"]:
+        n = np.asarray(top["count"], dtype=float)
+        ax.scatter(top["confidence"], top["accuracy"], s=12 + 120 * n / n.max(), color="black", zorder=3,
+                   label="top label (bins of the ECE)")
+        ax.plot(top["confidence"], top["accuracy"], "-", color="black", lw=1.4, zorder=3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.005)
+    ax.set_aspect("equal")
+    ax.set_xlabel("predicted probability (mean in bin)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", frameon=False, fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+@styled
+def reliability_diagram(calibration: dict, stem, *, title="Reliability (held-out test)") -> list[Path]:
+    """``metrics.json``'s ``calibration`` record drawn: the probabilities as predicted and, when the checkpoint
+    holds a fitted temperature, after temperature scaling; the top-label ECE with its 95% interval in each title."""
+    panels = [("as predicted", calibration["uncalibrated"])]
+    if calibration.get("calibrated") is not None:
+        panels.append((f"temperature-scaled (T = {calibration['temperature']:.3g}, fitted on the selection images)",
+                       calibration["calibrated"]))
+    fig, axes = figure(1, len(panels), figsize=(4.6 * len(panels), 4.8), squeeze=False)
+    for ax, (name, summary) in zip(axes[0], panels, strict=True):
+        ci = summary.get("ece_ci")
+        ece = f"ECE {summary['ece']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        _reliability_panel(ax, summary, f"{name}\n{ece}")
+    fig.suptitle(title)
+    return save_figure(fig, stem)

@@ -69,10 +69,36 @@ def findings(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(metrics: dict) -> str:
+    """Markdown: can the probabilities be trusted? The top-label ECE with its 95% bootstrap interval, the mean
+    class-wise ECE and the NLL, as predicted and after temperature scaling (with the temperature and what it was
+    fitted on). Empty for a ``metrics.json`` older than calibration."""
+    cal = metrics.get("calibration")
+    if not isinstance(cal, dict) or not isinstance(cal.get("uncalibrated"), dict):
+        return ""
+    states = [("as predicted", cal["uncalibrated"])]
+    if cal.get("calibrated"):
+        states.append((f"temperature-scaled, T = {cal['temperature']:.3g}", cal["calibrated"]))
+    lines = ["| probabilities | ECE (top label) [95% bootstrap interval] | mean class-wise ECE | NLL |",
+             "|---|---|---|---|"]
+    for name, s in states:
+        cw = s["classwise_ece"]
+        lines.append(f"| {name} | {format_ci(s['ece'], s.get('ece_ci'))} | {sum(cw.values()) / len(cw):.3f} | "
+                     f"{s['nll']:.3f} |")
+    n_bins = cal["uncalibrated"].get("n_bins")
+    note = (f"ECE: {n_bins} equal-width confidence bins; 0 is perfectly calibrated. "
+            + (f"Temperature fitted on {cal['fitted_on']}; " if cal.get("fitted_on") else
+               "No fitted temperature in this checkpoint; ")
+            + f"the saved probabilities are {'the scaled' if cal.get('applied') else 'the ones as predicted'}.")
+    return "\n".join(lines + ["", note])
+
+
 def update_readme(metrics_path: str | Path, readme: str | Path = REPO / "README.md", extra: str = "") -> None:
     """Replace the text between the results markers in README.md with the table from ``metrics_path``."""
     metrics = json.loads(Path(metrics_path).read_text())
-    replace_section(readme, README_START, README_END, f"{extra}{results_table(metrics)}")
+    cal = calibration_table(metrics)
+    body = f"{extra}{results_table(metrics)}" + (f"\n\nCalibration on the same images:\n\n{cal}" if cal else "")
+    replace_section(readme, README_START, README_END, body)
 
 
 def documents(repo: str | Path = REPO) -> list[Path]:
@@ -112,8 +138,8 @@ def draw_training(run: str | Path, figures: str | Path) -> list[Path]:
 
 
 def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
-    """``roc_classwise``, ``roc_average`` and ``confusion_matrix`` from ``RUN/metrics.json`` and
-    ``RUN/predictions.npz``."""
+    """``roc_classwise``, ``roc_average``, ``confusion_matrix`` and (when ``metrics.json`` holds a calibration
+    record) ``reliability`` from ``RUN/metrics.json`` and ``RUN/predictions.npz``."""
     run = Path(run)
     mpath, ppath = run / "metrics.json", run / "predictions.npz"
     for p in (mpath, ppath):
@@ -145,6 +171,13 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
     written += plots.roc_average(labels, probs, out / "roc_average", title=f"Averaged ROC ({what})")
     written += plots.confusion(metrics["confusion_matrix"], out / "confusion_matrix",
                                title=f"Confusion matrix ({what})")
+    cal = metrics.get("calibration")
+    if isinstance(cal, dict) and isinstance(cal.get("uncalibrated"), dict):  # older evaluations have none
+        try:
+            written += plots.reliability_diagram(cal, out / "reliability", title=f"Reliability ({what})")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeepLenseError(f"{mpath}: its calibration record is not what `evaluate` writes ({exc!r}); "
+                                 f"evaluate again") from None
     return written
 
 
