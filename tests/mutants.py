@@ -563,6 +563,23 @@ MUTANTS = (
     Mutant("substructure_vortex_middle", "substructure.csv's second vortex end is the line's middle point",
            PKG + "simulate.py", '(kw[-1], "vortex_end", total)', '(kw[len(kw) // 2], "vortex_end", total)',
            ("tests/test_simulate.py::test_substructure_sidecar_lists_the_point_masses_each_image_was_rendered_with",)),
+    Mutant("saliency_tta_not_turned_back", "explain's TTA maps are averaged in each view's orientation, not turned "
+           "back onto the image's", PKG + "explain.py",
+           "torch.as_tensor(np.asarray(m, dtype=np.float64)), _inverse(k))",
+           "torch.as_tensor(np.asarray(m, dtype=np.float64)), k)",
+           ("tests/test_explain.py::test_integrated_gradients_stay_on_the_pixels_that_differ_from_the_black_baseline",
+            "tests/test_explain.py::test_tta_maps_are_the_mean_of_each_views_map_turned_back")),
+    Mutant("saliency_crop_at_corner", "explain places the crop's map in the corner of the native image, not at its "
+           "centre", PKG + "explain.py", "o = (native - c) // 2", "o = 0",
+           ("tests/test_explain.py::test_every_arch_gives_grad_cam_maps_on_the_native_image",)),
+    Mutant("enrichment_control_not_turned", "the enrichment's control is the true structure itself, not turned about "
+           "the lens centre", PKG + "explain.py",
+           "near_fraction(m, k, _turned(k, p, centre, rng), radius) for _ in range(n_random)",
+           "near_fraction(m, k, p, radius) for _ in range(n_random)",
+           ("tests/test_explain.py::test_enrichment_is_high_on_the_substructure_and_about_one_for_uniform_maps",)),
+    Mutant("vortex_near_its_ends_only", "a vortex's near region is around its two ends, not along its line",
+           PKG + "explain.py", 'if kind == "vortex_end":\n        a, b', 'if kind == "never":\n        a, b',
+           ("tests/test_explain.py::test_enrichment_is_high_on_the_substructure_and_about_one_for_uniform_maps",)),
     Mutant("ece_per_image_gap", "the ECE averages each image's |hit - confidence| instead of each bin's gap",
            PKG + "calibration.py",
            "gap = np.abs(np.bincount(b, weights=hit, minlength=n_bins) - "

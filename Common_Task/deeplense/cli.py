@@ -207,6 +207,33 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    from .explain import explain_evaluation, explain_files
+
+    methods = tuple(dict.fromkeys(args.method)) if args.method else None
+    _check_writable(args.out)
+    if args.evaluation:
+        if args.checkpoint or args.paths or args.tta:
+            raise DeepLenseError("explain --evaluation DIR reads the checkpoint, the images and the TTA setting from "
+                                 "the evaluation; give no --checkpoint, --tta or files with it")
+        r = explain_evaluation(args.evaluation, args.out, per_class=args.per_class, device=args.device,
+                               **({"methods": methods} if methods else {}))
+        for cls, by_method in r["per_class"].items():
+            for m, e in by_method.items():
+                if isinstance(e, dict):
+                    ci = f" [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if e["ci"] else ""
+                    print(f"{cls}: {m} enrichment {e['ratio']:.2f}{ci} within {e['radius_px']:g} px "
+                          f"({e['n']} images)")
+        print(f"wrote {Path(args.out) / 'enrichment.json'} and {Path(args.out) / 'saliency_examples.png'}")
+        return 0
+    if not args.checkpoint or not args.paths:
+        raise DeepLenseError("explain: give --checkpoint CKPT and FILES (or --evaluation DIR)")
+    written = explain_files(args.checkpoint, args.paths, args.out, tta=args.tta, device=args.device,
+                            allow_pickle=args.allow_pickle, **({"methods": methods} if methods else {}))
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import report
 
@@ -310,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     shared = _shared_options()
-    for add in (_add_inspect, _add_simulate, _add_train, _add_evaluate, _add_predict, _add_report, _add_doctor,
-                _add_realism, _add_demo):
+    for add in (_add_inspect, _add_simulate, _add_train, _add_evaluate, _add_predict, _add_explain, _add_report,
+                _add_doctor, _add_realism, _add_demo):
         add(sub, shared)
     return parser
 
@@ -421,6 +448,34 @@ def _add_predict(sub, shared: dict) -> None:
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--output", metavar="preds.csv", help="write here instead of stdout")
     p.set_defaults(func=_cmd_predict)
+
+
+def _add_explain(sub, shared: dict) -> None:
+    from .explain import METHODS, RADIUS_PX
+
+    p = sub.add_parser("explain", parents=[shared["pickle"]],
+                       help="saliency maps (Grad-CAM, Grad-CAM++, integrated gradients) of files, or checked against "
+                            "the true substructure of an evaluation's simulated images",
+                       description="With --checkpoint and FILES: per image, the image, each method's map for the "
+                                   "predicted class and the probabilities (OUT/<folder>_<name>.png|pdf, the maps in "
+                                   "OUT/saliency.npz). With --evaluation DIR (an `evaluate` output on a simulated "
+                                   "set): the enrichment of each method's saliency within "
+                                   f"{RADIUS_PX:g} px of the true subhalos and vortex lines, against the same "
+                                   "structures turned about the lens centre (OUT/enrichment.json), and a figure of "
+                                   "examples (OUT/saliency_examples.png|pdf).")
+    p.add_argument("--checkpoint", metavar="PATH", help="best.pt of a run (with FILES)")
+    p.add_argument("paths", nargs="*", metavar="FILE_OR_DIR")
+    p.add_argument("--evaluation", metavar="DIR", help="a folder `python -m deeplense evaluate` wrote; its "
+                                                       "checkpoint, images and TTA setting are used")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--method", action="append", choices=METHODS,
+                   help="repeat for several (default: all of them)")
+    p.add_argument("--tta", action="store_true", help="with FILES: average the maps over the symmetries the run "
+                                                      "trained with, each mapped back (--evaluation: as evaluated)")
+    p.add_argument("--per-class", type=int, default=50, metavar="N",
+                   help="with --evaluation: images per class checked (default 50)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
+    p.set_defaults(func=_cmd_explain)
 
 
 def _add_report(sub, shared: dict) -> None:

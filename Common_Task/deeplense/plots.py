@@ -217,3 +217,76 @@ def reliability_diagram(calibration: dict, stem, *, title="Reliability (held-out
         _reliability_panel(ax, summary, f"{name}\n{ece}")
     fig.suptitle(title)
     return save_figure(fig, stem)
+
+
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "integrated_gradients": "integrated gradients"}
+
+
+def _image_axes(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+@styled
+def saliency_panels(image, maps: dict, probabilities, stem, *, title="Saliency") -> list[Path]:
+    """One image: the image, then each method's map (its share of the total, in the image's pixels) over it, and
+    the predicted probabilities as bars."""
+    fig, axes = figure(1, len(maps) + 2, figsize=(2.6 * (len(maps) + 2), 2.9), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1, origin="lower")
+    axes[0].set_title("image", fontsize=9)
+    for ax, (method, m) in zip(axes[1:], maps.items(), strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1, origin="lower")
+        ax.imshow(np.ma.masked_less_equal(m, 0), cmap="inferno", alpha=0.6, origin="lower", vmin=0,
+                  vmax=float(m.max()) or 1.0)
+        inside = m[m > 0]
+        flat = inside.size > 0 and float(inside.std()) <= 1e-9 * float(inside.mean())
+        ax.set_title(METHOD_NAMES.get(method, method) + (" (flat)" if flat else ""), fontsize=9)
+    for ax in axes[:-1]:
+        _image_axes(ax)
+    bar = axes[-1]
+    bar.barh(range(len(CLASSES)), probabilities, color=[CLASS_COLORS[c] for c in CLASSES])
+    bar.set_yticks(range(len(CLASSES)), [CLASS_LABELS[c] for c in CLASSES], fontsize=8)
+    bar.set_xlim(0, 1)
+    bar.invert_yaxis()
+    for i, p in enumerate(probabilities):
+        bar.text(min(float(p) + 0.02, 0.75), i, f"{float(p):.2f}", va="center", fontsize=8)
+    bar.set_title("probability", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+@styled
+def saliency_examples(shown: dict, stem, *, method: str, radius: float, title="Saliency") -> list[Path]:
+    """Rows of classes, columns of images: the map over the image with the true substructure marked (subhalos as
+    circles of ``radius`` pixels, a vortex as its line). ``shown``: ``{class: (images, maps, structures)}``."""
+    n = max(len(v[0]) for v in shown.values())
+    fig, axes = figure(len(shown), n, figsize=(2.2 * n, 2.4 * len(shown)), squeeze=False)
+    for r, (cls, (images, maps, structures)) in enumerate(shown.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            _image_axes(ax)
+            if c >= len(images):
+                ax.set_axis_off()
+                continue
+            ax.imshow(images[c], cmap="gray", vmin=0, vmax=1, origin="lower")
+            ax.imshow(np.ma.masked_less_equal(maps[c], 0), cmap="inferno", alpha=0.6, origin="lower", vmin=0,
+                      vmax=float(maps[c].max()) or 1.0)
+            kind, points = structures[c]
+            if kind == "vortex_end":
+                ax.plot(points[:, 0], points[:, 1], "-", color="#56B4E9", lw=1.5)
+            else:
+                for x, y in points:
+                    ax.add_patch(_circle((x, y), radius))
+            if c == 0:
+                ax.set_ylabel(f"{CLASS_LABELS[cls]}\n({cls})")
+    fig.suptitle(f"{title}\n({METHOD_NAMES.get(method, method)})", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def _circle(xy, radius):
+    from matplotlib.patches import Circle
+
+    return Circle(xy, radius, fill=False, color="#56B4E9", lw=0.8)
