@@ -146,7 +146,31 @@ def test_explain_files_and_an_evaluation_end_to_end(tmp_path, capsys):
         for m in ("gradcam", "integrated_gradients"):
             e = r["per_class"][cls][m]
             assert e["n"] == 3 and np.isfinite(e["ratio"]) and f"{cls}: {m} enrichment {e['ratio']:.2f}" in said
-    assert (tmp_path / "en" / "saliency_examples.png").is_file()
+    from deeplense.explain import EXAMPLES, draw_examples  # redrawn from what explain kept, byte for byte
+
+    again = draw_examples(tmp_path / "en" / EXAMPLES, tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [(tmp_path / "en" / p.name).read_bytes() for p in again]
+
+    # the per-arch saliency study on a study folder whose set predates substructure.csv: it writes the same file
+    import importlib.util
+    import shutil
+
+    from deeplense.util import REPO
+
+    spec = importlib.util.spec_from_file_location("saliency_study", REPO / "experiments" / "saliency_study.py")
+    study_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_mod)
+    study = tmp_path / "study"
+    (study / "eval").mkdir(parents=True)
+    (study / "data").symlink_to(data)
+    shutil.copytree(tmp_path / "ev", study / "eval" / "default-seed0")
+    original = (data / "substructure.csv").read_bytes()
+    (data / "substructure.csv").unlink()
+    assert study_mod.main(["--study", str(study), "--arms", "default", "--per-class", "2"]) == 0
+    assert (data / "substructure.csv").read_bytes() == original
+    got = json.loads((study / "saliency" / "saliency.json").read_text())
+    assert got["arms"]["default"]["per_class"]["vort"]["gradcam"]["n"] == 2 and "| `default` | `vort` |" in \
+        capsys.readouterr().out
 
     # one line, exit status 2: a file that is not an image, a set that records no substructure, both modes at once
     bad = tmp_path / "bad.npy"

@@ -279,13 +279,13 @@ def explain_files(checkpoint, paths: list[str], out, *, methods=METHODS, tta: bo
 
 
 def explain_evaluation(evaluation, out, *, per_class: int = 50, methods=METHODS, radius: float = RADIUS_PX,
-                       device: str | None = None, n_bootstrap: int = 1000, draw: int = 4) -> dict:
+                       device: str | None = None, n_bootstrap: int = 1000, draw: int = 4,
+                       figures: str | os.PathLike | None = None) -> dict:
     """Saliency against the truth on the images an ``evaluate`` run scored (its folder: ``metrics.json`` and
     ``predictions.npz``; the checkpoint, data, split and TTA setting are read from there): the enrichment per class
     and method for up to ``per_class`` images per class (``sphere`` and ``vort``; the maps are for the true
     class), written to ``OUT/enrichment.json``; a figure of ``draw`` images per class with the true substructure
-    marked, ``OUT/saliency_examples.png|pdf``."""
-    from . import plots
+    marked, ``FIGURES/saliency_examples.png|pdf`` (``figures`` default ``out``)."""
     from .data import load_splits
     from .transforms import native_crop
     from .util import file_sha256, versions, write_json_atomic
@@ -338,10 +338,51 @@ def explain_evaluation(evaluation, out, *, per_class: int = 50, methods=METHODS,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "enrichment.json", result)
-    plots.saliency_examples(shown, out / "saliency_examples", method=methods[0], radius=radius,
-                            title=f"{config.arch}{', TTA' if tta else ''}, maps for the true class, on "
-                                  f"{prov.get('split_description', 'evaluated images')}; true substructure marked")
+    title = (f"{config.arch}{', TTA' if tta else ''}, maps for the true class, on "
+             f"{prov.get('split_description', 'evaluated images')}; true substructure marked")
+    save_examples(out / EXAMPLES, shown, method=methods[0], radius=radius, title=title)
+    draw_examples(out / EXAMPLES, figures or out)
     return result
+
+
+EXAMPLES = "saliency_examples.npz"
+"""What ``explain --evaluation`` keeps of the maps it drew, so that ``report`` redraws the figure without the model."""
+
+
+def save_examples(path: Path, shown: dict, *, method: str, radius: float, title: str) -> None:
+    """``shown`` (``{class: (images, maps, structures)}``) as arrays: per class its images and maps, and the
+    structures' kinds, point counts and concatenated points."""
+    from .util import atomic_path
+
+    arrays = {"classes": np.array(list(shown)), "method": np.array(method), "radius": np.array(radius),
+              "title": np.array(title)}
+    for cls, (images, maps, structures) in shown.items():
+        arrays[f"{cls}_images"] = np.asarray(images, dtype=np.float32)
+        arrays[f"{cls}_maps"] = np.asarray(maps, dtype=np.float32)
+        arrays[f"{cls}_kinds"] = np.array([k for k, _ in structures])
+        arrays[f"{cls}_counts"] = np.array([len(p) for _, p in structures], dtype=np.int64)
+        arrays[f"{cls}_points"] = np.concatenate([p for _, p in structures]) if structures else np.zeros((0, 2))
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def draw_examples(path: str | os.PathLike, figures: str | os.PathLike) -> list[Path]:
+    """The saliency examples figure (``FIGURES/saliency_examples.png|pdf``) from what :func:`save_examples` kept."""
+    from . import plots
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            shown = {}
+            for cls in z["classes"].tolist():
+                points = np.split(z[f"{cls}_points"], np.cumsum(z[f"{cls}_counts"])[:-1])
+                shown[cls] = (z[f"{cls}_images"], z[f"{cls}_maps"],
+                              list(zip(z[f"{cls}_kinds"].tolist(), points, strict=True)))
+            method, radius, title = str(z["method"]), float(z["radius"]), str(z["title"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise DeepLenseError(f"{path}: unreadable or not written by `explain --evaluation` ({exc})") from None
+    Path(figures).mkdir(parents=True, exist_ok=True)
+    return plots.saliency_examples(shown, Path(figures) / "saliency_examples", method=method, radius=radius,
+                                   title=title)
 
 
 def _relative(file: str, source: str) -> str:

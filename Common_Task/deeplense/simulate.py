@@ -873,7 +873,8 @@ def default_simulated_dataset(seed: int = 0, train_per_class: int | None = None,
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     name = f"{DEFAULT_PRESET}-{digest}-seed{seed}-train{train_per_class}-val{val_per_class}"
     out = cache_dir() / "simulated" / name
-    if not (out / "manifest.csv").exists():
+    if not (out / "manifest.csv").exists() or not (out / "substructure.csv").exists():  # (a set cached before
+        # substructure.csv existed gets it: every image is already there, so this only draws the parameters)
         simulate_dataset(out, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed,
                          workers=workers or max(1, os.cpu_count() or 1), progress=progress, config=config)
     return out
