@@ -188,7 +188,7 @@ def test_best_checkpoint_holds_the_peak_epoch_also_across_resume(small, tmp_path
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "convnext_tiny",
                                   "swin_t", "vit_b_16", "maxvit_t", "resnet34_attn:se", "resnet34_attn:cbam",
                                   "resnet34_attn:mhsa", "lensnet"])
-def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path, capsys):
+def test_every_arch_trains_resumes_evaluates_predicts_and_explains(arch, small, tmp_path, capsys):
     """The network is rebuilt from the checkpoint, fed the input its config records (lensnet: 1 channel, the
     native pixels of the crop, no resizing)."""
     from deeplense.cli import main
@@ -215,6 +215,12 @@ def test_every_arch_trains_resumes_evaluates_and_predicts(arch, small, tmp_path,
     assert main(["predict", "--checkpoint", str(run / "best.pt"), str(small / "val" / "sphere"), "--device",
                  "cpu"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 11
+    # and explain draws its Grad-CAM map (the arch's own target layer) from the checkpoint
+    assert main(["explain", "--checkpoint", str(run / "best.pt"), str(small / "val" / "vort" / "1.npy"), "--out",
+                 str(tmp_path / "ex"), "--method", "gradcam", "--device", "cpu"]) == 0
+    import numpy as np
+
+    assert np.load(tmp_path / "ex" / "saliency.npz")["gradcam"].shape == (1, 150, 150)
 
 
 @pytest.mark.slow
