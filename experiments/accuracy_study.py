@@ -10,7 +10,8 @@ Arms (``--arms`` picks a subset):
 
 - ``reference``: the reference recipe (SGD 1e-4, momentum 0.9, StepLR(7, 0.1), batch 256, horizontal flips,
   resize then centre-crop, best epoch by accuracy);
-- ``default``: our recipe (AdamW + warm-up + cosine, D4 augmentation, best epoch by macro AUC);
+- ``default``: our recipe (AdamW + warm-up + cosine, D4 augmentation, best epoch by macro AUC, BatchNorm's
+  statistics recomputed before each validation);
 - ``default_no_d4``: ``default`` without augmentation;
 - ``default_tta``: ``default``'s checkpoints evaluated with 8-way D4 test-time averaging;
 - ``default_150px``: ``default`` on the whole native 150 px image (no crop, no resize);

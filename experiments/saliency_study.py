@@ -9,7 +9,8 @@ simulated before that file existed gets it here (every image is already there, s
 again, from the same seed).
 
 Writes ``OUT/saliency.json`` and, with ``--readme``, ``experiments/results/NAME.json``, the table between the
-``NAME`` markers of a document (docs/studies.md) and the first arm's example figure as ``images/NAME_examples.png``.
+``NAME`` markers of a document (docs/studies.md) and the first arm's example figure as
+``images/NAME_study_examples.png``.
 
     python experiments/saliency_study.py --study experiments/out/study_v5 --arms default,resnet34_attn_se --readme
 """
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
         write_json_atomic(REPO / "experiments" / "results" / f"{args.name}.json", result)
         write_section(args.name, table(result))
         for ext in ("png", "pdf"):
-            shutil.copyfile(out / first / f"saliency_examples.{ext}", REPO / "images" / f"{args.name}_examples.{ext}")
+            shutil.copyfile(out / first / f"saliency_examples.{ext}",
+                            REPO / "images" / f"{args.name}_study_examples.{ext}")
     return 0
 
 

@@ -150,10 +150,10 @@ MUTANTS = (
     Mutant("arch_ignored_on_rebuild", "evaluate and predict rebuild a ResNet34 whatever network was trained",
            PKG + "checkpoint.py",
            '    model, _ = build_model("none", arch=arch, ', '    model, _ = build_model("none", ',
-           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_and_predicts",)),
+           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_predicts_and_explains",)),
     Mutant("lensnet_fed_three_channels", "lensnet is fed the 3-channel ImageNet input",
            PKG + "transforms.py", "channels=config.in_channels)", "channels=3)",
-           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_and_predicts",)),
+           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_predicts_and_explains",)),
     Mutant("sigterm_ignored", "SIGTERM (timeout, docker stop, a queue's limit) leaves half-written files",
            PKG + "cli.py", "        previous = {sig: signal.signal(sig, _on_signal) for sig in handled}\n",
            "        previous = {}\n",
@@ -580,6 +580,10 @@ MUTANTS = (
     Mutant("vortex_near_its_ends_only", "a vortex's near region is around its two ends, not along its line",
            PKG + "explain.py", 'if kind == "vortex_end":\n        a, b', 'if kind == "never":\n        a, b',
            ("tests/test_explain.py::test_enrichment_is_high_on_the_substructure_and_about_one_for_uniform_maps",)),
+    Mutant("hardest_are_the_easiest", "report's highest-loss figure shows each class's lowest-loss images",
+           PKG + "report.py", "np.argsort(-loss[labels == k], kind=\"stable\")",
+           "np.argsort(loss[labels == k], kind=\"stable\")",
+           ("tests/test_report.py::test_error_examples_pick_the_highest_losses_and_the_most_confident_errors",)),
     Mutant("ece_per_image_gap", "the ECE averages each image's |hit - confidence| instead of each bin's gap",
            PKG + "calibration.py",
            "gap = np.abs(np.bincount(b, weights=hit, minlength=n_bins) - "
@@ -610,10 +614,10 @@ MUTANTS = (
            ("tests/test_model.py::test_resnet34_with_attention_starts_as_the_imagenet_resnet34",)),
     Mutant("attention_lost_on_rebuild", "evaluate rebuilds resnet34_attn with the default attention, not its own",
            PKG + "checkpoint.py", 'attention=cfg.get("attention"))', "attention=None)",
-           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_and_predicts",)),
+           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_predicts_and_explains",)),
     Mutant("input_side_lost_on_rebuild", "evaluate rebuilds vit_b_16 for 224 px whatever input it trained on",
            PKG + "checkpoint.py", 'image_size=cfg.get("image_size", 224)', "image_size=224",
-           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_and_predicts",)),
+           ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_predicts_and_explains",)),
 )
 
 
