@@ -12,7 +12,7 @@ from torchvision.models import resnet34
 
 from deeplense.model import hub_checkpoint_path
 from deeplense.notebook import NOTEBOOK, output_signature, run_notebook
-from deeplense.report import calibration_table, report, results_table, update_readme
+from deeplense.report import calibration_table, enrichment_table, report, results_table, update_readme
 
 
 @pytest.mark.slow
@@ -42,13 +42,17 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     shown = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
              if "text/markdown" in o.get("data", {})]
     assert results_table(metrics) in shown
+    assert calibration_table(metrics) in shown and metrics["calibration"]["temperature"] is not None
+    saliency = json.loads((run / "explain" / "enrichment.json").read_text())
+    assert enrichment_table(saliency) in shown and set(saliency["per_class"]) == {"sphere", "vort"}
     said = next(t for t in shown if "Hardest class" in t)
     for c, v in metrics["auc"]["per_class"].items():
         assert f"(`{c}`): AUC {v:.3f} [" in said
     assert metrics["n"] == 15  # 5 per class: the fewest with AUC intervals, so every sentence is shown
     z = np.load(run / "predictions.npz")
     assert z["probabilities"].shape == (15, 3)
-    names = ["examples", "training_curves", "roc_classwise", "roc_average", "confusion_matrix", "reliability"]
+    names = ["examples", "training_curves", "roc_classwise", "roc_average", "confusion_matrix", "reliability",
+             "hardest", "confident_errors", "saliency_examples"]
     for name in names:
         for ext, min_size in (("png", 20_000), ("pdf", 5_000)):
             p = figs / f"{name}.{ext}"
@@ -65,7 +69,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
     shown = [base64.b64decode(d.get("image/png") or d["image/jpeg"]) for c in nb.cells if c.cell_type == "code"
              for d in (o.get("data", {}) for o in c.get("outputs", [])) if "image/png" in d or "image/jpeg" in d]
-    assert len(shown) == 5
+    assert len(shown) == 9
     for preview in shown:
         with Image.open(io.BytesIO(preview)) as im:
             assert im.width <= 720
@@ -81,7 +85,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
     # report redraws them from the saved files, byte for byte
     redrawn = report(run, tmp_path / "redrawn")
-    assert len(redrawn) == 10
+    assert len(redrawn) == 16  # all but the examples grid, which shows the data
     for p in redrawn:
         assert p.read_bytes() == (figs / p.name).read_bytes(), p.name
 
@@ -92,6 +96,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
     text = readme.read_text()
     assert "old" not in text and f"{metrics['accuracy']:.3f}" in text and text.endswith("y\n")
     assert calibration_table(metrics) in text  # the ECE before and after temperature scaling, from the same file
+    assert enrichment_table(saliency) in text  # and the notebook's saliency check
 
 
 def _cell_values(**changes) -> dict:
@@ -239,7 +244,8 @@ def test_every_training_setting_is_a_notebook_parameter(monkeypatch):
 def test_committed_notebook_is_small_and_records_its_run():
     """Its outputs are screen-size previews (the figures live once, in images/), so the file stays small; its first
     output names the commit and scale that produced them."""
-    assert NOTEBOOK.stat().st_size < 300_000, f"{NOTEBOOK}: {NOTEBOOK.stat().st_size} bytes"
+    # 9 previews (5 before the error, saliency and reliability figures) at 480-720 px: about 310 KB
+    assert NOTEBOOK.stat().st_size < 350_000, f"{NOTEBOOK}: {NOTEBOOK.stat().st_size} bytes"
     import nbformat
 
     nb = nbformat.read(NOTEBOOK, as_version=4)

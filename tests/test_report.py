@@ -141,3 +141,44 @@ def test_readme_module_table_lists_every_module_and_the_documents_links_resolve(
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
             if not target.startswith(("http://", "https://")):
                 assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)}: link to {target} is broken"
+
+
+def test_error_examples_pick_the_highest_losses_and_the_most_confident_errors():
+    from deeplense.report import error_examples
+
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.array([[0.9, 0.05, 0.05],   # right, sure
+                      [0.2, 0.7, 0.1],     # wrong, 0.7
+                      [0.4, 0.3, 0.3],     # right, unsure
+                      [0.05, 0.05, 0.9],   # wrong, 0.9: the most confident error
+                      [0.1, 0.8, 0.1],
+                      [0.3, 0.3, 0.4]])
+    hardest, confident = error_examples(labels, probs, per_class=2)
+    assert hardest[0].tolist() == [1, 2] and hardest[1].tolist() == [3, 4] and hardest[2].tolist() == [5]
+    assert confident.tolist() == [3, 1]
+
+
+@pytest.mark.slow
+def test_report_draws_the_error_figures_from_the_evaluated_images_and_skips_them_without_the_data(small, tmp_path):
+    import shutil
+
+    from deeplense.config import recipe
+    from deeplense.evaluate import evaluate
+    from deeplense.report import report
+    from deeplense.testing import FAST, quiet
+    from deeplense.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(small, data)
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, protocol="clean", **FAST), data, run, **quiet())
+    evaluate(run / "best.pt", data, run, device="cpu", n_bootstrap=0, progress=False)
+    names = {p.name for p in report(run, tmp_path / "f1")}
+    assert {"hardest.png", "hardest.pdf", "confident_errors.png", "confident_errors.pdf"} <= names
+    again = report(run, tmp_path / "f2")
+    assert all(p.read_bytes() == (tmp_path / "f1" / p.name).read_bytes() for p in again)
+    shutil.rmtree(data)
+    said = []
+    names = {p.name for p in report(run, tmp_path / "f3", log=said.append)}
+    assert "hardest.png" not in names and "roc_classwise.png" in names and "training_curves.png" in names
+    assert len(said) == 1 and "error figures skipped" in said[0] and str(data) in said[0]

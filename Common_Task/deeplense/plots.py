@@ -290,3 +290,28 @@ def _circle(xy, radius):
     from matplotlib.patches import Circle
 
     return Circle(xy, radius, fill=False, color="#56B4E9", lw=0.8)
+
+
+@styled
+def image_rows(rows: list, stem, *, title: str) -> list[Path]:
+    """A grid of images with captions: ``rows`` is ``[(row label, [(image (H, W) in [0, 1], caption), ...]), ...]``
+    (rows may be shorter than the longest; the rest of the row stays empty)."""
+    n = max(1, max((len(items) for _, items in rows), default=1))
+    fig, axes = figure(max(1, len(rows)), n, figsize=(2.1 * n, 2.45 * max(1, len(rows))), squeeze=False)
+    for r, (label, items) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            _image_axes(ax)
+            if c < len(items):
+                image, caption = items[c]
+                ax.imshow(image, cmap="inferno", vmin=0, vmax=1, origin="lower")
+                ax.set_title(caption, fontsize=7)
+            else:
+                ax.set_axis_off()
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
+                ax.set_axis_on()
+                _image_axes(ax)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, stem)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .data import CLASS_LABELS
+from .data import CLASS_LABELS, CLASSES
 from .util import REPO, DeepLenseError, file_sha256, read_jsonl, replace_section
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -93,11 +93,34 @@ def calibration_table(metrics: dict) -> str:
     return "\n".join(lines + ["", note])
 
 
+def enrichment_table(result: dict) -> str:
+    """Markdown: ``explain --evaluation``'s enrichment per class and method, with its interval and its scale."""
+    from .plots import METHOD_NAMES
+
+    lines = ["| class | method | enrichment near the true substructure [95% bootstrap interval] | ideal | images |",
+             "|---|---|---|---|---|"]
+    for cls, by_method in result["per_class"].items():
+        for m, e in by_method.items():
+            if isinstance(e, dict):
+                lines.append(f"| {CLASS_LABELS[cls]} (`{cls}`) | {METHOD_NAMES.get(m, m)} | "
+                             f"{format_ci(e['ratio'], e['ci'], digits=2)} | {e['ideal_ratio']:.2f} | {e['n']} |")
+    return "\n".join(lines + ["", f"Saliency within {result['radius_px']:g} px of the true structure, over the same "
+                                   f"structure turned about the lens centre (1: no preference; ideal: a map spread "
+                                   f"evenly over the true region); maps for the true class"
+                                   f"{', averaged over the TTA views' if result.get('tta') else ''}."])
+
+
 def update_readme(metrics_path: str | Path, readme: str | Path = REPO / "README.md", extra: str = "") -> None:
-    """Replace the text between the results markers in README.md with the table from ``metrics_path``."""
+    """Replace the text between the results markers in README.md with the tables from ``metrics_path``: the
+    results, the calibration and, when ``explain --evaluation`` wrote ``explain/enrichment.json`` beside it, the
+    saliency enrichment."""
     metrics = json.loads(Path(metrics_path).read_text())
     cal = calibration_table(metrics)
     body = f"{extra}{results_table(metrics)}" + (f"\n\nCalibration on the same images:\n\n{cal}" if cal else "")
+    saliency = Path(metrics_path).parent / "explain" / "enrichment.json"  # where the notebook's explain writes
+    if saliency.is_file():
+        body += f"\n\nWhere the network looks (`explain`, from `{saliency.parent.name}/{saliency.name}`):\n\n" \
+                f"{enrichment_table(json.loads(saliency.read_text()))}"
     replace_section(readme, README_START, README_END, body)
 
 
@@ -181,8 +204,87 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
     return written
 
 
-def report(run: str | Path, figures: str | Path | None = None) -> list[Path]:
-    """Draw every figure of ``RUN`` into ``figures`` (default ``RUN/figures``); return the files written."""
+def _evaluated_images(run: Path):
+    """``(metrics, labels, probabilities, images)`` of an evaluation folder: the images read back from the dataset
+    its metrics.json names, checked to be the ones evaluated (same listing, same labels)."""
+    from .data import load_splits
+
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        data = metrics["provenance"]["data"]
+        with np.load(run / "predictions.npz", allow_pickle=False) as z:
+            labels, probs, idx = z["labels"], z["probabilities"], z[f"{data['split']}_indices"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DeepLenseError(f"{run}: metrics.json or predictions.npz unreadable or not from `evaluate` ({exc})") \
+            from None
+    root = Path(data["root"])
+    if not root.is_dir():
+        raise DeepLenseError(f"{root}: the data {run} was evaluated on is not here (the error figures need its "
+                             f"images)")
+    info: dict = {}
+    images, all_labels = load_splits(root, (data["split"],), info=info, progress=False)[data["split"]]
+    if info[data["split"]].listing != data.get("listing") or not np.array_equal(all_labels[idx], labels):
+        raise DeepLenseError(f"{root}: its {data['split']}/ no longer lists the images {run} evaluated; evaluate "
+                             f"again")
+    return metrics, labels, probs, np.asarray(images[idx, 0])
+
+
+def error_examples(labels, probabilities, per_class: int = 4) -> tuple[dict, np.ndarray]:
+    """``({class index: the indices of its images with the highest loss, highest first}, the indices of the
+    wrong predictions made with the highest confidence, most confident first, at most 2 x per_class)``; the loss of
+    an image is ``-log p(true class)``; ties keep the evaluation's order."""
+    labels = np.asarray(labels)
+    p = np.asarray(probabilities, dtype=np.float64)
+    loss = -np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None))
+    hardest = {k: np.flatnonzero(labels == k)[np.argsort(-loss[labels == k], kind="stable")][:per_class]
+               for k in range(p.shape[1])}
+    wrong = np.flatnonzero(p.argmax(1) != labels)
+    confident = wrong[np.argsort(-p[wrong].max(1), kind="stable")][: 2 * per_class]
+    return hardest, confident
+
+
+def draw_errors(run: str | Path, figures: str | Path, per_class: int = 4) -> list[Path]:
+    """``hardest``: per true class, the evaluated images with the highest loss; ``confident_errors``: the wrong
+    predictions made with the highest confidence; each image with its probabilities."""
+    run = Path(run)
+    metrics, labels, probs, images = _evaluated_images(run)
+    hardest, confident = error_examples(labels, probs, per_class)
+
+    def caption(i):
+        k, j = int(labels[i]), int(probs[i].argmax())
+        said = f"p({CLASSES[k]}) = {probs[i, k]:.2f}"
+        return said if j == k else f"{said}\npredicted {CLASSES[j]} ({probs[i, j]:.2f})"
+
+    what = f"{metrics.get('provenance', {}).get('split_description', 'held-out test')}, n={len(labels)}"
+    out = Path(figures)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [(f"{CLASS_LABELS[c]}\n({c})", [(images[i], caption(i)) for i in hardest[k]])
+            for k, c in enumerate(CLASSES)]
+    written = plots.image_rows(rows, out / "hardest", title=f"Highest loss per true class ({what})")
+    half = (len(confident) + 1) // 2
+    rows = [(f"{r * half + 1}-{r * half + len(part)}", [(images[i], f"true {CLASSES[labels[i]]}, " + caption(i))
+                                                         for i in part])
+            for r, part in enumerate((confident[:half], confident[half:])) if len(part)]
+    written += plots.image_rows(rows or [("none", [])], out / "confident_errors",
+                                title=f"Most confident errors ({what})" if rows else f"No errors ({what})")
+    return written
+
+
+def report(run: str | Path, figures: str | Path | None = None, log=None) -> list[Path]:
+    """Draw every figure of ``RUN`` into ``figures`` (default ``RUN/figures``); return the files written. The error
+    figures need the evaluated images: without the data they are skipped, with a line to ``log`` (stderr). The
+    saliency examples are redrawn when ``explain --evaluation RUN --out RUN/explain`` kept them."""
+    import sys
+
     run = Path(run)
     out = Path(figures) if figures else run / "figures"
-    return draw_evaluation(run, out) + draw_training(run, out)
+    written = draw_evaluation(run, out)
+    try:
+        written += draw_errors(run, out)
+    except DeepLenseError as exc:
+        (log or (lambda m: print(m, file=sys.stderr)))(f"report: error figures skipped: {exc}")
+    from .explain import EXAMPLES, draw_examples
+
+    if (run / "explain" / EXAMPLES).is_file():  # what `explain --evaluation RUN --out RUN/explain` kept
+        written += draw_examples(run / "explain" / EXAMPLES, out)
+    return written + draw_training(run, out)
