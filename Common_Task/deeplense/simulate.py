@@ -618,14 +618,19 @@ def manifest_row(config: SimulationConfig, p: ImageParameters) -> list[str]:
     ]
 
 
-def manifest_text(config: SimulationConfig, seed: int, order) -> str:
-    """The manifest CSV of the images ``order`` (``(split, class, index)``): :data:`MANIFEST_COLUMNS`, one row each."""
+def _table(columns, rows_of, config: SimulationConfig, seed: int, order) -> str:
+    """A CSV with ``columns``, then ``rows_of(config, parameters)`` for each image of ``order``."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(MANIFEST_COLUMNS)
+    w.writerow(columns)
     for s, c, i in order:
-        w.writerow(manifest_row(config, draw_parameters(config, seed, s, c, i)))
+        w.writerows(rows_of(config, draw_parameters(config, seed, s, c, i)))
     return buf.getvalue()
+
+
+def manifest_text(config: SimulationConfig, seed: int, order) -> str:
+    """The manifest CSV of the images ``order`` (``(split, class, index)``): :data:`MANIFEST_COLUMNS`, one row each."""
+    return _table(MANIFEST_COLUMNS, lambda cfg, p: [manifest_row(cfg, p)], config, seed, order)
 
 
 SUBSTRUCTURE_COLUMNS = ("split", "class", "index", "path", "kind", "mass_msun", "x_arcsec", "y_arcsec", "column",
@@ -660,12 +665,7 @@ def substructure_rows(config: SimulationConfig, p: ImageParameters) -> list[list
 def substructure_text(config: SimulationConfig, seed: int, order) -> str:
     """``substructure.csv`` of the images ``order``: :data:`SUBSTRUCTURE_COLUMNS`, rows from
     :func:`substructure_rows`."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(SUBSTRUCTURE_COLUMNS)
-    for s, c, i in order:
-        w.writerows(substructure_rows(config, draw_parameters(config, seed, s, c, i)))
-    return buf.getvalue()
+    return _table(SUBSTRUCTURE_COLUMNS, substructure_rows, config, seed, order)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
