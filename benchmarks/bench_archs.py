@@ -11,8 +11,8 @@ For each arch, at two inputs:
 transform, forward, backward, fused AdamW step; fp32) on a fixed batch in memory, median of a few steps after a
 warm-up; ``predict`` is ``engine.predict_proba`` in eval mode. Each line: ``arch_<name>: ...``. With ``--readme``
 the table between the README's ``archs`` markers is rewritten, with the held-out macro AUC of the arms the
-committed study holds
-(``experiments/results/study.json``: ``default`` is resnet34, ``resnet18``, ``lensnet``).
+committed studies hold (:data:`STUDIES`: ``default`` is resnet34; each other network's arm with its paired
+difference from the ``default`` of its own study, since the studies ran on different machines).
 
 Usage: ``python benchmarks/bench_archs.py [--archs resnet34,lensnet] [--readme]``.
 """
@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,8 +37,11 @@ from deeplense.util import REPO, DeepLenseError, cpu_name
 
 from common import emit
 
-STUDY = REPO / "experiments" / "results" / "study.json"
-STUDY_ARM = {"resnet34": "default", "resnet18": "resnet18", "lensnet": "lensnet"}
+RESULTS = REPO / "experiments" / "results"
+STUDIES = ("study", "study_issue25", "study_issue25_cnns")
+"""The committed studies (``experiments/results/NAME.json``) whose network arms fill the AUC column; the first one
+holding an arch gives its cell, and ``default`` (resnet34) comes from the first, ``study``."""
+STUDY = RESULTS / "study.json"
 
 
 def configs(arch: str) -> dict:
@@ -89,18 +93,44 @@ def geometry(cfg) -> str:
     return f"{c} x {cfg.image_size} px{crop}"
 
 
-def study_auc() -> dict:
-    """{arch: 'mean ± std (n seeds)'} from the committed study, for the arms it holds."""
-    if not STUDY.exists():
-        return {}
-    study = json.loads(STUDY.read_text())
-    out = {}
-    for arch, arm in STUDY_ARM.items():
-        a = study["arms"].get(arm)
-        if a and a["test"]["macro_auc"]["mean"] is not None:
+def arm_arch(arm: str) -> tuple[str, str | None] | None:
+    """(arch, attention) of a study arm that changes only the network (``default`` is resnet34, ``resnet18``,
+    ``lensnet``, ``convnext_tiny``, ``resnet34_attn_se``, ...); None for a recipe arm (``default_ema``,
+    ``default_tta``)."""
+    if arm == "default":
+        return "resnet34", None
+    arch, _, attention = arm.partition("_attn_")
+    if attention:
+        return arch + "_attn", attention
+    return (arm, None) if arm in ARCHS else None
+
+
+def study_auc(names=STUDIES, results=RESULTS) -> dict:
+    """{arch: cell} from the committed studies: 'mean ± std (n seeds)' for resnet34 (``default``); for another
+    network, that and its paired difference from its own study's ``default`` with the 95% t interval over seeds, and
+    the study's name. ``resnet34_attn`` lists each attention kind."""
+    out: dict[str, list[str]] = {}
+    taken: dict[str, str] = {}
+    for name in names:
+        path = Path(results) / f"{name}.json"
+        if not path.exists():
+            continue
+        study = json.loads(path.read_text())
+        for arm, a in study["arms"].items():
+            net = arm_arch(arm)
             t = a["test"]["macro_auc"]
-            out[arch] = f"{t['mean']:.4f} ± {t['std']:.4f} ({a['seeds']} seeds)"
-    return out
+            if net is None or t["mean"] is None or taken.setdefault(net[0], name) != name:
+                continue
+            arch, attention = net
+            cell = f"{t['mean']:.4f} ± {t['std']:.4f} ({a['seeds']} seeds)"
+            d = a.get("paired_vs_default")
+            if d and d["mean"] is not None:
+                lo, hi = d["t_ci"]
+                cell = (f"{attention + ': ' if attention else ''}{cell}; Δ {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}], "
+                        f"{d['verdict']}")
+            out.setdefault(arch, []).append(cell)
+    return {arch: "; ".join(cells) + ("" if arch == "resnet34" else f" (`{taken[arch]}`)")
+            for arch, cells in out.items()}
 
 
 def main(argv=None) -> int:
@@ -131,9 +161,13 @@ def main(argv=None) -> int:
                  f"{dt.date.today().isoformat()}, torch {torch.__version__} ({(time.time() - t_start) / 60:.1f} min; "
                  f"training images/s of the real step at the batch shown, median of {args.steps} steps; the "
                  f"machine is shared, so read ratios, not digits). Macro AUC: held-out test of the committed "
-                 f"accuracy study"
-                 + (f" ({study['description']}, {study['n_test']} test images, `{study['command']}`)" if study else "")
-                 + "; GPU speeds are not measured yet (`make bench-gpu` measures resnet34 only).", "",
+                 f"accuracy studies"
+                 + (f" ({study['description']}, {study['n_test']} test images)" if study else "")
+                 + ", mean ± std over seeds; for each network but resnet34, Δ is its paired difference from the "
+                   "`default` (resnet34) of the same study, with the 95% t interval over seeds, and the study is "
+                   "named (`experiments/results/NAME.json`, its command inside; the studies ran on different CPUs, "
+                   "so compare Δs, not AUCs across studies); GPU speeds are not measured yet (`make bench-gpu` "
+                   "measures resnet34 only).", "",
                  "| arch | parameters | recipe input | train img/s (CPU, batch 16) | predict img/s (CPU) | "
                  "quick-scale input | train img/s (CPU, batch 32) | predict img/s (CPU) | held-out macro AUC, "
                  "benchmark preset, quick scale |",

@@ -447,6 +447,10 @@ MUTANTS = (
            "benchmarks/common.py", '_OPS = {">=": operator.ge, "<=": operator.le,',
            '_OPS = {">=": operator.ge, "<=": operator.ge,',
            ("tests/test_benchmarks.py::test_goals_are_judged_from_the_numbers",)),
+    Mutant("arch_auc_mixes_studies", "the arch table joins one network's AUCs from studies run on different CPUs",
+           "benchmarks/bench_archs.py", "taken.setdefault(net[0], name) != name", "False",
+           ("tests/test_benchmarks.py::test_arch_table_auc_reads_every_study_and_pairs_each_network_with_its_own_"
+            "default",)),
     Mutant("sim_cache_by_name_only", "the default simulated set is reused after its preset's settings changed",
            PKG + "simulate.py", 'name = f"{DEFAULT_PRESET}-{digest}-seed{seed}',
            'name = f"{DEFAULT_PRESET}-seed{seed}',

@@ -74,3 +74,33 @@ def test_every_benchmark_reports_through_emit():
         hand = re.findall(r'print\(f?"[a-z0-9_{}]+: ', text)
         assert not hand, (script.name, hand)
         assert "from common import" in text and "emit(" in text, script.name
+
+
+def _arm(mean, per_seed_delta=None):
+    a = {"seeds": 4, "test": {"macro_auc": {"mean": mean, "std": 0.01}}}
+    if per_seed_delta is not None:
+        a["paired_vs_default"] = {"mean": per_seed_delta, "t_ci": [per_seed_delta - 0.01, per_seed_delta + 0.01],
+                                  "verdict": "within noise"}
+    return a
+
+
+def test_arch_table_auc_reads_every_study_and_pairs_each_network_with_its_own_default(bench, tmp_path,
+                                                                                       monkeypatch):
+    # the arch table's AUC column: resnet34 from the first study, each other network from the first study that
+    # holds it, with its paired difference from that study's default (the studies ran on different CPUs)
+    import json
+
+    import bench_archs
+
+    (tmp_path / "a.json").write_text(json.dumps({"arms": {"default": _arm(0.88), "resnet18": _arm(0.90, 0.02),
+                                                          "default_ema": _arm(0.95, 0.07)}}))
+    (tmp_path / "b.json").write_text(json.dumps({"arms": {
+        "default": _arm(0.70), "resnet18": _arm(0.10, -0.6), "resnet34_attn_se": _arm(0.71, 0.01),
+        "resnet34_attn_cbam": _arm(0.72, 0.02), "convnext_tiny": _arm(0.66, -0.04)}}))
+    cells = bench_archs.study_auc(("a", "missing", "b"), tmp_path)
+    assert set(cells) == {"resnet34", "resnet18", "resnet34_attn", "convnext_tiny"}  # default_ema is a recipe arm
+    assert cells["resnet34"] == "0.8800 ± 0.0100 (4 seeds)"
+    assert cells["resnet18"] == "0.9000 ± 0.0100 (4 seeds); Δ +0.0200 [+0.0100, +0.0300], within noise (`a`)"
+    assert cells["convnext_tiny"].startswith("0.6600 ± 0.0100 (4 seeds); Δ -0.0400 [-0.0500, -0.0300]")
+    assert cells["convnext_tiny"].endswith("(`b`)")
+    assert cells["resnet34_attn"].startswith("se: 0.7100") and "; cbam: 0.7200" in cells["resnet34_attn"]
