@@ -451,6 +451,12 @@ MUTANTS = (
            "benchmarks/bench_archs.py", "taken.setdefault(net[0], name) != name", "False",
            ("tests/test_benchmarks.py::test_arch_table_auc_reads_every_study_and_pairs_each_network_with_its_own_"
             "default",)),
+    Mutant("evaluated_listing_unchecked", "report and explain show images other than the ones evaluated when the "
+           "split changed after evaluate", PKG + "report.py",
+           'if info[split].listing != data.get("listing") or not np.array_equal(all_labels[idx], labels):',
+           "if False:",
+           ("tests/test_report.py::test_report_draws_the_error_figures_from_the_evaluated_images_and_skips_them_"
+            "without_the_data",)),
     Mutant("sim_cache_by_name_only", "the default simulated set is reused after its preset's settings changed",
            PKG + "simulate.py", 'name = f"{DEFAULT_PRESET}-{digest}-seed{seed}',
            'name = f"{DEFAULT_PRESET}-seed{seed}',

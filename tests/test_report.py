@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -177,6 +179,12 @@ def test_report_draws_the_error_figures_from_the_evaluated_images_and_skips_them
     assert {"hardest.png", "hardest.pdf", "confident_errors.png", "confident_errors.pdf"} <= names
     again = report(run, tmp_path / "f2")
     assert all(p.read_bytes() == (tmp_path / "f1" / p.name).read_bytes() for p in again)
+    # a split that no longer lists the evaluated images (one removed): the error figures would show other images
+    split = json.loads((run / "metrics.json").read_text())["provenance"]["data"]["split"]
+    sorted((data / split).rglob("*.npy"))[-1].unlink()
+    said = []
+    names = {p.name for p in report(run, tmp_path / "f4", log=said.append)}
+    assert "hardest.png" not in names and len(said) == 1 and "no longer lists the images" in said[0]
     shutil.rmtree(data)
     said = []
     names = {p.name for p in report(run, tmp_path / "f3", log=said.append)}

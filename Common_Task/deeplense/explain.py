@@ -18,7 +18,6 @@ substructure of simulated images.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -286,32 +285,19 @@ def explain_evaluation(evaluation, out, *, per_class: int = 50, methods=METHODS,
     and method for up to ``per_class`` images per class (``sphere`` and ``vort``; the maps are for the true
     class), written to ``OUT/enrichment.json``; a figure of ``draw`` images per class with the true substructure
     marked, ``FIGURES/saliency_examples.png|pdf`` (``figures`` default ``out``)."""
-    from .data import load_splits
+    from .report import evaluated_split
     from .transforms import native_crop
-    from .util import file_sha256, versions, write_json_atomic
+    from .util import versions, write_json_atomic
 
     ev = Path(evaluation)
-    try:
-        metrics = json.loads((ev / "metrics.json").read_text())
-        prov = metrics["provenance"]
-        with np.load(ev / "predictions.npz", allow_pickle=False) as z:
-            labels, source = z["labels"], prov["data"]["split"]
-            idx = z[f"{source}_indices"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DeepLenseError(f"{ev}: not an evaluation folder (metrics.json and predictions.npz from "
-                             f"`python -m deeplense evaluate`): {exc}") from None
-    if metrics.get("predictions_sha256") not in (None, file_sha256(ev / "predictions.npz")):
-        raise DeepLenseError(f"{ev / 'predictions.npz'}: not the predictions metrics.json was computed from; "
-                             f"evaluate again")
+    split = evaluated_split(ev, "the saliency maps")
+    prov, labels, idx, images, source = (split.metrics["provenance"], split.labels, split.indices, split.images,
+                                         split.split)
     data = prov["data"]["root"]
-    info: dict = {}
-    images, all_labels = load_splits(data, (source,), info=info, progress=False)[source]
-    if info[source].listing != prov["data"]["listing"] or not np.array_equal(all_labels[idx], labels):
-        raise DeepLenseError(f"{data}: its {source}/ no longer lists the images {ev} evaluated; evaluate again")
     truth = read_substructure(data)
     ckpt, config, model = _model(prov["checkpoint"], device)
     tta = bool(prov.get("tta"))
-    files = info[source].files
+    files = split.files
     result: dict = {"evaluation": str(ev.resolve()), "checkpoint": prov["checkpoint"], "data": str(data),
                     "split_description": prov.get("split_description"), "heldout_check": prov.get("heldout_check"),
                     "tta": tta, "arch": config.arch, "radius_px": radius, "per_class": {}, "versions": versions()}

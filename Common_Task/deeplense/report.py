@@ -7,6 +7,7 @@ The notebook draws its figures through the same two functions, so ``report`` rep
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -204,29 +205,49 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
     return written
 
 
-def _evaluated_images(run: Path):
-    """``(metrics, labels, probabilities, images)`` of an evaluation folder: the images read back from the dataset
-    its metrics.json names, checked to be the ones evaluated (same listing, same labels)."""
+@dataclass(frozen=True)
+class EvaluatedSplit:
+    """What :func:`evaluated_split` reads of an evaluation folder: its metrics.json, predictions (labels,
+    probabilities, the evaluated images' indices into the split) and the split itself, read back from the data."""
+
+    metrics: dict
+    labels: np.ndarray
+    probabilities: np.ndarray
+    indices: np.ndarray
+    images: np.ndarray  # the whole split, (N, 1, H, W), as load_splits gives it
+    files: list  # the split's files, in the order of ``images``
+    root: Path
+    split: str
+
+
+def evaluated_split(run: str | Path, need: str = "its images") -> EvaluatedSplit:
+    """The evaluation folder ``run`` (``metrics.json`` and ``predictions.npz`` of ``python -m deeplense evaluate``)
+    and the images it scored, read back from the dataset its metrics.json names and checked to be the ones evaluated
+    (the predictions' hash as recorded, the same listing, the same labels). ``need`` says in the error what wanted the
+    data when it is gone."""
     from .data import load_splits
 
+    run = Path(run)
     try:
         metrics = json.loads((run / "metrics.json").read_text())
         data = metrics["provenance"]["data"]
+        split = data["split"]
         with np.load(run / "predictions.npz", allow_pickle=False) as z:
-            labels, probs, idx = z["labels"], z["probabilities"], z[f"{data['split']}_indices"]
+            labels, probs, idx = z["labels"], z["probabilities"], z[f"{split}_indices"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DeepLenseError(f"{run}: metrics.json or predictions.npz unreadable or not from `evaluate` ({exc})") \
-            from None
+        raise DeepLenseError(f"{run}: not an evaluation folder (metrics.json and predictions.npz from `python -m "
+                             f"deeplense evaluate`): {exc}") from None
+    if metrics.get("predictions_sha256") not in (None, file_sha256(run / "predictions.npz")):
+        raise DeepLenseError(f"{run / 'predictions.npz'}: not the predictions metrics.json was computed from; "
+                             f"evaluate again")
     root = Path(data["root"])
     if not root.is_dir():
-        raise DeepLenseError(f"{root}: the data {run} was evaluated on is not here (the error figures need its "
-                             f"images)")
+        raise DeepLenseError(f"{root}: the data {run} was evaluated on is not here ({need} need it)")
     info: dict = {}
-    images, all_labels = load_splits(root, (data["split"],), info=info, progress=False)[data["split"]]
-    if info[data["split"]].listing != data.get("listing") or not np.array_equal(all_labels[idx], labels):
-        raise DeepLenseError(f"{root}: its {data['split']}/ no longer lists the images {run} evaluated; evaluate "
-                             f"again")
-    return metrics, labels, probs, np.asarray(images[idx, 0])
+    images, all_labels = load_splits(root, (split,), info=info, progress=False)[split]
+    if info[split].listing != data.get("listing") or not np.array_equal(all_labels[idx], labels):
+        raise DeepLenseError(f"{root}: its {split}/ no longer lists the images {run} evaluated; evaluate again")
+    return EvaluatedSplit(metrics, labels, probs, idx, images, list(info[split].files), root, split)
 
 
 def error_examples(labels, probabilities, per_class: int = 4) -> tuple[dict, np.ndarray]:
@@ -247,7 +268,8 @@ def draw_errors(run: str | Path, figures: str | Path, per_class: int = 4) -> lis
     """``hardest``: per true class, the evaluated images with the highest loss; ``confident_errors``: the wrong
     predictions made with the highest confidence; each image with its probabilities."""
     run = Path(run)
-    metrics, labels, probs, images = _evaluated_images(run)
+    ev = evaluated_split(run, "the error figures")
+    metrics, labels, probs, images = ev.metrics, ev.labels, ev.probabilities, np.asarray(ev.images[ev.indices, 0])
     hardest, confident = error_examples(labels, probs, per_class)
 
     def caption(i):
