@@ -99,6 +99,8 @@ def arm_arch(arm: str) -> tuple[str, str | None] | None:
     ``default_tta``)."""
     if arm == "default":
         return "resnet34", None
+    if "_lr" in arm:  # the network at another learning rate than its study's default: a recipe arm
+        return None
     arch, _, attention = arm.partition("_attn_")
     if attention:
         return arch + "_attn", attention
@@ -124,7 +126,7 @@ def study_auc(names=STUDIES, results=RESULTS) -> dict:
             arch, attention = net
             cell = f"{t['mean']:.4f} ± {t['std']:.4f} ({a['seeds']} seeds)"
             d = a.get("paired_vs_default")
-            if d and d["mean"] is not None:
+            if d and d["mean"] is not None and d["t_ci"][0] == d["t_ci"][0]:  # NaN: one seed, no interval
                 lo, hi = d["t_ci"]
                 cell = (f"{attention + ': ' if attention else ''}{cell}; Δ {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}], "
                         f"{d['verdict']}")

@@ -25,6 +25,9 @@ Arms (``--arms`` picks a subset):
   recipe before that fix: the same training, bit for bit; only what is evaluated, selected and saved differs);
 - the networks (:data:`NETWORK_ARMS`): ``default`` on ``resnet34_attn`` with each attention (``resnet34_attn_se``,
   ``_cbam``, ``_mhsa``), ``convnext_tiny``, ``swin_t``, ``vit_b_16``, ``efficientnet_b3``, ``maxvit_t``;
+- ``<arm>_lr<value>`` (``default`` or a network arm, e.g. ``convnext_tiny_lr1e-4``): that arm at another peak
+  learning rate (``default``'s 1e-3 is tuned for the ResNets with BatchNorm at batch 32; the transformers and
+  ConvNeXt were published with about 1e-3 at batch 1,024 to 4,096);
 - ``default_onecycle``: ``default`` with a one-cycle schedule instead of warm-up + cosine;
 - ``resnet18``: ``default`` on torchvision's ResNet18 (11.2 M parameters instead of 21.3 M);
 - ``default_bf16``: ``default`` under bf16 autocast (on a CPU only where bf16 is native; not in the default arms:
@@ -37,7 +40,7 @@ initial weights (ImageNet weights when the torch hub cache holds them), input = 
 (the reference arm: the whole image resized to 73 px, centre 64 px, its 256 -> 224 geometry scaled); 4 seeds; every
 arm but those of :data:`GPU_ONLY` (``default_150px``: 4.7x the training time of ``default`` on a CPU;
 ``reference``: from random weights its SGD at lr 1e-4 stays at chance in 5 epochs, macro AUC 0.508 ± 0.025 in the
-earlier common_task study; ``maxvit_t``, which takes 224 px only; ``vit_b_16``, 4x ``default``'s time), about 5
+earlier common_task study; ``maxvit_t``, which takes 224 px only; ``vit_b_16``, 7.7x ``default``'s time), about 5
 to 14 minutes per arm and seed. ``--scale gpu``: 10,000 / 2,500 per class at the recipes' own settings (224 px,
 or 150 px for ``default_150px`` and ``lensnet``; 20 epochs), every arm.
 
@@ -80,8 +83,9 @@ ARMS = ("reference", "default", "default_no_recal", "default_no_d4", "default_tt
 GPU_ONLY = ("default_150px", "reference", "default_bf16", "maxvit_t", "vit_b_16")
 """Arms the quick scale leaves out, and why: ``default_150px`` trains 4.7x as long as ``default`` on a CPU;
 ``reference`` stays at chance from random weights in 5 epochs; ``default_bf16`` needs native bf16; ``maxvit_t``
-takes only multiples of 224 px (20x the quick input's pixels); ``vit_b_16`` trains at 13.7 img/s against ResNet34's
-57.4 at the quick input (benchmarks/bench_archs.py), about 90 minutes for 4 seeds."""
+takes only multiples of 224 px (20x the quick input's pixels); ``vit_b_16`` trains 7.7 times as long as ``default``
+at the quick input (about 9 minutes a seed on a 2-core AMD EPYC; ``--arms ...,vit_b_16`` runs it, as the committed
+``study_issue25_cnns`` did)."""
 SCALES = {
     # each study scale: the simulated set, the seeds and arms, and the training scale (deeplense.config.SCALES) that
     # sets every arm's epochs, input and batch
@@ -90,13 +94,31 @@ SCALES = {
     "gpu": {"training_scale": "full", "train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
 }
 DATA_SEED = 1234
+ONE_SEED = "no verdict (1 seed)"
+"""The verdict of a comparison run with one seed: without a t interval over seeds it is a diagnostic, not a test."""
 TRAINED_AS = {"default_tta": "default", "default_d2_tta": "default_d2"}
 """The arms that evaluate another arm's checkpoints with test-time averaging."""
+
+
+def learning_rate_arm(arm: str) -> tuple[str, float] | None:
+    """``(base arm, lr)`` of ``<arm>_lr<value>`` (``default`` or a :data:`NETWORK_ARMS` arm at another peak learning
+    rate), None for any other name."""
+    base, sep, value = arm.rpartition("_lr")
+    if not sep or base not in ("default", *NETWORK_ARMS):
+        return None
+    try:
+        lr = float(value)
+    except ValueError:
+        return None
+    return (base, lr) if lr > 0 and np.isfinite(lr) else None
 
 
 def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | None = None):
     """The training config of an arm (a TTA arm trains as the arm it evaluates, :data:`TRAINED_AS`) at the study
     scale ``scale``."""
+    at_lr = learning_rate_arm(arm)
+    if at_lr:
+        return arm_config(at_lr[0], scale, seed, protocol, epochs).replace(lr=at_lr[1])
     training = SCALES[scale]["training_scale"]
     base = {"seed": seed, "protocol": protocol}
     default = recipe("default", scale=training, **base)
@@ -186,6 +208,9 @@ def paired(out: Path, arm: str, seeds: list[int], n_bootstrap: int = 1000) -> di
                           n_bootstrap=n_bootstrap if same_images else 0, seed=DATA_SEED)
     if not same_images:  # reference protocol: each seed tests other images, so no bootstrap pairs them
         d["bootstrap_ci"] = None
+    if len(seeds) < 2:  # no t interval: one seed says nothing of how the difference moves with the seed
+        d["verdict"] = ONE_SEED
+        return d
     intervals = [c for c in (d["t_ci"], d["bootstrap_ci"]) if c is not None]
     d["verdict"] = ("wins" if all(c[0] > 0 for c in intervals) else
                     "loses" if all(c[1] < 0 for c in intervals) else "within noise")
@@ -221,7 +246,8 @@ def describe(arm: dict) -> str:
 def _delta(d: dict | None) -> str:
     if d is None:
         return "(baseline)"
-    text = f"{d['mean']:+.4f} [{d['t_ci'][0]:+.4f}, {d['t_ci'][1]:+.4f}]"
+    lo, hi = d["t_ci"]
+    text = f"{d['mean']:+.4f} " + ("[no t interval: 1 seed]" if lo != lo else f"[{lo:+.4f}, {hi:+.4f}]")
     if d.get("bootstrap_ci"):
         text += f" {{{d['bootstrap_ci'][0]:+.4f}, {d['bootstrap_ci'][1]:+.4f}}}"
     return text
@@ -271,7 +297,7 @@ def _draw_figures(study: dict, out: Path, plots) -> None:
     a1.grid(alpha=0.3)
     a1.set_title("Macro AUC per arm")
     others = [a for a in arms if study["arms"][a].get("paired_vs_default")]
-    colours = {"wins": "#009E73", "loses": "#D55E00", "within noise": "0.4"}
+    colours = {"wins": "#009E73", "loses": "#D55E00", "within noise": "0.4", ONE_SEED: "0.6"}
     for i, arm in enumerate(others):
         d = study["arms"][arm]["paired_vs_default"]
         lo, hi = d["t_ci"]
@@ -338,9 +364,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     arms = [a for a in (args.arms.split(",") if args.arms else scale["arms"]) if a]
-    bad = [a for a in arms if a not in ARMS]
+    bad = [a for a in arms if a not in ARMS and not learning_rate_arm(a)]
     if bad:
-        p.error(f"unknown arm(s) {bad}; choose from {ARMS}")
+        p.error(f"unknown arm(s) {bad}; choose from {ARMS}, or default or a network arm with _lr<value> (e.g. "
+                f"convnext_tiny_lr1e-4)")
     if any(a != "default" for a in arms) and "default" not in arms:
         arms = ["default", *arms]  # every comparison is paired with default
     out = Path(args.out).resolve()

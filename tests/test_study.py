@@ -149,3 +149,30 @@ def test_network_arms_change_only_the_network_and_no_recal_only_the_recalibratio
     assert "no BN recalibration" in study.describe({"config": asdict(study.arm_config("default_no_recal", "quick", 0,
                                                                                       "clean"))})
     assert not set(study.GPU_ONLY) & set(study.SCALES["quick"]["arms"])
+
+
+def test_learning_rate_arms_change_only_the_learning_rate():
+    from dataclasses import asdict
+
+    study = _study_module()
+    for arm, base, lr in (("convnext_tiny_lr1e-4", "convnext_tiny", 1e-4), ("default_lr3e-4", "default", 3e-4),
+                          ("resnet34_attn_se_lr0.0002", "resnet34_attn_se", 2e-4)):
+        assert study.learning_rate_arm(arm) == (base, lr)
+        cfg = asdict(study.arm_config(arm, "quick", 1, "clean"))
+        ref = asdict(study.arm_config(base, "quick", 1, "clean"))
+        assert {k for k in cfg if cfg[k] != ref[k]} == {"lr"} and cfg["lr"] == lr
+        assert f"AdamW {lr:g}," in study.describe({"config": cfg})
+    for bad in ("default_ema_lr1e-4", "convnext_tiny_lr", "convnext_tiny_lrfast", "default_lr0", "default_lr-1",
+                "default_lrnan", "default_lrinf", "nonsense_lr1e-3"):
+        assert study.learning_rate_arm(bad) is None, bad
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--arms", "default,default_lrfast", "--out", "/nonexistent/never"])
+    assert exc.value.code == 2
+
+
+def test_a_one_seed_comparison_has_no_t_interval_and_no_verdict():
+    study = _study_module()
+    nan = float("nan")
+    text = study._delta({"mean": -0.3, "t_ci": [nan, nan], "bootstrap_ci": [-0.33, -0.27]})
+    assert text == "-0.3000 [no t interval: 1 seed] {-0.3300, -0.2700}"
+    assert study._delta({"mean": 0.01, "t_ci": [0.0, 0.02], "bootstrap_ci": None}) == "+0.0100 [+0.0000, +0.0200]"
