@@ -301,7 +301,7 @@ MUTANTS = (
            TRAIN, '        if not math.isfinite(rec["train_loss"]):', "        if False:",
            ("tests/test_cli.py::test_a_diverged_run_is_one_line",)),
     Mutant("batch_of_one_accepted", "--batch-size 1 trains on one image per BatchNorm step (a traceback at 32 px)",
-           PKG + "config.py", "            (self.batch_size >= 2,", "            (self.batch_size >= 1,",
+           PKG + "config.py", 'valid=at_least(2, why=" (BatchNorm', 'valid=at_least(1, why=" (BatchNorm',
            ("tests/test_config.py::test_nonsense_is_refused_before_any_work",)),
     Mutant("device_checked_late", "a mistyped --device is found only after simulating a dataset",
            PKG + "cli.py", "        plan_for(pick_device(rank_device(args.device)), cfg.precision)  # so are",
@@ -419,7 +419,7 @@ MUTANTS = (
            '        if name not in names or name == "augmentation":\n',
            ("tests/test_cli.py::test_every_config_field_is_a_train_option_with_the_configs_choices",)),
     Mutant("config_choice_unchecked", "the config accepts any name for a named setting",
-           PKG + "config.py", "        if allowed and value is not None and value not in allowed:\n",
+           PKG + "config.py", "        if allowed and value not in allowed:\n",
            "        if False:\n",
            ("tests/test_config.py",)),
     Mutant("scale_crop_ignored_for_lensnet", "lensnet's input ignores the scale's crop",
@@ -544,7 +544,7 @@ MUTANTS = (
             "tests/test_train.py::test_bn_recalibration_changes_what_is_evaluated_never_the_training")),
     # issue 26: calibration
     Mutant("temperature_not_applied", "evaluate --calibrated records the temperature but saves and scores the raw "
-           "probabilities", EVALUATE, "    probs = apply_temperature(raw, temperature) if calibrated else raw\n",
+           "probabilities", EVALUATE, "    probs = apply_temperature(logp, temperature) if calibrated else raw\n",
            "    probs = raw\n",
            ("tests/test_calibration.py::test_evaluate_and_predict_apply_the_temperature_only_when_asked",)),
     Mutant("temperature_tta_mixup", "--tta --calibrated scales TTA-averaged probabilities by the plain predictions' "
@@ -552,8 +552,8 @@ MUTANTS = (
            ("tests/test_calibration.py::test_evaluate_and_predict_apply_the_temperature_only_when_asked",)),
     Mutant("temperature_fitted_on_training_images", "the temperature is fitted on training images the network has "
            "memorised, not on the selection images", TRAIN,
-           "probs = engine.predict_proba(model, placed.x_sel, config,",
-           "probs = engine.predict_proba(model, placed.x_train[: len(y_sel)], config,",
+           "logp = engine.predict_proba(model, placed.x_sel, config,",
+           "logp = engine.predict_proba(model, placed.x_train[: len(y_sel)], config,",
            ("tests/test_calibration.py::test_training_fits_temperatures_on_the_selection_images_into_best_pt",)),
     Mutant("reliability_after_is_before", "the reliability diagram's temperature-scaled panel draws the "
            "probabilities as predicted", PKG + "plots.py", 'calibration["calibrated"]))',
@@ -628,6 +628,65 @@ MUTANTS = (
     Mutant("input_side_lost_on_rebuild", "evaluate rebuilds vit_b_16 for 224 px whatever input it trained on",
            PKG + "checkpoint.py", 'image_size=cfg.get("image_size", 224)', "image_size=224",
            ("tests/test_train.py::test_every_arch_trains_resumes_evaluates_predicts_and_explains",)),
+    # issue 37: the third probe round
+    Mutant("demo_deletes_a_train_run", "demo --out RUN deletes a training run's folder (best.pt, last.pt, the user's "
+           "notes) and replaces it", NOTEBOOK_PY, "    if not (path / RUN_MARKER).is_file():\n",
+           '    if (path / "config.json").is_file():\n        return sorted(path.rglob("*"), reverse=True)\n'
+           "    if not (path / RUN_MARKER).is_file():\n",
+           ("tests/test_notebook.py::test_fresh_run_folder_replaces_only_a_previous_notebook_run",
+            "tests/test_notebook.py::test_demo_refuses_a_training_run_before_the_kernel_starts")),
+    Mutant("none_cannot_override_a_recipe", "train --bn-recalibration none (or --resize-then-crop none) is silently "
+           "ignored: the recipe's value stays", PKG + "cli.py",
+           "    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if hasattr(args, k)}",
+           "    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k, None) is not None}",
+           ("tests/test_cli.py::test_none_switches_a_recipe_setting_off_and_tiny_eval_batches_work",)),
+    Mutant("recalibration_in_batches_of_one", "train --eval-batch-size 1 ends in a traceback after epoch 1 "
+           "(BatchNorm recalibration on single images)", ENGINE,
+           "    bs = max(2, data.eval_batch_size or config.eval_batch_size or default_eval_batch_size(plan))",
+           "    bs = data.eval_batch_size or config.eval_batch_size or default_eval_batch_size(plan)",
+           ("tests/test_cli.py::test_none_switches_a_recipe_setting_off_and_tiny_eval_batches_work",)),
+    Mutant("temperature_fit_clips_apply_does_not", "the temperature is fitted on probabilities clipped at 1e-12 but "
+           "applied to the exact ones: the stored T can make the probabilities worse", PKG + "calibration.py",
+           "    z = _log_probabilities(log_probabilities)\n    if y.shape",
+           "    z = np.log(np.clip(np.exp(_log_probabilities(log_probabilities)).astype(np.float32), 1e-12, None))\n"
+           "    if y.shape",
+           ("tests/test_calibration.py::test_the_fit_scores_what_is_applied_and_never_raises_the_nll",)),
+    Mutant("temperature_stored_when_worse", "a temperature that raises the selection NLL is stored anyway",
+           PKG + "calibration.py", "    kept = after < before\n", "    kept = True\n",
+           ("tests/test_calibration.py::test_the_fit_scores_what_is_applied_and_never_raises_the_nll",)),
+    Mutant("explain_names_collide", "explain train/no/1.npy val/no/1.npy writes both to no_1.png: one figure lost",
+           PKG + "explain.py", "        stem = out / name\n", '        stem = out / f"{f.parent.name}_{f.stem}"\n',
+           ("tests/test_explain.py::test_explain_files_and_an_evaluation_end_to_end",)),
+    Mutant("explain_swapped_checkpoint", "explain --evaluation draws another network's maps when best.pt was "
+           "replaced after the evaluation", PKG + "explain.py", "    _check_evaluated_checkpoint(ev, prov, ckpt)\n",
+           "", ("tests/test_explain.py::test_explain_files_and_an_evaluation_end_to_end",)),
+    Mutant("interval_level_90", "every '95% interval' is a 90% one", METRICS,
+           "np.percentile(v, 2.5)), float(np.percentile(v, 97.5))", "np.percentile(v, 5)), float(np.percentile(v, 95))",
+           ("tests/test_metrics.py::test_the_95_percent_intervals_cover_the_true_value_95_percent_of_the_time",)),
+    Mutant("report_draws_an_edited_matrix", "report draws a hand-edited confusion matrix from metrics.json",
+           PKG + "report.py", "    if cm != counted:", "    if False:",
+           ("tests/test_report.py::test_a_hand_edited_confusion_matrix_is_refused_in_one_line",)),
+    Mutant("config_ranges_unchecked", "--weight-decay -1, --step-size 0, --warmup-epochs -1 are accepted (then a "
+           "traceback, or a schedule started half-way)", PKG + "config.py", "        if valid and not valid[0](value):",
+           "        if False:", ("tests/test_cli.py::test_arguments_are_checked_before_any_work",)),
+    Mutant("nan_option_accepted", "--momentum nan and --clip-grad inf are accepted (inf written to config.json)",
+           PKG + "config.py", "        if types[f.name][0] is float and not math.isfinite(value):",
+           "        if False:", ("tests/test_cli.py::test_arguments_are_checked_before_any_work",)),
+    Mutant("misspelt_variable_ignored", "DEEPLENSE_EPOCH=3 is silently ignored", NOTEBOOK_PY,
+           '        if name.startswith("DEEPLENSE_") and name not in known:', "        if False:",
+           ("tests/test_notebook.py::test_a_misspelt_notebook_variable_is_refused",)),
+    Mutant("relative_data_from_the_kernel", "a relative DEEPLENSE_DATA is looked up in Common_Task/, not where the "
+           "user ran demo", NOTEBOOK_PY, "            env[k] = str(Path(value).resolve())", "            pass",
+           ("tests/test_notebook.py::test_demo_no_readme_runs_into_a_new_folder_with_relative_data",)),
+    Mutant("realism_same_sample", "realism --real X --data X reports AUC 0.000 for identical samples",
+           PKG + "realism.py", "    if shared:\n", "    if False:\n",
+           ("tests/test_realism.py::test_realism_refuses_what_it_cannot_compare_before_any_work",)),
+    Mutant("realism_missing_class", "realism with a class folder missing pools different class mixes",
+           PKG + "realism.py",
+           "        missing = [c for k, c in enumerate(CLASSES) if not np.any(np.asarray(labels) == k)]",
+           "        missing = []",
+           ("tests/test_realism.py::test_realism_refuses_what_it_cannot_compare_before_any_work",)),
+
 )
 
 

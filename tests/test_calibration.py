@@ -6,22 +6,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from deeplense.calibration import apply_temperature as _apply_log
 from deeplense.calibration import (
-    apply_temperature,
     calibration_summary,
     classwise_ece,
     expected_calibration_error,
-    fit_temperature,
     nll,
     reliability,
+    temperature_nll,
     top_label_reliability,
 )
+from deeplense.calibration import fit_temperature as _fit_log
 from deeplense.data import CLASSES
 
 
 def _softmax(z):
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(y, p) -> float:
+    """The fitted temperature of probabilities ``p`` (the module works on log-probabilities)."""
+    return _fit_log(y, np.log(p))["temperature"]
+
+
+def apply_temperature(p, t) -> np.ndarray:
+    return _apply_log(np.log(np.asarray(p, dtype=np.float64)), t)
 
 
 def _drawn(n=20_000, seed=0, scale=1.0):
@@ -123,6 +133,45 @@ def test_the_reliability_diagram_draws_each_state_with_its_own_ece(monkeypatch):
     assert f"T = {t:.3g}" in both[1].get_title()
 
 
+def test_the_fit_scores_what_is_applied_and_never_raises_the_nll(monkeypatch):
+    """Issue 37, item 5: the fit once clipped probabilities at 1e-12 while the applied scaling kept float32 zeros,
+    so a 'calibrated' selection NLL went from 9.210 to 9.379. Now both read the same log-probabilities: the NLL the
+    fit reports is the NLL of what apply_temperature gives, and no stored temperature raises it."""
+    import deeplense.calibration as C
+
+    logits = np.array([[60.0, 0.0, -50.0], [0.0, 40.0, -70.0], [-80.0, 0.0, 30.0], [3.0, 0.0, 0.0],
+                       [0.0, 5.0, 0.0], [0.0, 0.0, 8.0]])
+    y = np.array([2, 1, 2, 0, 1, 2])
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - \
+        logits.max(1, keepdims=True)  # exact log-softmax: -110 where float32 softmax gives 0
+    fit = _fit_log(y, logp)
+    t = fit["temperature"]
+    assert fit["nll_after"] == pytest.approx(temperature_nll(y, logp, t), rel=1e-12)
+    assert fit["nll_before"] == pytest.approx(temperature_nll(y, logp, 1.0), rel=1e-12)
+    assert fit["nll_after"] < fit["nll_before"]
+    applied = _apply_log(logp, t).astype(np.float64)
+    finite = applied[np.arange(len(y)), y] > 1e-30
+    assert np.allclose(-np.log(applied[np.arange(len(y)), y])[finite],
+                       -C.scaled_log_probabilities(logp, t)[np.arange(len(y)), y][finite], rtol=1e-5)
+    # float32 probabilities with exact zeros: fit and apply read the same floor, never -inf
+    p32 = _softmax(logits).astype(np.float32)
+    assert (p32 == 0).any()
+    with np.errstate(divide="ignore"):
+        fit32 = _fit_log(y, np.log(p32))
+        assert np.isfinite(fit32["nll_after"]) and fit32["nll_after"] <= fit32["nll_before"]
+        assert fit32["nll_after"] == pytest.approx(temperature_nll(y, np.log(p32), fit32["temperature"]))
+    # a fit that would raise the NLL is not stored (T = 1, said); one that stops at a bound says so
+    import scipy.optimize
+
+    class Bad:
+        x = float(np.log(0.05))
+
+    monkeypatch.setattr(scipy.optimize, "minimize_scalar", lambda *a, **k: Bad())
+    bad = _fit_log(np.array([1, 1, 2]), logp[3:])  # one confident error: sharpening to 0.05 raises the NLL
+    assert bad["temperature"] == 1.0 and not bad["kept"] and bad["nll_after"] == bad["nll_before"]
+    assert bad["at_bound"] == 0.05 and bad["fitted"] == pytest.approx(0.05)
+
+
 @pytest.fixture(scope="module")
 def trained(small, tmp_path_factory):
     """A 2-epoch run on the small set (reference protocol: selection on part of val)."""
@@ -156,10 +205,13 @@ def test_training_fits_temperatures_on_the_selection_images_into_best_pt(small, 
     cfg = config_of(ck, "best.pt")
     net = model_from_checkpoint(ck, torch.device("cpu"))
     for name, tta in (("plain", False), ("tta", True)):
-        probs = predict_proba(net, native_crop(x, sel, cfg.crop), cfg, torch.device("cpu"), tta=tta)
-        assert fit[name] == pytest.approx(fit_temperature(y[sel], probs), rel=1e-6)
+        probs, logp = predict_proba(net, native_crop(x, sel, cfg.crop), cfg, torch.device("cpu"), tta=tta,
+                                    with_log=True)
+        np.testing.assert_allclose(np.exp(logp), probs, atol=1e-6)  # the same probabilities, kept in log space
+        assert fit[name] == pytest.approx(_fit_log(y[sel], logp)["temperature"], rel=1e-6)
         before, after = fit[f"{name}_selection_nll"]
-        assert after <= before + 1e-9 and before == pytest.approx(nll(y[sel], probs), rel=1e-6)
+        assert after <= before and before == pytest.approx(nll(y[sel], probs), rel=1e-5)
+        assert after == pytest.approx(temperature_nll(y[sel], logp, fit[name]), rel=1e-9)
     stamp = (trained / "best.pt").stat().st_mtime_ns
     resume(trained, **quiet())  # finished, and fitted for this best.pt already: nothing rewritten
     assert (trained / "best.pt").stat().st_mtime_ns == stamp

@@ -98,6 +98,23 @@ def test_a_cache_setting_that_is_a_file_is_one_line(world, cache, monkeypatch, c
     (["simulate", "--out", "{tmp}/sim", "--seed", "-1"], "--seed -1: must be 0 or more"),
     (["simulate", "--out", "{tmp}/sim", "--shard", ""], "--shard '': expected K/N"),
     (["evaluate", "--checkpoint", "{tmp}/x.pt", "--bootstrap", "-5"], "--bootstrap -5"),
+    # issue 37, item 11: each once a traceback, or accepted and wrong; every range is the config's own (or the
+    # command's, in cli.OPTION_RANGES), so the notebook and the study refuse the same values
+    (["train", "--out", "{tmp}/run", "--weight-decay", "-1"], "weight_decay must be at least 0"),
+    (["train", "--out", "{tmp}/run", "--schedule", "step", "--step-size", "0"], "step_size must be at least 1"),
+    (["train", "--out", "{tmp}/run", "--momentum", "nan"], "momentum=nan is not a finite number"),
+    (["train", "--out", "{tmp}/run", "--momentum", "1.5"], "momentum must be in [0, 1)"),
+    (["train", "--out", "{tmp}/run", "--warmup-epochs", "-1"], "warmup_epochs must be at least 0"),
+    (["train", "--out", "{tmp}/run", "--clip-grad", "inf"], "clip_grad=inf is not a finite number"),
+    (["train", "--out", "{tmp}/run", "--lr", "nan"], "lr=nan is not a finite number"),
+    (["train", "--out", "{tmp}/run", "--gamma", "0"], "gamma must be positive"),
+    (["train", "--out", "{tmp}/run", "--recipe", "reference", "--resize-then-crop", "100"],
+     "resize_then_crop (100) must be at least image_size (224)"),
+    (["explain", "--evaluation", "{tmp}/ev", "--out", "{tmp}/x", "--per-class", "0"], "--per-class 0: must be at "
+                                                                                         "least 1"),
+    (["explain", "--evaluation", "{tmp}/ev", "--out", "{tmp}/x", "--per-class", "-1"], "--per-class -1"),
+    (["realism", "--real", "{tmp}/r", "--bootstrap", "0"], "--bootstrap 0: must be at least 1"),
+    (["realism", "--real", "{tmp}/r", "--seed", "-1"], "--seed -1: must be 0 or more"),
 ])
 def test_arguments_are_checked_before_any_work(argv, expected, tmp_path, capsys, monkeypatch):
     """No simulation, no folder, no file before the arguments are known to be good."""
@@ -216,6 +233,50 @@ def test_a_diverged_run_is_one_line(small, tmp_path, monkeypatch, capsys):
     assert not (run / "last.pt").exists()
 
 
+@pytest.mark.slow
+def test_none_switches_a_recipe_setting_off_and_tiny_eval_batches_work(small, tmp_path, capsys):
+    """Issue 37, items 3, 4 and 19, through the command line: `--bn-recalibration none` and `--resize-then-crop none`
+    were silently ignored (only values other than None were kept, so `none` could never override a recipe);
+    `--eval-batch-size 1` ended in a traceback after epoch 1 (recalibration in batches of one); the start line said
+    'recalibrated on 99999 images' with 12 training images."""
+    import json
+
+    def config(run):
+        return json.loads((run / "config.json").read_text())["config"]
+
+    common = ["--data", str(small), "--epochs", "1", "--device", "cpu", "--image-size", "32", "--batch-size", "8",
+              "--weights", "none"]
+    assert main(["train", *common, "--out", str(tmp_path / "off"), "--bn-recalibration", "none"]) == 0
+    assert config(tmp_path / "off")["bn_recalibration"] is None
+    assert main(["train", *common, "--out", str(tmp_path / "ref"), "--recipe", "reference", "--resize-then-crop",
+                 "none", "--bn-recalibration", "64"]) == 0  # without it this tiny run's eval-mode outputs overflow
+    assert config(tmp_path / "ref")["resize_then_crop"] is None and config(tmp_path / "ref")["recipe"] == "reference"
+    capsys.readouterr()
+    assert main(["train", *common, "--out", str(tmp_path / "one"), "--eval-batch-size", "1", "--bn-recalibration",
+                 "99999"]) == 0
+    out = capsys.readouterr().out
+    assert "BatchNorm recalibrated on 18 training images" in out and "99999" not in out
+    assert config(tmp_path / "one")["bn_recalibration"] == 99999 and (tmp_path / "one" / "best.pt").is_file()
+    # a left-out option keeps the recipe's value
+    assert main(["train", *common, "--out", str(tmp_path / "dflt")]) == 0
+    assert config(tmp_path / "dflt")["bn_recalibration"] == recipe("default").bn_recalibration
+
+
+def test_outputs_that_overflow_in_eval_mode_are_one_line(small, tmp_path, monkeypatch, capsys):
+    """A network whose eval-mode outputs overflow (found with the reference recipe at 32 px, 18 images, no BatchNorm
+    recalibration: activations of 1e38 by layer3) ended in scikit-learn's 'Input contains NaN' traceback."""
+    import numpy as np
+
+    import deeplense.engine as engine
+
+    real = engine.predict_proba
+    monkeypatch.setattr(engine, "predict_proba", lambda *a, **k: real(*a, **k) * np.nan)
+    assert main(["train", "--data", str(small), "--out", str(tmp_path / "run"), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "8", "--weights", "none", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outputs on the selection images are not finite" in err[0], err
+
+
 def test_preset_help_names_every_preset_and_the_true_default(capsys):
     """`simulate --help` and `realism --help` are built from simulate.PRESET_HELP: a preset added, or the default
     changed, cannot leave the help saying something else (it once called common_task the default)."""
@@ -248,10 +309,35 @@ def test_every_config_field_is_a_train_option_with_the_configs_choices():
     args = parser.parse_args(["train", "--out", "r", "--epochs", "5", "--image-size", "64", "--crop", "96",
                               "--batch-size", "32", "--protocol", "clean", "--augmentation", "none",
                               "--warmup-epochs", "0.5", "--limit-per-class", "none"])
-    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if hasattr(args, k)}  # the ones given
     cfg = recipe("default", **given)
     assert isinstance(cfg, TrainConfig) and cfg.augmentation == "none" and cfg.warmup_epochs == 0.5
     assert cfg == recipe("default", epochs=5, image_size=64, crop=96, batch_size=32, protocol="clean",
                          augmentation="none", warmup_epochs=0.5)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--out", "r", "--augmentation", "d8"])
+
+
+def test_every_option_has_help_that_is_true_for_its_command(capsys):
+    """Issue 37, item 12: `realism --help` printed '10-90%%'; evaluate's and predict's --checkpoint and explain's
+    --out had no help; evaluate, predict and doctor said '(default recipe: ...)' and named config.json, which
+    they have neither of; the bootstrap options hid their default."""
+    import argparse
+
+    from deeplense.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings)
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "%%" not in text, name
+        if name in ("evaluate", "predict", "doctor"):
+            assert "recipe" not in text and "config.json" not in text, name
+    for name in ("evaluate", "realism"):
+        bootstrap = next(a for a in commands[name]._actions if a.dest == "bootstrap")
+        assert "default 1000" in bootstrap.help

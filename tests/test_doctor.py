@@ -46,6 +46,13 @@ def test_each_problem_is_one_line_and_exit_2(small, capsys, monkeypatch):
     rc, out, err = _run(capsys, "--device", "cpu", "--steps", "0")
     assert rc == 2 and len(err) == 1 and err[0].startswith("problem: weights: no ImageNet ResNet34 weights at ")
     assert any(ln.startswith("device: cpu") for ln in out)
+    # issue 37, item 12: it checks the weights the runs will use: none needs no file, so an offline machine that
+    # trains from random weights hears "everything works"; a --weights FILE that is not there is the problem
+    rc, out, err = _run(capsys, "--device", "cpu", "--steps", "0", "--weights", "none")
+    assert rc == 0 and not err and out[-1] == "doctor: everything works", err
+    assert any(ln.startswith("weights: none") for ln in out)
+    rc, out, err = _run(capsys, "--device", "cpu", "--steps", "0", "--weights", str(small / "no.pth"))
+    assert rc == 2 and err == [f"problem: weights: {small / 'no.pth'}: no such file (--weights FILE)"]
     _plant_weights()
     # a device this machine cannot use
     if not torch.cuda.is_available():

@@ -172,6 +172,34 @@ def test_explain_files_and_an_evaluation_end_to_end(tmp_path, capsys):
     assert got["arms"]["default"]["per_class"]["vort"]["gradcam"]["n"] == 2 and "| `default` | `vort` |" in \
         capsys.readouterr().out
 
+    # issue 37, item 6: train/no/1.npy and val/no/1.npy once both became no_1.png (the second over the first, and
+    # the count printed was wrong); every file gets its own figure, the same file given twice one
+    both = [str(data / "train" / "no" / "1.npy"), str(data / "val" / "no" / "1.npy"), str(data / "val" / "no")]
+    assert main(["explain", "--checkpoint", str(run / "best.pt"), *both, str(data / "val" / "no" / "1.npy"),
+                 "--out", str(tmp_path / "clash"), "--method", "gradcam"]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "clash").glob("*.png"))
+    assert pngs == ["no_2.png", "no_3.png", "no_4.png", "train_no_1.png", "val_no_1.png"], pngs
+    written = len(list((tmp_path / "clash").iterdir()))
+    assert f"wrote {written} files" in capsys.readouterr().out
+    assert len(np.load(tmp_path / "clash" / "saliency.npz")["paths"]) == 5
+
+    # issue 37, item 20: one image per class has no interval (evaluate says n/a), not a zero-width one
+    assert main(["explain", "--evaluation", str(tmp_path / "ev"), "--out", str(tmp_path / "one"), "--per-class",
+                 "1", "--method", "gradcam"]) == 0
+    said = capsys.readouterr().out
+    assert "(1 images)" in said and "[interval n/a: 1 image]" in said and "[0." not in said.split("enrichment")[1]
+
+    # issue 37, item 7: best.pt replaced after the evaluation (another run's checkpoint): refused, not explained
+    other = tmp_path / "other"
+    train(recipe("default", epochs=1, crop=96, protocol="clean", seed=1, **FAST), data, other, **quiet())
+    evaluated = (run / "best.pt").read_bytes()
+    (run / "best.pt").write_bytes((other / "best.pt").read_bytes())
+    assert main(["explain", "--evaluation", str(tmp_path / "ev"), "--out", str(tmp_path / "swap")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not the checkpoint" in err and "evaluated" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "swap" / "enrichment.json").exists()
+    (run / "best.pt").write_bytes(evaluated)
+
     # one line, exit status 2: a file that is not an image, a set that records no substructure, both modes at once
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not an array")

@@ -178,3 +178,35 @@ def test_no_zero_width_intervals_from_tiny_test_sets():
     y5 = np.repeat([0, 1, 2], 5)
     m5 = compute_metrics(y5, rng.dirichlet([1, 1, 1], len(y5)), n_bootstrap=200, seed=0)
     assert m5["ci"]["macro_auc"] is not None and m5["ci"]["auc_unavailable"] is None
+
+
+@pytest.mark.slow
+def test_the_95_percent_intervals_cover_the_true_value_95_percent_of_the_time():
+    """Issue 37, item 10: every table reports 'value [95% interval]', yet a 90% interval labelled 95% passed the
+    whole suite. Here the answer is known: test sets drawn from one model (300 sets of 30 images per class), whose
+    true accuracy and AUCs come from 300,000 images of it; the intervals must contain the truth about 95% of the
+    time (measured: 0.95 / 0.95 / 0.93 for accuracy, macro AUC, AUC `no`; a 90% interval gives 0.91 / 0.91 / 0.89,
+    a 99% one about 0.99)."""
+    from deeplense.metrics import _aucs
+
+    def draw(n_per, rng):
+        y = np.repeat(np.arange(3), n_per)
+        z = rng.normal(0, 1, (len(y), 3))
+        z[np.arange(len(y)), y] += 1.0
+        p = np.exp(z)
+        return y, p / p.sum(1, keepdims=True)
+
+    big_y, big_p = draw(100_000, np.random.default_rng(123))
+    truth, accuracy = _aucs(big_y, big_p), float((big_p.argmax(1) == big_y).mean())
+    rng = np.random.default_rng(1)
+    covered = {"accuracy": 0, "macro": 0, "no": 0}
+    sets = 300
+    for r in range(sets):
+        ci = compute_metrics(*draw(30, rng), n_bootstrap=200, seed=r)["ci"]
+        assert ci["level"] == 0.95
+        covered["accuracy"] += ci["accuracy"][0] <= accuracy <= ci["accuracy"][1]
+        covered["macro"] += ci["macro_auc"][0] <= truth["macro"] <= ci["macro_auc"][1]
+        covered["no"] += ci["per_class_auc"]["no"][0] <= truth["per_class"]["no"] <= ci["per_class_auc"]["no"][1]
+    rates = {k: v / sets for k, v in covered.items()}
+    assert all(0.9 <= v <= 0.99 for v in rates.values()), rates
+    assert 0.925 <= np.mean(list(rates.values())) <= 0.97, rates

@@ -156,21 +156,105 @@ def test_resolve_gives_one_frozen_config_from_cell_environment_and_scale(monkeyp
         resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
 
 
-def test_fresh_run_folder_removes_a_previous_run_only(tmp_path):
-    from deeplense.notebook import fresh_run_folder
+def test_fresh_run_folder_replaces_only_a_previous_notebook_run(tmp_path):
+    """Issue 37, item 1: a `train` run, or any folder the notebook did not write, is refused and left whole; a
+    previous notebook run is emptied file by file, only when everything in it is something a notebook run writes."""
+    from deeplense.notebook import RUN_MARKER, fresh_run_folder
     from deeplense.util import DeepLenseError
 
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # what `python -m deeplense train` leaves
     run.mkdir()
-    (run / "config.json").write_text("{}")
-    (run / "last.pt").write_bytes(b"x")
-    assert fresh_run_folder(run) == run and not run.exists()
+    for name in ("config.json", "last.pt", "best.pt", "notes.txt"):
+        (run / name).write_text(name)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(DeepLenseError, match="holds a training run that no notebook run wrote; nothing was deleted"):
+        fresh_run_folder(run)
+    assert sorted(p.name for p in run.iterdir()) == before
     other = tmp_path / "my_thesis"
     other.mkdir()
     (other / "chapter1.tex").write_text("precious")
-    with pytest.raises(DeepLenseError, match="not a run folder"):
+    with pytest.raises(DeepLenseError, match="no notebook run wrote"):
         fresh_run_folder(other)
     assert (other / "chapter1.tex").read_text() == "precious"
+    # a notebook run's folder: marked; the next notebook run replaces its files
+    new = fresh_run_folder(tmp_path / "new")
+    assert [p.name for p in new.iterdir()] == [RUN_MARKER]
+    for name in ("config.json", "best.pt", "figures/examples.png", "explain/enrichment.json"):
+        (new / name).parent.mkdir(exist_ok=True)
+        (new / name).write_text("x")
+    assert fresh_run_folder(new) == new and [p.name for p in new.iterdir()] == [RUN_MARKER]
+    # ... unless the user put something of their own in it
+    (new / "figures").mkdir()
+    (new / "figures" / "my_plot.py").write_text("precious")
+    (new / "best.pt").write_text("x")
+    with pytest.raises(DeepLenseError, match="my_plot.py is not something it wrote; nothing was deleted"):
+        fresh_run_folder(new)
+    assert (new / "best.pt").exists() and (new / "figures" / "my_plot.py").read_text() == "precious"
+
+
+def test_demo_refuses_a_training_run_before_the_kernel_starts(small, tmp_path, capsys):
+    """Issue 37, item 1, through the command line: `demo --out RUN` on a folder `train` wrote exits 2 in one line,
+    and every file of the run stays."""
+    from deeplense.cli import main
+    from deeplense.testing import FAST
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(small), "--out", str(run), "--epochs", "1", "--device", "cpu",
+                 *[f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]]) == 0
+    (run / "notes.txt").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["demo", "--out", str(run), "--no-readme"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nothing was deleted" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_misspelt_notebook_variable_is_refused(monkeypatch, capsys, tmp_path):
+    """Issue 37, item 9: DEEPLENSE_EPOCH=3 would be ignored (the run trains for the scale's epochs): refused in one
+    line, naming the likely parameter, before the kernel starts; the package's other variables pass."""
+    from deeplense.cli import main
+    from deeplense.notebook import check_environment
+    from deeplense.util import DeepLenseError
+
+    check_environment({"DEEPLENSE_CACHE": "/c", "DEEPLENSE_EPOCHS": "3", "DEEPLENSE_DIST_TIMEOUT_MIN": "5"})
+    with pytest.raises(DeepLenseError, match="DEEPLENSE_EPOCH: not a notebook parameter .did you mean "
+                                             "DEEPLENSE_EPOCHS?"):
+        check_environment({"DEEPLENSE_EPOCH": "3"})
+    monkeypatch.setenv("DEEPLENSE_ARCHH", "lensnet")
+    assert main(["demo", "--out", str(tmp_path / "out"), "--no-readme"]) == 2
+    assert "DEEPLENSE_ARCHH: not a notebook parameter (did you mean DEEPLENSE_ARCH?)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DeepLenseError, match="DEEPLENSE_ARCHH"):
+        from deeplense.notebook import resolve
+
+        resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
+
+
+@pytest.mark.slow
+def test_demo_no_readme_runs_into_a_new_folder_with_relative_data(small, tmp_path, monkeypatch, capsys):
+    """Issue 37, items 2 and 9, with a real notebook run at the tiny scale (not a mock): `demo --out NEW
+    --no-readme` completes into a new folder (cell 4 draws into OUT/figures before training starts), and a relative
+    DEEPLENSE_DATA is the caller's folder, not the kernel's (Common_Task/); a second run replaces the first."""
+    import shutil
+
+    from deeplense.cli import main
+    from deeplense.notebook import NOTEBOOK
+
+    shutil.copytree(small, tmp_path / "d1")
+    monkeypatch.chdir(tmp_path)
+    for k, v in {"DEEPLENSE_SCALE": "tiny", "DEEPLENSE_DEVICE": "cpu", "DEEPLENSE_WEIGHTS": "none",
+                 "DEEPLENSE_DATA": "d1", "DEEPLENSE_TTA": "false"}.items():
+        monkeypatch.setenv(k, v)
+    readme = (NOTEBOOK.parents[1] / "README.md").read_bytes()
+    committed = NOTEBOOK.read_bytes()
+    for _ in range(2):
+        assert main(["demo", "--out", "fresh", "--no-readme"]) == 0, capsys.readouterr().err
+        out = tmp_path / "fresh"
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["provenance"]["data"]["root"] == str((tmp_path / "d1").resolve())
+        assert (out / "figures" / "examples.png").is_file() and (out / NOTEBOOK.name).is_file()
+    assert (NOTEBOOK.parents[1] / "README.md").read_bytes() == readme and NOTEBOOK.read_bytes() == committed
 
 
 @pytest.mark.slow
@@ -191,7 +275,8 @@ def test_notebook_runs_the_clean_protocol(tmp_path):
 
 def test_demo_checks_out_first_and_no_readme_touches_nothing_of_the_repo(tmp_path, monkeypatch, capsys):
     """`demo --out` that cannot be written stops before the run; `--no-readme` sends the figures and the executed
-    notebook to OUT, never to images/ or the committed notebook (issue 22, item 7)."""
+    notebook to OUT, never to images/ or the committed notebook (issue 22, item 7; the real run:
+    test_demo_no_readme_runs_into_a_new_folder_with_relative_data)."""
     import deeplense.notebook as nb_mod
     from deeplense.cli import main
 

@@ -158,6 +158,40 @@ def test_realism_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert "--real" in capsys.readouterr().err
 
 
+def _blank_folder(root, per_class=3, classes=CLASSES, seed=0):
+    rng = np.random.default_rng(seed)
+    return _folder(root, {c: [_norm(ring() + 0.1 * rng.standard_normal((N, N))) for _ in range(per_class)]
+                          for c in classes})
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--bootstrap", "0"], "--bootstrap 0: must be at least 1"),
+    (["--bootstrap", "-1"], "--bootstrap -1: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
+    (["--n", "1"], "--n 1: must be at least 2"),
+    (["--save-targets", "{tmp}"], "is a folder, not a file"),
+    (["--data", "{real}"], "identical image(s) on both sides"),
+    (["--data", "{other}"], "--data {other}: no vort/ images below it"),
+    (["--real", "{other}", "--data", "{real}"], "--real {other}: no vort/ images below it"),
+])
+def test_realism_refuses_what_it_cannot_compare_before_any_work(argv, expected, tmp_path, capsys, monkeypatch):
+    """Issue 37, items 8 and 11: the same folder on both sides (it once gave a two-sample AUC of 0.000 where 0.5
+    means 'cannot tell apart'), a class missing on one side (pooled different class mixes), a --bootstrap or
+    --seed out of range (tracebacks after all the work), --save-targets naming a folder (an error naming an
+    internal temp file, after the run): each one line, exit 2, nothing written, nothing simulated."""
+    monkeypatch.setattr(R, "simulate_images", lambda *a, **k: pytest.fail("simulated before refusing"))
+    real = _blank_folder(tmp_path / "real")
+    other = _blank_folder(tmp_path / "other", classes=("no", "sphere"), seed=1)
+    fill = {"{tmp}": str(tmp_path), "{real}": str(real), "{other}": str(other)}
+    argv = [fill.get(a, a) for a in argv]
+    expected = expected.replace("{other}", str(other))
+    base = ["realism", "--real", str(real), "--out", str(tmp_path / "out")]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_committed_targets_come_from_the_real_sample():
     t = R.load_targets()
     assert t["n"] == 30 and "realdata" in t["source"]

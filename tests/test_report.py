@@ -190,3 +190,29 @@ def test_report_draws_the_error_figures_from_the_evaluated_images_and_skips_them
     names = {p.name for p in report(run, tmp_path / "f3", log=said.append)}
     assert "hardest.png" not in names and "roc_classwise.png" in names and "training_curves.png" in names
     assert len(said) == 1 and "error figures skipped" in said[0] and str(data) in said[0]
+
+
+@pytest.mark.slow
+def test_a_hand_edited_confusion_matrix_is_refused_in_one_line(small, tmp_path, capsys):
+    """Issue 37, item 10: report drew the confusion matrix from metrics.json as it was (a hand-edited one with 100s
+    on the diagonal, beside ROC curves from predictions.npz), and a word in it gave a ValueError traceback."""
+    import json
+
+    from deeplense.cli import main
+    from deeplense.config import recipe
+    from deeplense.evaluate import evaluate
+    from deeplense.testing import FAST, quiet
+    from deeplense.train import train
+
+    run = tmp_path / "run"
+    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    evaluate(run / "best.pt", small, tmp_path / "a", device="cpu", n_bootstrap=0, progress=False)
+    assert main(["report", "--run", str(tmp_path / "a"), "--figures", str(tmp_path / "ok")]) == 0
+    original = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for edited in ([[100, 0, 0], [0, 100, 0], [0, 0, 100]], [["a", 0, 0], [0, 1, 0], [0, 0, 1]]):
+        (tmp_path / "a" / "metrics.json").write_text(json.dumps({**original, "confusion_matrix": edited}))
+        capsys.readouterr()
+        assert main(["report", "--run", str(tmp_path / "a"), "--figures", str(tmp_path / "figs")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not the one of predictions.npz" in err[0], err
+        assert not (tmp_path / "figs" / "confusion_matrix.png").exists()

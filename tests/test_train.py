@@ -319,7 +319,19 @@ def test_bn_recalibration_changes_what_is_evaluated_never_the_training(small, tm
     train(cfg.replace(bn_recalibration=None), small, tmp_path / "off", **quiet())
     on, off = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("on", "off"))
     stats = [k for k in on if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert all(torch.equal(on[k], off[k]) for k in on if k not in stats)  # the same training
+    # the same training. Usually bit for bit; but once, in the full suite on a 2-core AMD EPYC (AVX512, native
+    # bf16), the two runs of this one process differed in the last bits (issue 37, item 13; not reproduced alone,
+    # nor in a full run on another AMD EPYC): so the check is that they differ by no more than float rounding
+    # amplified over 6 steps: a thousandth of how far training moved the weights (a change to the training itself,
+    # another order or another step, moves them apart by about as much as training moved them)
+    from deeplense.model import model_for
+
+    torch.manual_seed(cfg.seed)
+    init = model_for(cfg)[0].state_dict()
+    weights = [k for k in on if k not in stats]
+    moved = sum(float(((off[k] - init[k]).double() ** 2).sum()) for k in weights)
+    apart = sum(float(((on[k] - off[k]).double() ** 2).sum()) for k in weights)
+    assert moved > 0 and apart <= 1e-6 * moved, (apart, moved)  # squared norms: 1e-3 of the distance
     assert not all(torch.equal(on[k], off[k]) for k in stats)
     ck = load_checkpoint(tmp_path / "off" / "last.pt")
     net = model_from_checkpoint(ck, torch.device("cpu"))

@@ -12,7 +12,10 @@ Definitions (as written in ``docs`` and the notebook):
 - **temperature scaling**: ``p_T = softmax(log p / T)`` with one ``T > 0`` fitted by minimising the negative
   log-likelihood on the **selection** images (the ones that chose the checkpoint; never the test). For plain
   predictions ``log p`` is the logits minus a per-image constant, so this is temperature scaling of the logits
-  exactly; with test-time averaging it scales the log of the averaged probabilities. ``T > 1`` softens
+  exactly; with test-time averaging it scales the log of the averaged probabilities. Fit and apply both work on
+  the log-probabilities as the network computes them (a float32 probability of 0 would otherwise be read as
+  ``1e-12`` by one and as ``0`` by the other), and a temperature that does not lower the selection NLL is not
+  stored (``T = 1``). ``T > 1`` softens
   over-confident probabilities. The arg max (the predicted class, so the accuracy) never changes; the one-vs-rest
   AUCs can move a little with three classes, because scaling keeps the order of the classes within an image, not the
   order of one class's probability across images.
@@ -85,14 +88,30 @@ def top_label_reliability(labels, probabilities, n_bins: int = N_BINS) -> dict:
             "count": n[keep].tolist()}
 
 
-def apply_temperature(probabilities, temperature: float) -> np.ndarray:
-    """``softmax(log p / T)`` as float32 (probabilities of 0 stay 0)."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        z = np.log(p) / float(temperature)
+LOG_FLOOR = -104.0
+"""The log-probability a float32 probability of exactly 0 stands for (below the smallest float32, about e^-103):
+where a caller passes ``log p`` of underflowed probabilities, fit and apply both read it so, never ``-inf``."""
+
+
+def _log_probabilities(log_probabilities) -> np.ndarray:
+    z = np.asarray(log_probabilities, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != len(CLASSES):
+        raise ValueError(f"expected log-probabilities (N, {len(CLASSES)}), got {z.shape}")
+    return np.maximum(z, LOG_FLOOR)
+
+
+def scaled_log_probabilities(log_probabilities, temperature: float) -> np.ndarray:
+    """``log softmax(log p / T)`` in float64: the one computation temperature scaling is fitted on
+    (:func:`fit_temperature`) and applied with (:func:`apply_temperature`)."""
+    z = _log_probabilities(log_probabilities) / float(temperature)
     z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def apply_temperature(log_probabilities, temperature: float) -> np.ndarray:
+    """The probabilities ``softmax(log p / T)`` as float32, from the log-probabilities ``log p`` (the engine's
+    ``predict_proba(..., with_log=True)``: finite where a float32 probability is 0)."""
+    return np.exp(scaled_log_probabilities(log_probabilities, temperature)).astype(np.float32)
 
 
 def nll(labels, probabilities) -> float:
@@ -101,21 +120,34 @@ def nll(labels, probabilities) -> float:
     return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
 
 
-def fit_temperature(labels, probabilities) -> float:
-    """The ``T`` in :data:`T_BOUNDS` minimising the NLL of ``softmax(log p / T)`` on these images (SciPy's bounded
-    scalar minimiser over log T). Fit it on the selection images only."""
+def temperature_nll(labels, log_probabilities, temperature: float) -> float:
+    """The mean NLL of the true classes after scaling by ``temperature``, in log space (no clipping): what
+    :func:`fit_temperature` minimises; ``temperature=1`` gives the NLL as predicted."""
+    y = np.asarray(labels).astype(np.int64)
+    z = scaled_log_probabilities(log_probabilities, temperature)
+    return float(-z[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(labels, log_probabilities) -> dict:
+    """The ``T`` in :data:`T_BOUNDS` minimising :func:`temperature_nll` on these images (SciPy's bounded scalar
+    minimiser over log T; the NLL is convex in 1/T, so the minimum it finds is the one). Fit it on the selection
+    images only. Returns ``{"temperature", "nll_before", "nll_after", "at_bound", "kept"}``: a fit that would not
+    lower the NLL keeps ``T = 1`` (``kept`` False) so a stored temperature never makes these images' probabilities
+    worse; ``at_bound`` names the bound a fit stopped at (degenerate probabilities, e.g. all one class), else None."""
     from scipy.optimize import minimize_scalar
 
-    y, p = _check(labels, probabilities)
-    logp = np.log(np.clip(p, 1e-12, None))
-
-    def loss(log_t: float) -> float:
-        z = logp / np.exp(log_t)
-        z -= z.max(axis=1, keepdims=True)
-        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean())
-
-    r = minimize_scalar(loss, bounds=tuple(np.log(T_BOUNDS)), method="bounded", options={"xatol": 1e-6})
-    return float(np.exp(r.x))
+    y = np.asarray(labels).astype(np.int64)
+    z = _log_probabilities(log_probabilities)
+    if y.shape != (len(z),) or len(z) == 0:
+        raise ValueError(f"expected labels (N,) with N > 0 for log-probabilities {z.shape}, got {y.shape}")
+    r = minimize_scalar(lambda log_t: temperature_nll(y, z, np.exp(log_t)), bounds=tuple(np.log(T_BOUNDS)),
+                        method="bounded", options={"xatol": 1e-6})
+    t = float(np.exp(r.x))
+    before, after = temperature_nll(y, z, 1.0), temperature_nll(y, z, t)
+    near = [b for b in T_BOUNDS if abs(np.log(t) - np.log(b)) < 1e-3]
+    kept = after < before
+    return {"temperature": t if kept else 1.0, "nll_before": before, "nll_after": after if kept else before,
+            "at_bound": near[0] if near else None, "kept": bool(kept), "fitted": t}
 
 
 def calibration_summary(labels, probabilities, *, n_bootstrap: int = 1000, seed: int = 0,

@@ -77,9 +77,9 @@ def _cmd_realism(args) -> int:
         return 0
     if not args.real:
         raise DeepLenseError("--real DIR is required (the folder of real images to compare with)")
-    if args.n < 2:
-        raise DeepLenseError(f"--n {args.n}: need at least 2 simulated images per class")
     _check_writable(args.out)
+    if args.save_targets:
+        _check_writable(Path(args.save_targets).parent, args.save_targets)
     real_images, real_labels = R.read_images(args.real)
     if args.data:
         sim_images, sim_labels = R.read_images(args.data, limit_per_class=args.n)
@@ -91,6 +91,8 @@ def _cmd_realism(args) -> int:
         label = f"preset {args.preset}"
         source = {"preset": args.preset, "n_per_class": args.n, "seed": args.seed,
                   "config": SimulationConfig.from_preset(args.preset).to_dict()}
+    R.check_samples((real_images, real_labels), (sim_images, sim_labels), f"--real {args.real}",
+                    f"--data {args.data}" if args.data else f"--preset {args.preset}")
     if real_images.shape[1:] != sim_images.shape[1:]:
         raise DeepLenseError(f"{args.real}: images of {real_images.shape[1:]} px, the simulated ones "
                              f"{sim_images.shape[1:]}: the statistics need one size")
@@ -133,9 +135,7 @@ def _cmd_train(args) -> int:
     from .config import recipe
     from .train import rank_device, resume, train
 
-    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
-    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
-        raise DeepLenseError(f"--stop-after-epoch {args.stop_after_epoch}: must be at least 1")
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if hasattr(args, k)}  # given ones only, `none` included
     if args.resume:
         precision = given.pop("precision", None)  # how to compute may change on resume, what to compute may not
         if given or args.out or args.recipe:
@@ -166,14 +166,12 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
     from .report import format_ci
 
-    if args.bootstrap < 0:
-        raise DeepLenseError(f"--bootstrap {args.bootstrap}: must be 0 (no intervals) or more")
     out = args.out or str(Path(args.checkpoint).parent)
     _check_writable(out)
     m = evaluate(args.checkpoint, args.data, out, split=args.split, tta=args.tta, device=args.device,
                  n_bootstrap=args.bootstrap, allow_pickle=args.allow_pickle,
-                 allow_changed_data=args.allow_changed_data, precision=args.precision,
-                 eval_batch_size=args.eval_batch_size, calibrated=args.calibrated)
+                 allow_changed_data=args.allow_changed_data, precision=_given(args, "precision"),
+                 eval_batch_size=_given(args, "eval_batch_size"), calibrated=args.calibrated)
     ci = m["ci"]
     print(f"{m['provenance']['split_description']}: n={m['n']}")
     if m["provenance"]["heldout_check"].startswith("NOT"):
@@ -200,7 +198,8 @@ def _cmd_predict(args) -> int:
         _check_writable(Path(args.output).parent, args.output)
 
     predict_files(args.checkpoint, args.paths, args.output, tta=args.tta, device=args.device,
-                  allow_pickle=args.allow_pickle, precision=args.precision, eval_batch_size=args.eval_batch_size,
+                  allow_pickle=args.allow_pickle, precision=_given(args, "precision"),
+                  eval_batch_size=_given(args, "eval_batch_size"),
                   calibrated=args.calibrated)
     if args.output:
         print(f"wrote {args.output}")
@@ -221,7 +220,7 @@ def _cmd_explain(args) -> int:
         for cls, by_method in r["per_class"].items():
             for m, e in by_method.items():
                 if isinstance(e, dict):
-                    ci = f" [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if e["ci"] else ""
+                    ci = f" [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if e["ci"] else " [interval n/a: 1 image]"
                     print(f"{cls}: {m} enrichment {e['ratio']:.2f}{ci} within {e['radius_px']:g} px "
                           f"({e['n']} images)")
         print(f"wrote {Path(args.out) / 'enrichment.json'} and {Path(args.out) / 'saliency_examples.png'}")
@@ -247,20 +246,20 @@ def _cmd_report(args) -> int:
 def _cmd_doctor(args) -> int:
     from .doctor import main as doctor_main
 
-    if args.steps < 0:
-        raise DeepLenseError(f"--steps {args.steps}: must be 0 or more")
     return doctor_main(args)
 
 
 def _cmd_demo(args) -> int:
     import time
 
-    from .notebook import NOTEBOOK, env_name, run_notebook
+    from .notebook import NOTEBOOK, check_environment, check_run_folder, env_name, run_notebook
     from .report import update_readme
     from .util import REPO, hardware_name
 
     out_dir = Path(args.out or os.environ.get("DEEPLENSE_OUTPUT") or REPO / "demo_output").resolve()
     _check_writable(out_dir)  # before the run, not after it has drawn over the README's figures
+    check_run_folder(out_dir)  # a training run or a user's files there are refused, never deleted
+    check_environment()  # a misspelt DEEPLENSE_* variable, before the kernel starts
     t0 = time.time()
     if args.no_readme:  # leave the README, its figures and the committed notebook alone
         nb = run_notebook(output_dir=out_dir, env={env_name("FIGURES"): out_dir / "figures"},
@@ -281,6 +280,36 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+OPTION_RANGES = {
+    # (command, option): (valid?, what it must be); the training options' ranges are TrainConfig's own (config.py)
+    ("simulate", "seed"): (lambda v: v >= 0, "0 or more"),
+    ("simulate", "workers"): (lambda v: v >= 1, "at least 1"),
+    ("simulate", "train_per_class"): (lambda v: v >= 1, "at least 1"),
+    ("simulate", "val_per_class"): (lambda v: v >= 1, "at least 1"),
+    ("train", "stop_after_epoch"): (lambda v: v >= 1, "at least 1"),
+    ("evaluate", "bootstrap"): (lambda v: v >= 0, "0 (no intervals) or more"),
+    ("explain", "per_class"): (lambda v: v >= 1, "at least 1"),
+    ("doctor", "steps"): (lambda v: v >= 0, "0 or more"),
+    ("realism", "n"): (lambda v: v >= 2, "at least 2 (simulated images per class)"),
+    ("realism", "seed"): (lambda v: 0 <= v < 2**32, "0 or more and below 2**32"),
+    ("realism", "bootstrap"): (lambda v: v >= 1, "at least 1 (the two-sample AUC's interval)"),
+}
+"""The range of every numeric option of a command that is not a training setting: checked in one place
+(:func:`check_option_ranges`) before any work."""
+
+
+def check_option_ranges(args) -> None:
+    for (command, name), (ok, text) in OPTION_RANGES.items():
+        value = getattr(args, name, None)
+        if getattr(args, "command", None) == command and value is not None and not ok(value):
+            raise DeepLenseError(f"--{name.replace('_', '-')} {value}: must be {text}")
+
+
+def _given(args, name: str):
+    """The value of a config option (:func:`_add_config_options`) if it was given, else None."""
+    return getattr(args, name, None)
+
+
 def _check_writable(folder, file=None) -> None:
     """Refuse, before any work, a folder that is a file, lies under a file, or cannot be written."""
     folder = Path(folder)
@@ -296,17 +325,31 @@ def _check_writable(folder, file=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parser
-def _add_config_options(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+_NOT_TRAINING_HELP = {
+    "precision": "auto (bf16 autocast on CUDA GPUs with native bf16, fp16 on older ones, fp32 on MPS and the CPU), "
+                 "fp32, bf16 or fp16 (default auto)",
+    "eval_batch_size": "images per prediction batch (default: 128 on a CPU; on a GPU the largest power of 2 up to "
+                       "1024 that fits, halved once on an out-of-memory error)",
+    "weights": "the initial weights the runs will use, to check that they are there: auto (ImageNet if in the torch "
+               "hub cache, else random initialisation), imagenet, none, or a .pth file (default auto)",
+}
+"""The help of the config options that evaluate, predict and doctor share with train: theirs have no recipe."""
+
+
+def _add_config_options(parser: argparse.ArgumentParser, names: tuple[str, ...], training: bool = True) -> None:
     """One ``--name`` option per named :class:`~deeplense.config.TrainConfig` field, with the field's help and
     choices (:func:`deeplense.config.settings`): the command line cannot fall behind the config. Values are cast
-    and checked by the config itself; an option left out keeps the recipe's (or the checkpoint's) value."""
+    and checked by the config itself (its ranges too, at parse time); an option left out is not in ``args`` at all
+    (``argparse.SUPPRESS``), so it keeps the recipe's (or the checkpoint's) value, while ``none`` given sets None.
+    ``training``: the help of ``train`` (with the default recipe's value), else :data:`_NOT_TRAINING_HELP`."""
     for name, _, _, text, allowed in settings():
         if name not in names:
             continue
         default = getattr(RECIPES["default"], name)
+        shown = f"{text} (default recipe: {default})" if training else _NOT_TRAINING_HELP[name]
         parser.add_argument(f"--{name.replace('_', '-')}", type=None if allowed else _caster(name), choices=allowed,
-                            metavar=None if allowed else name.upper(),
-                            help=f"{text} (default recipe: {default})".replace("%", "%%"))
+                            metavar=None if allowed else name.upper(), default=argparse.SUPPRESS,
+                            help=shown.replace("%", "%%"))
 
 
 def _caster(name: str):
@@ -354,9 +397,10 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     recorded_data = argparse.ArgumentParser(add_help=False, parents=[pickle])
     recorded_data.add_argument("--data", metavar="DIR", help="dataset folder (holding train/ and val/) or a wrapper "
                                                              "above it; omitted: the one the checkpoint recorded")
-    device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
-    _add_config_options(device, DEVICE_OPTIONS)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
+    device = argparse.ArgumentParser(add_help=False, parents=[where])
+    _add_config_options(device, DEVICE_OPTIONS, training=False)
     tta = argparse.ArgumentParser(add_help=False)
     tta.add_argument("--tta", action="store_true", help="average over the symmetries the run trained with (the 8 "
                                                         "flips and quarter turns of D4; the 4 of D2 for "
@@ -365,7 +409,8 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
                      help="scale the probabilities by the temperature fitted on the run's selection images (stored "
                           "in best.pt); the predicted class is unchanged")
 
-    return {"pickle": pickle, "data": data, "recorded_data": recorded_data, "device": device, "tta": tta}
+    return {"pickle": pickle, "data": data, "recorded_data": recorded_data, "where": where, "device": device,
+            "tta": tta}
 
 
 def _add_inspect(sub, shared: dict) -> None:
@@ -400,7 +445,7 @@ def _add_simulate(sub, shared: dict) -> None:
 
 
 def _add_train(sub, shared: dict) -> None:
-    p = sub.add_parser("train", parents=[shared["data"], shared["device"]],
+    p = sub.add_parser("train", parents=[shared["data"], shared["where"]],
                        help="train a network (ResNet34 by default; recipes: default, reference); resumable",
                        description="Train on train/, select the checkpoint on the 90% model-selection part of "
                                    "val/, never touch the held-out 10% (--protocol clean: select on 10% of train, "
@@ -410,7 +455,7 @@ def _add_train(sub, shared: dict) -> None:
     p.add_argument("--recipe", choices=list(RECIPES),
                    help="the settings to start from: default (AdamW + cosine + D4, the default) or reference (the "
                         "reference solution's SGD recipe); each option below overrides one of them")
-    _add_config_options(p, tuple(n for n in TRAIN_OPTIONS if n not in DEVICE_OPTIONS))
+    _add_config_options(p, TRAIN_OPTIONS)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (for GPUs; the first steps take a while longer)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt with the settings it started with "
@@ -427,12 +472,14 @@ def _add_evaluate(sub, shared: dict) -> None:
                        description="Evaluate a checkpoint on its test images (--split test: the held-out part of "
                                    "val the checkpoint recorded, or all of val under the clean protocol) or on the "
                                    "images that chose it (--split selection).")
-    p.add_argument("--checkpoint", required=True, metavar="RUN/best.pt")
+    p.add_argument("--checkpoint", required=True, metavar="RUN/best.pt",
+                   help="the checkpoint to evaluate (a run's best.pt; it records its data, split and settings)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--split", default="test", choices=EVAL_SPLITS,
                    help="test (default): the held-out part of val; selection (alias val): the part that chose "
                         "the checkpoint")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default 1000; 0: no intervals)")
     p.add_argument("--allow-changed-data", action="store_true",
                    help="evaluate even when the data differ from training's (files added, removed, renamed or "
                         "modified, or val/ sharing files or pixels with train/); the result is then marked as NOT "
@@ -444,7 +491,8 @@ def _add_predict(sub, shared: dict) -> None:
     p = sub.add_parser("predict", parents=[shared["pickle"], shared["device"], shared["tta"]],
                        help="classify .npy files; CSV path,predicted,p_no,p_sphere,p_vort",
                        description="Classify each FILE (or every .npy under each folder).")
-    p.add_argument("--checkpoint", required=True, metavar="PATH")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="the checkpoint to predict with (a run's "
+                                                                       "best.pt)")
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--output", metavar="preds.csv", help="write here instead of stdout")
     p.set_defaults(func=_cmd_predict)
@@ -467,11 +515,13 @@ def _add_explain(sub, shared: dict) -> None:
     p.add_argument("paths", nargs="*", metavar="FILE_OR_DIR")
     p.add_argument("--evaluation", metavar="DIR", help="a folder `python -m deeplense evaluate` wrote; its "
                                                        "checkpoint, images and TTA setting are used")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the figures, saliency.npz (with "
+                                                                "FILES) or enrichment.json (with --evaluation)")
     p.add_argument("--method", action="append", choices=METHODS,
                    help="repeat for several (default: all of them)")
     p.add_argument("--tta", action="store_true", help="with FILES: average the maps over the symmetries the run "
-                                                      "trained with, each mapped back (--evaluation: as evaluated)")
+                                                      "trained with, each mapped back (not allowed with "
+                                                      "--evaluation: it uses the evaluation's own setting)")
     p.add_argument("--per-class", type=int, default=50, metavar="N",
                    help="with --evaluation: images per class checked (default 50)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
@@ -498,7 +548,7 @@ def _add_doctor(sub, shared: dict) -> None:
                                    "line per problem otherwise.")
     p.add_argument("--data", metavar="DIR", help="the dataset to check (default: none; runs would simulate one)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
-    _add_config_options(p, ("precision",))  # the precision to check: the same option as train's
+    _add_config_options(p, ("precision", "weights"), training=False)  # what to check: the options train takes
     p.add_argument("--steps", type=int, default=3, metavar="N", help="timed training steps (default 3; 0: none)")
     p.set_defaults(func=_cmd_doctor)
 
@@ -508,7 +558,7 @@ def _add_realism(sub, shared: dict) -> None:
                        description="Compute per-image statistics (python -m deeplense realism --list says each "
                                    "one's formula) of the real images under --real and of a simulated set (--data, or "
                                    "--n images per class of --preset simulated in memory); compare their "
-                                   "distributions (median, 10-90%%, KS) and run a classifier two-sample test "
+                                   "distributions (median, 10-90%, KS) and run a classifier two-sample test "
                                    "(logistic regression and random forest, stratified 5-fold x 5, AUC with a "
                                    "bootstrap interval, also per class). Writes OUT/realism.json and OUT/realism.png "
                                    "and .pdf (histograms of the statistics; no image is drawn).")
@@ -520,7 +570,8 @@ def _add_realism(sub, shared: dict) -> None:
     p.add_argument("--n", type=int, default=100, metavar="N",
                    help="simulated images per class (default 100); with --data, at most N per class are read")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and of the folds (default 0)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC interval")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the two-sample AUC's 95%% interval (default 1000)")
     p.add_argument("--out", metavar="DIR", default="realism", help="output folder (default realism/)")
     p.add_argument("--list", action="store_true", help="print each statistic and its definition, then exit")
     p.add_argument("--save-targets", metavar="FILE", help="also write the real sample's median and 10-90%% range of "
@@ -533,8 +584,12 @@ def _add_demo(sub, shared: dict) -> None:
                        description="Execute Common_Task/DeepLense_Classification.ipynb top to bottom in place (with "
                                    "--no-readme: into OUT/), then copy its results table into README.md. "
                                    "Uses $DEEPLENSE_DATA (or the repository's own dataset/ folder) if present, "
-                                   "else a simulated set.")
-    p.add_argument("--out", metavar="DIR", help="output folder for the run (default demo_output/)")
+                                   "else a simulated set. Any notebook parameter may be set as DEEPLENSE_<NAME> "
+                                   "(DEEPLENSE_EPOCHS=3); relative folders are taken from where you run the command; "
+                                   "an unknown DEEPLENSE_* name is refused.")
+    p.add_argument("--out", metavar="DIR", help="output folder for the run (default demo_output/): new, empty, or a "
+                                                "previous notebook run's (its run files are replaced); a `train` run "
+                                                "or other files there are refused, never deleted")
     p.add_argument("--no-readme", action="store_true",
                    help="leave README.md, images/ and the committed notebook alone: the figures go to OUT/figures and "
                         "the executed notebook to OUT/")
@@ -575,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, _on_signal) for sig in handled}
     try:
+        check_option_ranges(args)
         return int(args.func(args) or 0)
     except DeepLenseError as exc:
         print(f"error: {exc}", file=sys.stderr)

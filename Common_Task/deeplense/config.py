@@ -41,10 +41,26 @@ def input_channels(arch: str) -> int:
     return 1 if arch == "lensnet" else 3
 
 
-def _setting(default, help: str, choices: tuple[str, ...] | None = None):
-    """A :class:`TrainConfig` field: its default, its one-line meaning (what ``train --help`` prints) and, for the
-    settings that take a name, the allowed names (checked by the config and offered by the command line)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def at_least(low, unit: str = "", why: str = ""):
+    """A field's range (``valid`` of :func:`_setting`): ``low`` or more."""
+    return (lambda v: v >= low), f"at least {low}{unit}{why}"
+
+
+def positive(why: str = ""):
+    return (lambda v: v > 0), f"positive{why}"
+
+
+def between(low, high, text: str):
+    """``low <= v < high``, said as ``text`` (``"in [0, 1)"``)."""
+    return (lambda v: low <= v < high), text
+
+
+def _setting(default, help: str, choices: tuple[str, ...] | None = None, valid=None):
+    """A :class:`TrainConfig` field: its default, its one-line meaning (what ``train --help`` prints), for the
+    settings that take a name the allowed names, and for numbers their range ``valid`` (:func:`at_least`,
+    :func:`positive`, :func:`between`): checked by :func:`check_fields` wherever a config is made (the command
+    line, the notebook, the study), the one place of every range."""
+    return field(default=default, metadata={"help": help, "choices": choices, "valid": valid})
 
 
 @dataclass(frozen=True)
@@ -66,56 +82,61 @@ class TrainConfig:
                                      "(channel and spatial attention in every block) or mhsa (self-attention over the "
                                      "last stage, as BoTNet); each starts as plain ResNet34 (default for "
                                      "resnet34_attn: se)", ATTENTIONS)
-    epochs: int = _setting(20, "training length in epochs")
-    batch_size: int = _setting(64, "images per training step (per process under torchrun)")
+    epochs: int = _setting(20, "training length in epochs", valid=at_least(1))
+    batch_size: int = _setting(64, "images per training step (per process under torchrun)",
+                               valid=at_least(2, why=" (BatchNorm cannot train on one image)"))
     optimizer: str = _setting("adamw", "the optimizer", ("adamw", "sgd"))
-    lr: float = _setting(1e-3, "peak learning rate")
-    momentum: float = _setting(0.9, "SGD momentum (sgd only)")
-    weight_decay: float = _setting(0.05, "weight decay")
+    lr: float = _setting(1e-3, "peak learning rate", valid=positive())
+    momentum: float = _setting(0.9, "SGD momentum (sgd only)", valid=between(0, 1, "in [0, 1)"))
+    weight_decay: float = _setting(0.05, "weight decay", valid=at_least(0))
     schedule: str = _setting("cosine", "learning-rate schedule: cosine (linear warm-up over warmup_epochs, then cosine "
                              "to zero, per step), onecycle (up to lr over the first 30% of the steps, then cosine "
                              "down to lr/1e4, per step) or step (multiply by gamma every step_size epochs)",
                              ("cosine", "onecycle", "step"))
-    label_smoothing: float = _setting(0.0, "cross-entropy label smoothing in training (0: none)")
-    warmup_epochs: float = _setting(1.0, "linear warm-up length of the cosine schedule, in epochs")
-    step_size: int = _setting(7, "epochs between learning-rate drops of the step schedule")
-    gamma: float = _setting(0.1, "learning-rate factor at each drop of the step schedule")
+    label_smoothing: float = _setting(0.0, "cross-entropy label smoothing in training (0: none)",
+                                      valid=between(0, 1, "in [0, 1)"))
+    warmup_epochs: float = _setting(1.0, "linear warm-up length of the cosine schedule, in epochs", valid=at_least(0))
+    step_size: int = _setting(7, "epochs between learning-rate drops of the step schedule", valid=at_least(1))
+    gamma: float = _setting(0.1, "learning-rate factor at each drop of the step schedule", valid=positive())
     augmentation: str = _setting("d4", "training augmentation: d4 (one of the 8 exact flips and quarter turns per "
                                  "image), d2 (one of the 4 that keep the x axis: identity, both flips, the half turn; "
                                  "TTA then averages over those 4), hflip (the reference's horizontal flip of half the "
                                  "images) or none", ("d4", "d2", "hflip", "none"))
     image_size: int = _setting(224, "model input side in pixels; images are resized (bilinear) to it (lensnet: the "
-                               "native size or the crop, no resizing)")
+                               "native size or the crop, no resizing)",
+                               valid=between(16, 1025, "between 16 and 1024 px (the images are 150 px)"))
     resize_then_crop: int | None = _setting(None, "resize to this side first, then keep the central image_size "
-                                            "(the reference: 256); none: no such step")
+                                            "(the reference: 256); none: no such step", valid=at_least(16, " px"))
     crop: int | None = _setting(None, "keep the central CROP native pixels before resizing (the ring region), e.g. "
-                                "96; none: the whole image")
+                                "96; none: the whole image", valid=at_least(16, " px"))
     select_metric: str = _setting("macro_auc", "validation metric that chooses best.pt", ("macro_auc", "accuracy"))
     weights: str = _setting("auto", "initial weights: auto (ImageNet if in the torch hub cache, else random, with "
                             "a warning), imagenet, none, or a path to a .pth state dict")
-    seed: int = _setting(0, "one seed for the split, initialisation, shuffling and augmentation")
+    seed: int = _setting(0, "one seed for the split, initialisation, shuffling and augmentation",
+                         valid=between(0, 2**31, "0 or more and below 2**31"))
     limit_per_class: int | None = _setting(None, "use at most this many images per class of train and of the "
-                                           "selection set; none: all")
+                                           "selection set; none: all", valid=at_least(1))
     protocol: str = _setting("reference", "reference: select on val minus a held-out part, report on that part; "
                              "clean: select on a held-out part of train, train on the rest, report on all of val "
                              "(which training and selection never see)", ("reference", "clean"))
     holdout_fraction: float = _setting(0.1, "the held-out part per class: of val for the test (reference), of train "
-                                       "for selection (clean)")
+                                       "for selection (clean)", valid=between(1e-300, 1, "between 0 and 1"))
     eval_batch_size: int | None = _setting(None, "batch size of validation and prediction (none: 128 on a CPU; on "
                                            "a GPU the largest power of 2 up to 1024 that fits beside the data, "
-                                           "halved once on an out-of-memory error)")
+                                           "halved once on an out-of-memory error)", valid=at_least(1))
     clip_grad: float | None = _setting(None, "clip the gradients' global norm to this before each step (none: no "
-                                       "clipping)")
+                                       "clipping)", valid=positive())
     ema: float | None = _setting(None, "keep an exponential moving average of the weights, this decay per step (e.g. "
                                  "0.999); selection, best.pt, evaluation and prediction use the averaged weights "
-                                 "(none: off)")
+                                 "(none: off)", valid=between(1e-300, 1, "a decay between 0 and 1"))
     patience: int | None = _setting(None, "stop after this many epochs without a better selection score (none: "
-                                    "train every epoch)")
+                                    "train every epoch)", valid=at_least(1))
     bn_recalibration: int | None = _setting(None, "before each validation, recompute BatchNorm's running statistics "
                                             "from this many training images (not augmented, a fixed draw of the "
                                             "seed) with the current weights, as a cumulative average (precise "
                                             "BatchNorm); it changes what is evaluated and saved, never the training "
-                                            "itself (none: off; networks without BatchNorm: nothing to do)")
+                                            "itself (none: off; networks without BatchNorm: nothing to do)",
+                                            valid=at_least(2, " images"))
     precision: str = _setting("auto", "auto (bf16 autocast on CUDA GPUs with native bf16, fp16 with a gradient "
                               "scaler on older ones, fp32 on MPS and the CPU), fp32, bf16 or fp16; what auto became "
                               "is recorded in config.json (execution.precision)", PRECISIONS)
@@ -129,24 +150,12 @@ class TrainConfig:
             (self.attention is None or self.arch == "resnet34_attn", "attention applies to arch resnet34_attn only"),
             (multiple is None or self.image_size % multiple == 0,
              f"{self.arch} takes an image_size that is a multiple of {multiple} px (not {self.image_size})"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.arch != "lensnet" or (self.resize_then_crop is None and self.image_size == (self.crop or 150)),
              "lensnet takes the native pixels: image_size must equal the crop (or 150) and resize_then_crop none"),
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.batch_size >= 2, "batch_size must be at least 2 (BatchNorm cannot train on one image)"),
-            (16 <= self.image_size <= 1024, "image_size must be between 16 and 1024 px (the images are 150 px)"),
-            (self.crop is None or self.crop >= 16, "crop must be at least 16 px (or none)"),
-            (self.lr > 0, "lr must be positive"),
-            (0 <= self.seed < 2**31, "seed must be 0 or more and below 2**31"),
-            (self.limit_per_class is None or self.limit_per_class >= 1, "limit_per_class must be at least 1"),
-            (0 < self.holdout_fraction < 1, "holdout_fraction must be between 0 and 1"),
-            (self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
-            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be positive (or none)"),
-            (self.ema is None or 0 < self.ema < 1, "ema must be a decay between 0 and 1 (or none)"),
-            (self.patience is None or self.patience >= 1, "patience must be at least 1 (or none)"),
-            (self.bn_recalibration is None or self.bn_recalibration >= 2,
-             "bn_recalibration must be at least 2 images (or none)"),
-        ]
+            (self.resize_then_crop is None or self.resize_then_crop >= self.image_size,
+             f"resize_then_crop ({self.resize_then_crop}) must be at least image_size ({self.image_size}): the "
+             f"centre image_size px are kept of it"),
+        ]  # each field's own range is in its metadata (``valid``), checked by check_fields above
         for ok, msg in checks:
             if not ok:
                 raise DeepLenseError(f"training config: {msg}")
@@ -270,14 +279,24 @@ def cast(name: str, value, cls=None, label: str = "training config"):
 
 def check_fields(obj, label: str) -> None:
     """Cast every field of the frozen dataclass ``obj`` to its type (values from a constructor call, a JSON file or
-    the environment are treated alike) and check the named ones against their ``choices`` metadata: the one way
-    :class:`TrainConfig`, ``SimulationConfig`` and ``RunSpec`` are validated."""
+    the environment are treated alike), refuse a number that is not finite (``nan``, ``inf``: strict JSON cannot
+    even store them), and check the named ones against their ``choices`` metadata and the numbers against their
+    range (``valid``): the one way :class:`TrainConfig`, ``SimulationConfig`` and ``RunSpec`` are validated."""
+    import math
+
+    types = field_types(type(obj))
     for f in fields(obj):
         value = cast(f.name, getattr(obj, f.name), type(obj), label)
         object.__setattr__(obj, f.name, value)
-        allowed = f.metadata.get("choices")
-        if allowed and value is not None and value not in allowed:
+        if value is None:
+            continue
+        allowed, valid = f.metadata.get("choices"), f.metadata.get("valid")
+        if allowed and value not in allowed:
             raise DeepLenseError(f"{label}: {f.name} must be one of {', '.join(allowed)}")
+        if types[f.name][0] is float and not math.isfinite(value):
+            raise DeepLenseError(f"{label}: {f.name}={value!r} is not a finite number")
+        if valid and not valid[0](value):
+            raise DeepLenseError(f"{label}: {f.name} must be {valid[1]}" + (" (or none)" if types[f.name][1] else ""))
 
 
 @cache

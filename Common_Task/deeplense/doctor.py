@@ -42,7 +42,7 @@ def _existing(folder: Path) -> Path:
 
 
 def doctor(data: str | None = None, device: str | None = None, precision: str = "auto", steps: int = 3,
-           allow_pickle: bool = False, say=print) -> list[str]:
+           allow_pickle: bool = False, say=print, weights: str = "auto") -> list[str]:
     """Print what the project will do here (through ``say``); return the problems, one line each."""
     problems: list[str] = []
     v = versions()
@@ -60,7 +60,7 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
     need_cache, data_bytes = _check_data(data, allow_pickle, say, problems)
     _check_disk(data, need_cache, say, problems)
     _check_memory(dev, plan, data_bytes, say)
-    _check_weights(problems, say)
+    _check_weights(problems, say, weights)
     if plan is not None and steps > 0:  # a few real training steps
         rate, err = _steps(plan, steps)
         if err:
@@ -150,16 +150,30 @@ def _check_memory(dev, plan, data_bytes: int, say) -> None:
             f"{per / 1e9:.2f} GB")
 
 
-def _check_weights(problems: list[str], say) -> None:
-    """Whether the ImageNet ResNet34 weights are in the torch hub cache."""
+def _check_weights(problems: list[str], say, weights: str = "auto") -> None:
+    """Whether the initial weights the runs will use (``--weights``) are there: nothing to check for ``none``; the
+    file for a path; for ``auto`` and ``imagenet`` the ImageNet ResNet34 weights in the torch hub cache (without
+    them ``imagenet`` stops and ``auto`` trains from random weights, not what the task asks for)."""
     from .model import hub_checkpoint_path
 
+    if weights in ("none", "random"):
+        say("weights: none (random initialisation, as --weights none trains): nothing to check")
+        return
+    if weights not in ("auto", "imagenet"):
+        path = Path(weights).expanduser()
+        if path.is_file():
+            say(f"weights: the state dict file {path} is there")
+        else:
+            problems.append(f"weights: {path}: no such file (--weights FILE)")
+        return
     cached = hub_checkpoint_path("resnet34")
     if cached.is_file():
         say(f"weights: ImageNet ResNet34 weights in the torch hub cache ({cached})")
     else:
-        problems.append(f"weights: no ImageNet ResNet34 weights at {cached}: training would start from random "
-                        f"weights; copy {cached.name} there (TORCH_HOME sets the folder) or pass --weights FILE")
+        then = "training stops" if weights == "imagenet" else "training would start from random weights"
+        problems.append(f"weights: no ImageNet ResNet34 weights at {cached}: {then}; copy {cached.name} there "
+                        f"(TORCH_HOME sets the folder), pass --weights FILE, or check with --weights none if you "
+                        f"train from random weights")
 
 
 def _steps(plan, steps: int) -> tuple[float, str | None]:
@@ -193,7 +207,8 @@ def _steps(plan, steps: int) -> tuple[float, str | None]:
 
 
 def main(args) -> int:
-    problems = doctor(args.data, args.device, args.precision or "auto", args.steps, args.allow_pickle)
+    problems = doctor(args.data, args.device, getattr(args, "precision", None) or "auto", args.steps, args.allow_pickle,
+                      weights=getattr(args, "weights", None) or "auto")
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if not problems:

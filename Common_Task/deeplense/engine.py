@@ -43,7 +43,7 @@ def _say(line: str) -> None:
 @torch.inference_mode()
 def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: bool = False,
                   batch_size: int | None = None, progress: bool = False, desc: str = "predicting",
-                  log=_say) -> np.ndarray:
+                  log=_say, with_log: bool = False):
     """Softmax probabilities ``(N, 3)`` float32 for images ``x`` ``(N, 1, h, w)`` in [0, 1] (already cropped).
 
     The model runs in ``eval()`` mode; with ``tta`` the probabilities are averaged over the symmetries the run
@@ -51,27 +51,36 @@ def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: b
     Softmax is computed in float32 even under autocast. Batches of ``batch_size`` (default
     ``config.eval_batch_size``, else 1024 on CUDA, 128 elsewhere); when the device runs out of memory the batch is
     halved once and the pass goes on, with a line to ``log`` saying so.
+
+    ``with_log``: return ``(probabilities, log_probabilities)``; the log-probabilities are computed as such
+    (``log_softmax``, and with ``tta`` the log of the mean by ``logsumexp``), so they stay finite where a float32
+    probability underflows to 0: what temperature scaling is fitted and applied on (:mod:`deeplense.calibration`).
     """
     plan = as_plan(device, config)
     model.eval()
     fn = input_fn(config)
     bs = batch_size or config.eval_batch_size or default_eval_batch_size(plan)
-    out, s, retried = [], 0, False
+    out, logs, s, retried = [], [], 0, False
     bar = progress_bar(total=len(x), desc=desc, unit="img", disable=not progress, leave=False)
     while s < len(x):
         try:
             xb = plan.layout(fn(plan.to_device(x[s : s + bs])))
-            probs = 0
+            probs, logp = 0, None
             views = symmetries(config.augmentation) if tta else (0,)
             for k in views:
                 with plan.autocast():
                     logits = model(d4_transform(xb, k) if k else xb)
                 probs = probs + torch.softmax(logits.float(), dim=1)
+                if with_log:
+                    lp = torch.log_softmax(logits.float(), dim=1)
+                    logp = lp if logp is None else torch.logaddexp(logp, lp)
             out.append((probs / len(views)).cpu())
+            if with_log:
+                logs.append((logp - math.log(len(views))).cpu())
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if retried or bs < 2 or not is_out_of_memory(exc):
                 raise
-            retried, xb, probs = True, None, None
+            retried, xb, probs, logp = True, None, None, None
             if plan.device.type == "cuda":
                 torch.cuda.empty_cache()
             log(f"{desc}: out of memory at batch {bs} on {plan.device}; retrying at batch {bs // 2} "
@@ -81,7 +90,11 @@ def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: b
         bar.update(len(out[-1]))
         s += bs
     bar.close()
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+    def joined(parts):
+        return torch.cat(parts).numpy().astype(np.float32) if parts else np.zeros((0, len(CLASSES)), np.float32)
+
+    return (joined(out), joined(logs)) if with_log else joined(out)
 
 
 def build_optimizer(model, config: TrainConfig, device) -> torch.optim.Optimizer:
@@ -305,7 +318,8 @@ def recalibrate_bn(model, data: Placement, config: TrainConfig) -> int:
         return 0
     plan = data.plan
     idx = recalibration_indices(len(data.x_train), config).to(data.index_device)
-    bs = data.eval_batch_size or config.eval_batch_size or default_eval_batch_size(plan)
+    # BatchNorm in train mode needs 2 images a batch: a validation batch of 1 (--eval-batch-size 1) recalibrates in 2s
+    bs = max(2, data.eval_batch_size or config.eval_batch_size or default_eval_batch_size(plan))
     if len(idx) % bs == 1:
         idx = idx[:-1]
     fn = input_fn(config)
@@ -319,6 +333,13 @@ def validate(model, x: torch.Tensor, y: np.ndarray, config: TrainConfig, device,
              batch_size: int | None = None) -> dict:
     """Loss, accuracy and AUCs of ``model`` on the selection images ``x`` with labels ``y``."""
     probs = predict_proba(model, x, config, device, batch_size=batch_size)
+    if not np.isfinite(probs).all():
+        from .util import DeepLenseError
+
+        raise DeepLenseError("the network's outputs on the selection images are not finite (its activations "
+                             "overflowed in eval mode: BatchNorm's running statistics do not fit these weights); "
+                             "lower --lr, train longer with more images, or recompute the statistics before each "
+                             "validation (--bn-recalibration 1024)")
     m = quick_metrics(y, probs)
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
     return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_macro_auc": m["macro_auc"],

@@ -74,9 +74,9 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
                              f"{len(labels)} images); nothing to evaluate")
     temperature = fitted_temperature(ckpt, checkpoint, tta, required=calibrated)
     model = model_from_checkpoint(ckpt, dev, checkpoint)
-    raw = predict_proba(model, native_crop(images, idx, config.crop), config, plan, tta=tta, progress=progress,
-                        desc=f"evaluating {split}")
-    probs = apply_temperature(raw, temperature) if calibrated else raw
+    raw, logp = predict_proba(model, native_crop(images, idx, config.crop), config, plan, tta=tta,
+                              progress=progress, desc=f"evaluating {split}", with_log=True)
+    probs = apply_temperature(logp, temperature) if calibrated else raw
     out = Path(out)
     # two evaluations into one folder would mix their two files; metrics.json names the hash of the predictions
     # it was computed from, so that report can tell a true pair from a pair left by two evaluations (or a kill)
@@ -88,13 +88,14 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None, out:
             metrics = compute_metrics(saved["labels"], saved["probabilities"], n_bootstrap=n_bootstrap,
                                       seed=config.seed)
         metrics["predictions_sha256"] = digest
-        metrics["calibration"] = _calibration(labels[idx], raw, temperature, ckpt, calibrated, n_bootstrap,
+        metrics["calibration"] = _calibration(labels[idx], raw, logp, temperature, ckpt, calibrated, n_bootstrap,
                                               config.seed)
         metrics["provenance"] = {
             "split": split, "split_description": description, "protocol": config.protocol, "heldout_check": checked,
             "holdout_fraction": config.holdout_fraction, "seed": config.seed, "tta": bool(tta),
             "calibrated": bool(calibrated),
             "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_epoch": int(ckpt["epoch"]),
+            "checkpoint_sha256": file_sha256(checkpoint),
             "recipe": config.recipe, "config": config.to_dict(),
             "data": {"root": str(Path(data).resolve()), "split": source, "fingerprint": info[source].fingerprint,
                      "listing": info[source].listing},
@@ -117,15 +118,16 @@ def fitted_temperature(ckpt: dict, path, tta: bool, *, required: bool) -> float 
     return None if t is None else float(t)
 
 
-def _calibration(labels, raw, temperature: float | None, ckpt: dict, applied: bool, n_bootstrap: int,
+def _calibration(labels, raw, logp, temperature: float | None, ckpt: dict, applied: bool, n_bootstrap: int,
                  seed: int) -> dict:
-    """``metrics.json``'s calibration record: the probabilities as predicted and, with a temperature, scaled."""
+    """``metrics.json``'s calibration record: the probabilities as predicted (``raw``) and, with a temperature,
+    scaled (from their log-probabilities ``logp``)."""
     record = {"temperature": temperature, "applied": applied, "uncalibrated":
               calibration_summary(labels, raw, n_bootstrap=n_bootstrap, seed=seed), "calibrated": None}
     if temperature is not None:
         fit = ckpt["temperature"]
         record["fitted_on"] = f"the {fit['n']} selection images of epoch {fit['epoch']} (never the test)"
-        record["calibrated"] = calibration_summary(labels, apply_temperature(raw, temperature),
+        record["calibrated"] = calibration_summary(labels, apply_temperature(logp, temperature),
                                                    n_bootstrap=n_bootstrap, seed=seed)
     return record
 
@@ -244,9 +246,10 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str], output: str |
             raise DeepLenseError(f"{chunk[odd]}: shape {images[odd].shape} differs from {files[0]}'s {shape}; "
                                  f"predict one image size at a time")
         arr = np.stack(images)[:, None]
-        probs = predict_proba(model, native_crop(arr, np.arange(len(arr)), config.crop), config, plan, tta=tta)
+        probs, logp = predict_proba(model, native_crop(arr, np.arange(len(arr)), config.crop), config, plan,
+                                    tta=tta, with_log=True)
         if calibrated:
-            probs = apply_temperature(probs, temperature)
+            probs = apply_temperature(logp, temperature)
         for f, p in zip(chunk, probs, strict=True):
             rows.append({"path": str(f), "predicted": CLASSES[int(p.argmax())],
                          **{f"p_{c}": f"{float(v):.6f}" for c, v in zip(CLASSES, p, strict=True)}})

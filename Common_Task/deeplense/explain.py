@@ -212,7 +212,7 @@ def enrichment(maps: np.ndarray, structures: list, *, radius: float = RADIUS_PX,
     ideal_rand = np.mean([near_fraction(m, k, _turned(k, p, centre, rng_ideal), radius)
                           for m, (k, p) in zip(ideal, structures, strict=True) for _ in range(4)])
     boot = []
-    for _ in range(n_bootstrap):
+    for _ in range(n_bootstrap if len(true) >= 2 else 0):  # one image: no interval (evaluate's "n/a")
         i = rng.integers(0, len(true), len(true))
         if rand[i].mean() > 0:
             boot.append(true[i].mean() / rand[i].mean())
@@ -233,6 +233,39 @@ def _model(checkpoint, device):
     return ckpt, config, model_from_checkpoint(ckpt, dev, checkpoint)
 
 
+def output_names(files) -> list[str]:
+    """A distinct output name per file: ``<folder>_<name>`` (``no_1``), with more of the path in front where two
+    files would share one (``train_no_1`` and ``val_no_1``), and ``-2``, ``-3`` after names that still collide
+    (``a_b/c`` against ``a/b_c``). Unique for any list of distinct files."""
+    import os
+
+    parts = [tuple(q for q in Path(os.path.abspath(f)).with_suffix("").parts if q not in ("/", "\\")) or ("x",)
+             for f in files]
+    depth = [min(2, len(p)) for p in parts]
+    while True:
+        names = ["_".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n, []).append(i)
+        grow = [i for g in groups.values() if len({parts[j] for j in g}) > 1 for i in g if depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    taken = set()
+    for i, n in enumerate(out):  # a "-2" that is another file's own name
+        while n in taken:
+            n += "-x"
+        taken.add(n)
+        out[i] = n
+    return out
+
+
 def explain_files(checkpoint, paths: list[str], out, *, methods=METHODS, tta: bool = False, device: str | None = None,
                   allow_pickle: bool = False) -> list[Path]:
     """For each ``.npy`` file (or each under a folder): the image, each method's map over it (for the predicted
@@ -246,7 +279,11 @@ def explain_files(checkpoint, paths: list[str], out, *, methods=METHODS, tta: bo
     from .util import atomic_path
 
     ckpt, config, model = _model(checkpoint, device)
-    files = _expand(paths)
+    files, seen = [], set()
+    for f in _expand(paths):  # each file once, in the order given
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            files.append(f)
     images = [read_image(f, allow_pickle=allow_pickle) for f in files]
     odd = next((i for i, im in enumerate(images) if im.shape != images[0].shape or im.shape[0] != im.shape[1]), None)
     if odd is not None:
@@ -266,8 +303,8 @@ def explain_files(checkpoint, paths: list[str], out, *, methods=METHODS, tta: bo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, f in enumerate(files):
-        stem = out / f"{f.parent.name}_{f.stem}"
+    for i, (f, name) in enumerate(zip(files, output_names(files), strict=True)):
+        stem = out / name
         written += plots.saliency_panels(arr[i, 0], {m: maps[m][i] for m in methods}, probs[i],
                                          stem, title=f"{f.parent.name}/{f.name}: predicted {CLASSES[pred[i]]}"
                                                      f"{', TTA' if tta else ''}")
@@ -296,6 +333,7 @@ def explain_evaluation(evaluation, out, *, per_class: int = 50, methods=METHODS,
     data = prov["data"]["root"]
     truth = read_substructure(data)
     ckpt, config, model = _model(prov["checkpoint"], device)
+    _check_evaluated_checkpoint(ev, prov, ckpt)
     tta = bool(prov.get("tta"))
     files = split.files
     result: dict = {"evaluation": str(ev.resolve()), "checkpoint": prov["checkpoint"], "data": str(data),
@@ -329,6 +367,24 @@ def explain_evaluation(evaluation, out, *, per_class: int = 50, methods=METHODS,
     save_examples(out / EXAMPLES, shown, method=methods[0], radius=radius, title=title)
     draw_examples(out / EXAMPLES, figures or out)
     return result
+
+
+def _check_evaluated_checkpoint(evaluation: Path, prov: dict, ckpt: dict) -> None:
+    """Refuse a checkpoint that is not the one ``evaluation`` scored (best.pt replaced since, e.g. by another run's):
+    its maps would be another network's. Checked by the file's SHA-256 that ``evaluate`` records; an evaluation
+    older than that record is checked by the epoch and the network."""
+    from .util import file_sha256
+
+    path = prov["checkpoint"]
+    recorded = prov.get("checkpoint_sha256")
+    if recorded is not None:
+        same = recorded == file_sha256(path)
+    else:
+        same = ckpt.get("epoch") == prov.get("checkpoint_epoch") and (ckpt.get("config") or {}).get("arch") == \
+            (prov.get("config") or {}).get("arch")
+    if not same:
+        raise DeepLenseError(f"{path}: not the checkpoint {evaluation} evaluated (replaced since?); evaluate it again "
+                             f"before explaining it")
 
 
 EXAMPLES = "saliency_examples.npz"

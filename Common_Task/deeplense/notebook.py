@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -56,8 +55,30 @@ RUN = {"DATA": "data", "SCALE": "scale", "OUTPUT": "output", "FIGURES": "figures
 PARAMETERS = (*TRAINING, *RUN)
 
 
+PATHS = ("DATA", "OUTPUT", "FIGURES")
+"""The parameters that name a folder: a relative one given in the environment is taken from where the command ran
+(:func:`run_notebook` makes it absolute before the kernel, which runs in ``Common_Task/``, starts)."""
+OTHER_VARIABLES = ("CACHE", "DIST_TIMEOUT_MIN", "BENCH_RESULTS")
+"""``DEEPLENSE_*`` variables that are not notebook parameters: the load cache, the torchrun timeout, the benchmarks'
+results file."""
+
+
 def env_name(parameter: str) -> str:
     return f"DEEPLENSE_{parameter}"
+
+
+def check_environment(environ=None) -> None:
+    """Refuse a ``DEEPLENSE_*`` variable that is neither a parameter nor one of :data:`OTHER_VARIABLES` (a misspelt
+    ``DEEPLENSE_EPOCH=3`` would otherwise be ignored and the run train for the scale's epochs)."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = {env_name(k) for k in (*PARAMETERS, *OTHER_VARIABLES)}
+    for name in sorted(environ):
+        if name.startswith("DEEPLENSE_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "see the notebook's parameters cell"
+            raise DeepLenseError(f"{name}: not a notebook parameter ({hint}); unset it or correct the name")
 
 
 def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
@@ -67,6 +88,7 @@ def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
     overridden by ``DEEPLENSE_<NAME>`` (``DEEPLENSE_CROP=none``: no crop). A parameter left at ``None`` follows
     the scale (``full`` on a GPU with a real dataset, ``demo`` otherwise).
     """
+    check_environment()
     given = {k: namespace.get(k) for k in PARAMETERS}
     from_env = {k: os.environ[env_name(k)] for k in PARAMETERS if env_name(k) in os.environ}
     given.update(from_env)
@@ -121,14 +143,61 @@ def ensure_data(config: TrainConfig, spec: RunSpec, progress: bool = True) -> st
                                          val_per_class=spec.sim_val_per_class, progress=progress))
 
 
-def fresh_run_folder(path: str | Path) -> Path:
-    """Make ``path`` an empty run folder: a previous run there (a folder holding ``config.json``) is removed;
-    anything else that is not empty is refused rather than deleted."""
+RUN_MARKER = ".deeplense-notebook-run"
+"""The file a notebook run leaves in its run folder: a folder holding it (and only what a notebook run writes) may be
+emptied by the next notebook run; any other folder that is not empty is refused, never deleted."""
+_RUN_FILES = {"config.json", "history.jsonl", "last.pt", "best.pt", "metrics.json", "predictions.npz", ".lock",
+              RUN_MARKER, NOTEBOOK.name}
+_RUN_FOLDERS = {"figures": (".png", ".pdf"), "explain": (".json", ".npz", ".png", ".pdf")}
+
+
+def _previous_run(path: Path) -> list[Path]:
+    """What a previous notebook run left in ``path`` (the files to remove before this run), or a
+    :class:`DeepLenseError` naming what it did not write: nothing is ever deleted that a notebook run did not write."""
+    from .util import TEMP_NAME
+
+    if not path.is_dir():
+        raise DeepLenseError(f"{path}: is a file, not a folder; choose another OUTPUT (--out)")
+    entries = sorted(path.iterdir())
+    if not entries:
+        return []
+    if not (path / RUN_MARKER).is_file():
+        what = "a training run" if (path / "config.json").is_file() else f"{entries[0].name}"
+        raise DeepLenseError(f"{path}: holds {what} that no notebook run wrote; nothing was deleted; choose another "
+                             f"OUTPUT (--out), or remove the folder yourself")
+    found = []
+    for e in entries:
+        inner = sorted(e.iterdir()) if e.is_dir() and not e.is_symlink() and e.name in _RUN_FOLDERS else None
+        if inner is not None:
+            foreign = [f for f in inner if not (f.is_file() and f.suffix in _RUN_FOLDERS[e.name])]
+        else:
+            foreign = [] if (e.is_file() and (e.name in _RUN_FILES or TEMP_NAME.search(e.name))) else [e]
+        if foreign:
+            raise DeepLenseError(f"{path}: a previous notebook run, but {foreign[0]} is not something it wrote; "
+                                 f"nothing was deleted; move it away or choose another OUTPUT (--out)")
+        found += [*inner, e] if inner is not None else [e]
+    return found
+
+
+def check_run_folder(path: str | Path) -> Path:
+    """Refuse (:class:`DeepLenseError`), before any work, an output folder :func:`fresh_run_folder` would refuse."""
     path = Path(path)
     if path.exists():
-        if not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").is_file()):
-            raise DeepLenseError(f"{path}: exists and is not a run folder; choose another OUTPUT")
-        shutil.rmtree(path)
+        _previous_run(path)
+    return path
+
+
+def fresh_run_folder(path: str | Path) -> Path:
+    """Make ``path`` an empty run folder marked as this notebook's (:data:`RUN_MARKER`). A previous notebook run
+    there is removed, file by file, only when every file in it is one a notebook run writes; a training run of
+    ``python -m deeplense train`` or any other content is refused with one line and left as it was."""
+    path = Path(path)
+    if path.exists():
+        for f in _previous_run(path):  # files first, then their (now empty) folders
+            f.rmdir() if f.is_dir() else f.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).write_text("written by the DeepLense notebook: the next notebook run may replace this "
+                                   "folder's run files\n")
     return path
 
 
@@ -205,6 +274,11 @@ def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | No
     env = {k: str(v) for k, v in (env or {}).items()}
     if output_dir:
         env[env_name("OUTPUT")] = str(Path(output_dir).resolve())
+    for k in map(env_name, PATHS):  # the kernel runs in Common_Task/: a relative folder is the caller's
+        value = env.get(k, os.environ.get(k))
+        if value and value.strip().lower() not in ("none", "null") and not Path(value).is_absolute():
+            env[k] = str(Path(value).resolve())
+    check_environment({**os.environ, **env})
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
@@ -242,5 +316,6 @@ def run_notebook(notebook: str | Path = NOTEBOOK, *, output_dir: str | Path | No
     return target
 
 
-__all__ = ["NOTEBOOK", "PARAMETERS", "RunSpec", "ensure_data", "fresh_run_folder", "provenance_line", "resolve",
+__all__ = ["NOTEBOOK", "PARAMETERS", "RunSpec", "check_environment", "check_run_folder", "ensure_data",
+           "fresh_run_folder", "provenance_line", "resolve",
            "run_notebook", "show"]

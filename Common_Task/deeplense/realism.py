@@ -241,6 +241,28 @@ def read_images(folder, limit_per_class: int | None = None) -> tuple[np.ndarray,
     return np.stack(images), np.array(labels)
 
 
+def check_samples(real: tuple, sim: tuple, real_name: str, sim_name: str) -> None:
+    """Refuse two samples (``(images, labels)`` each) the comparison cannot be read on: a class missing on one side
+    (the pooled test would compare different class mixes, and the per-class lines would leave it out), or images on
+    both sides (the same folder twice: each image's twin, with the other label, lands in the training folds, and
+    the AUC goes to 0 instead of 0.5)."""
+    import hashlib
+
+    for name, (_, labels) in ((real_name, real), (sim_name, sim)):
+        missing = [c for k, c in enumerate(CLASSES) if not np.any(np.asarray(labels) == k)]
+        if missing:
+            raise DeepLenseError(f"{name}: no {missing[0]}/ images below it; realism compares the same three classes "
+                                 f"({', '.join(CLASSES)}) on both sides")
+
+    def digests(images):
+        return {hashlib.sha256(np.ascontiguousarray(im, dtype=np.float64).tobytes()).hexdigest() for im in images}
+
+    shared = digests(real[0]) & digests(sim[0])
+    if shared:
+        raise DeepLenseError(f"{real_name} and {sim_name}: {len(shared)} identical image(s) on both sides (the same "
+                             f"folder twice?); the two-sample test needs two different samples")
+
+
 def simulate_images(preset: str, n_per_class: int, seed: int = 0, progress: bool = True):
     """``n_per_class`` images per class of a preset, in memory (split ``val``, indices 1..n), float64."""
     from .simulate import SimulationConfig, simulate_image
@@ -308,6 +330,8 @@ def two_sample_test(x_real: np.ndarray, x_sim: np.ndarray, *, folds: int = 5, re
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
+    if n_bootstrap < 1:
+        raise DeepLenseError(f"two-sample test: n_bootstrap {n_bootstrap}: must be at least 1 (the AUC's interval)")
     x = np.vstack([x_real, x_sim])
     y = np.r_[np.ones(len(x_real), int), np.zeros(len(x_sim), int)]
     k = min(folds, len(x_real), len(x_sim))

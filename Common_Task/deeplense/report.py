@@ -104,7 +104,8 @@ def enrichment_table(result: dict) -> str:
         for m, e in by_method.items():
             if isinstance(e, dict):
                 lines.append(f"| {CLASS_LABELS[cls]} (`{cls}`) | {METHOD_NAMES.get(m, m)} | "
-                             f"{format_ci(e['ratio'], e['ci'], digits=2)} | {e['ideal_ratio']:.2f} | {e['n']} |")
+                             f"{format_ci(e['ratio'], e['ci'], 2, None if e['ci'] else 'one image')} | "
+                             f"{e['ideal_ratio']:.2f} | {e['n']} |")
     return "\n".join(lines + ["", f"Saliency within {result['radius_px']:g} px of the true structure, over the same "
                                    f"structure turned about the lens centre (1: no preference; ideal: a map spread "
                                    f"evenly over the true region); maps for the true class"
@@ -187,6 +188,12 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
     if recorded is not None and recorded != file_sha256(ppath):
         raise DeepLenseError(f"{ppath}: not the predictions {mpath.name} was computed from (written by another "
                              f"evaluation, or one that was killed between the two files); evaluate again")
+    from sklearn.metrics import confusion_matrix
+
+    counted = confusion_matrix(labels, probs.argmax(1), labels=range(k)).tolist()
+    if cm != counted:  # a hand-edited or foreign metrics.json: the matrix drawn must be the predictions'
+        raise DeepLenseError(f"{mpath}: its confusion_matrix {cm} is not the one of {ppath.name} ({counted}); "
+                             f"evaluate again")
     out = Path(figures)
     out.mkdir(parents=True, exist_ok=True)
     what = f"{metrics.get('provenance', {}).get('split_description', 'held-out test')}, " \

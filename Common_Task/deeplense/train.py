@@ -180,7 +180,7 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
             if world > 1:
                 torch.distributed.barrier()
         if rank == 0 and (run / "best.pt").exists():
-            _fit_temperature(run / "best.pt", placed, y_sel, config)
+            _fit_temperature(run / "best.pt", placed, y_sel, config, say)
         if world > 1:
             torch.distributed.destroy_process_group()
         return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
@@ -197,8 +197,8 @@ def _start_line(config: TrainConfig, dev, world: int, n_train: int, n_sel: int, 
             f"data {'on the device' if placed.resident else 'in host memory, staged through pinned buffers'}, "
             f"{placed.plan.describe()}" + (", compiled" if compile_model else "")
             + (f", EMA {config.ema:g}" if config.ema else "")
-            + (f", BatchNorm recalibrated on {config.bn_recalibration} images before each validation"
-               if config.bn_recalibration else ""))
+            + (f", BatchNorm recalibrated on {min(config.bn_recalibration, n_train)} training images before each "
+               f"validation" if config.bn_recalibration else ""))
 
 
 def _epoch_line(rec: dict, config: TrainConfig, improved: bool) -> str:
@@ -243,24 +243,34 @@ def selection_score(rec: dict, config: TrainConfig) -> float:
     return rec["val_accuracy"] if config.select_metric == "accuracy" else (rec["val_macro_auc"] or -1.0)
 
 
-def _fit_temperature(best: Path, placed: engine.Placement, y_sel, config: TrainConfig) -> None:
+def _fit_temperature(best: Path, placed: engine.Placement, y_sel, config: TrainConfig, say=print) -> None:
     """Store in ``best.pt`` the temperatures that calibrate its probabilities (:mod:`deeplense.calibration`), fitted
     on the selection images only, without and with test-time averaging (``evaluate``/``predict --calibrated``
-    apply the one that matches their TTA setting). Refitted only when best.pt changed since."""
+    apply the one that matches their TTA setting), on the log-probabilities the network computes. A fit that would
+    raise the selection NLL stores 1; one that stops at a bound is said. Refitted only when best.pt changed since."""
     ck = load_checkpoint(best)
     if (ck.get("temperature") or {}).get("epoch") == ck["epoch"]:
         return
-    from .calibration import apply_temperature, fit_temperature, nll
+    from .calibration import T_BOUNDS, fit_temperature
     from .checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(ck, placed.plan.device, best)
     fitted: dict = {"epoch": int(ck["epoch"]), "fitted_on": "selection", "n": int(len(y_sel))}
     for name, tta in (("plain", False), ("tta", True)):
-        probs = engine.predict_proba(model, placed.x_sel, config, placed.plan, tta=tta,
-                                     batch_size=placed.eval_batch_size)
-        t = fit_temperature(y_sel, probs)
-        fitted[name] = t
-        fitted[f"{name}_selection_nll"] = [nll(y_sel, probs), nll(y_sel, apply_temperature(probs, t))]
+        _, logp = engine.predict_proba(model, placed.x_sel, config, placed.plan, tta=tta,
+                                       batch_size=placed.eval_batch_size, with_log=True)
+        fit = fit_temperature(y_sel, logp)
+        fitted[name] = fit["temperature"]
+        fitted[f"{name}_selection_nll"] = [fit["nll_before"], fit["nll_after"]]
+        fitted[f"{name}_fit"] = {k: fit[k] for k in ("fitted", "at_bound", "kept")}
+        views = "with TTA" if tta else "plain"
+        if not fit["kept"]:
+            say(f"temperature ({views}): the fit (T = {fit['fitted']:.3g}) would not lower the selection NLL "
+                f"({fit['nll_before']:.4f}); T = 1 stored, the probabilities stay as predicted")
+        elif fit["at_bound"] is not None:
+            say(f"WARNING: temperature ({views}) stopped at the bound T = {fit['at_bound']:g} of {T_BOUNDS}: the "
+                f"selection probabilities are degenerate (too few images, or one class predicted for all?); "
+                f"selection NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}")
     save_checkpoint(best, {**ck, "temperature": fitted})
 
 
