@@ -12,9 +12,9 @@ help:
 	@echo "make test-fast - ruff and the tests not marked slow (under a minute on 2 cores): the edit loop"
 	@echo "make bench  - quick benchmarks (see benchmarks/README.md)"
 	@echo "make bench-gpu - the GPU benchmarks (about 4 minutes on one H100; prints a skip line without CUDA)"
-	@echo "make bench-archs - parameters and CPU speed of every --arch; fills README.md's arch table (minutes)"
-	@echo "make study  - the accuracy study (about 80 min for 5 arms on 2 CPU cores); fills README.md's study table"
-	@echo "make realism REAL=DIR - every preset against real images in DIR (statistics, two-sample test); README table"
+	@echo "make bench-archs - parameters and CPU speed of every --arch; fills docs/networks.md's arch table (minutes)"
+	@echo "make study  - the accuracy study (about 80 min for 5 arms on 2 CPU cores); fills docs/studies.md's study table"
+	@echo "make realism REAL=DIR - every preset against real images in DIR (statistics, two-sample test); docs/simulation.md table"
 	@echo "make mutants - plant known faults one at a time and check the tests catch each (minutes; not in CI)"
 
 $(BIN)/python:

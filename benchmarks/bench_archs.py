@@ -3,14 +3,14 @@
 For each arch, at two inputs:
 
 - the recipe's own (``recipe("default", arch=...)``): 3 channels at 224 px for the torchvision networks, the
-  whole native 150 px image in 1 channel for ``lensnet``;
+  whole native 150 px image in 1 channel for ``lensnet`` and ``d4net``;
 - the quick scale of the accuracy study (``experiments/accuracy_study.py``): the central 96 px shrunk to 64 px
-  (``lensnet``: the central 96 native px, 1 channel).
+  (``lensnet``: the central 96 native px, 1 channel; ``d4net``: the central 97).
 
 ``train`` is images/s of the engine's own training step (``engine.train_step``: D4 augmentation, input
 transform, forward, backward, fused AdamW step; fp32) on a fixed batch in memory, median of a few steps after a
 warm-up; ``predict`` is ``engine.predict_proba`` in eval mode. Each line: ``arch_<name>: ...``. With ``--readme``
-the table between the README's ``archs`` markers is rewritten, with the held-out macro AUC of the arms the
+the table between the ``archs`` markers (docs/networks.md) is rewritten, with the held-out macro AUC of the arms the
 committed studies hold (:data:`STUDIES`: ``default`` is resnet34; each other network's arm with its paired
 difference from the ``default`` of its own study, since the studies ran on different machines).
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deeplense.config import ARCHS, input_channels, recipe
+from deeplense.config import ARCHS, NATIVE_ARCHS, input_channels, recipe
 from deeplense.engine import as_plan, build_optimizer, predict_proba, train_step
 from deeplense.model import build_model, model_for, parameter_count
 from deeplense.report import write_section
@@ -39,8 +39,11 @@ from common import emit
 
 RESULTS = REPO / "experiments" / "results"
 STUDIES = ("study", "study_issue25", "study_issue25_cnns")
-"""The committed studies (``experiments/results/NAME.json``) whose network arms fill the AUC column; the first one
-holding an arch gives its cell, and ``default`` (resnet34) comes from the first, ``study``."""
+"""The committed studies on the ``benchmark`` preset (``experiments/results/NAME.json``) whose network arms fill the
+first AUC column; the first one holding an arch gives its cell, and ``default`` (resnet34) comes from the first,
+``study``."""
+REALISTIC_STUDIES = ("study_realistic",)
+"""The committed studies on the ``realistic`` preset, which fill the second AUC column."""
 STUDY = RESULTS / "study.json"
 
 
@@ -48,7 +51,7 @@ def configs(arch: str) -> dict:
     """The recipe's input and the quick scale's; the quick one is None for a network that cannot take it
     (``maxvit_t``: multiples of 224 px only)."""
     try:
-        quick = recipe("default", scale="demo", arch=arch)
+        quick = recipe("default", scale="quick", arch=arch)
     except DeepLenseError:
         quick = None
     return {"recipe": recipe("default", arch=arch), "quick": quick}
@@ -87,7 +90,7 @@ def geometry(cfg) -> str:
     if cfg is None:
         return "n/a (its 7 x 7 windows need multiples of 224 px)"
     c = input_channels(cfg.arch)
-    if cfg.arch == "lensnet":
+    if cfg.arch in NATIVE_ARCHS:
         return f"{c} x {cfg.image_size} px (native{', central crop' if cfg.crop else ''})"
     crop = f", central {cfg.crop} px" if cfg.crop else ""
     return f"{c} x {cfg.image_size} px{crop}"
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated subset of {','.join(ARCHS)}")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per input (default 3)")
-    p.add_argument("--readme", action="store_true", help="rewrite the README's arch table")
+    p.add_argument("--readme", action="store_true", help="rewrite the arch table (docs/networks.md)")
     args = p.parse_args(argv)
     archs = [a for a in args.archs.split(",") if a]
     bad = [a for a in archs if a not in ARCHS]
@@ -159,27 +162,32 @@ def main(argv=None) -> int:
         rows.append((arch, params, geometry(cfgs["recipe"]), tr, pr, geometry(cfgs["quick"]), tq, pq))
     if args.readme:
         study = json.loads(STUDY.read_text())["scale"] if STUDY.exists() else None
-        lines = [f"CPU speeds: `python benchmarks/bench_archs.py --readme` on {cpu_name()}, "
-                 f"{dt.date.today().isoformat()}, torch {torch.__version__} ({(time.time() - t_start) / 60:.1f} min; "
-                 f"training images/s of the real step at the batch shown, median of {args.steps} steps; the "
-                 f"machine is shared, so read ratios, not digits). Macro AUC: held-out test of the committed "
-                 f"accuracy studies"
-                 + (f" ({study['description']}, {study['n_test']} test images)" if study else "")
-                 + ", mean ± std over seeds; for each network but resnet34, Δ is its paired difference from the "
-                   "`default` (resnet34) of the same study, with the 95% t interval over seeds, and the study is "
-                   "named (`experiments/results/NAME.json`, its command inside; the studies ran on different CPUs, "
-                   "so compare Δs, not AUCs across studies); GPU speeds are not measured yet (`make bench-gpu` "
-                   "measures resnet34 only).", "",
+        minutes = (time.time() - t_start) / 60
+        lines = [f"- Command: `python benchmarks/bench_archs.py --readme` on {cpu_name()}, "
+                 f"{dt.date.today().isoformat()}, torch {torch.__version__} ({minutes:.1f} min).",
+                 f"- Speeds: training images/s of the real step at the batch shown, median of {args.steps} steps. The "
+                 "machine is shared, so read ratios, not digits. GPU speeds are not measured yet.",
+                 "- Macro AUC: the held-out test of the committed accuracy studies, mean ± std over seeds. Each "
+                 "column is one preset's studies"
+                 + (f" (benchmark: {study['description']}, {study['n_test']} test images)." if study else "."),
+                 "- For each network but resnet34, Δ is its paired difference from the `default` (resnet34) of the "
+                 "same study, with the 95% t interval over seeds.",
+                 "- The study is named (`experiments/results/NAME.json`, its command inside). The studies ran on "
+                 "different CPUs, so compare Δs, not AUCs across studies.", "",
                  "| arch | parameters | recipe input | train img/s (CPU, batch 16) | predict img/s (CPU) | "
                  "quick-scale input | train img/s (CPU, batch 32) | predict img/s (CPU) | held-out macro AUC, "
-                 "benchmark preset, quick scale |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "benchmark preset, quick scale (5 epochs) | held-out macro AUC, realistic preset, quick scale "
+                 "(15 epochs) |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        realistic = study_auc(REALISTIC_STUDIES)
+
         def rate(v: float) -> str:
             return "n/a" if v != v else f"{v:.1f}"  # NaN: the network cannot take that input
 
         for arch, params, g, tr, pr, gq, tq, pq in rows:
             lines.append(f"| `{arch}` | {params / 1e6:.2f} M | {g} | {rate(tr)} | {rate(pr)} | {gq} | {rate(tq)} | "
-                         f"{rate(pq)} | {aucs.get(arch, 'not in the study')} |")
+                         f"{rate(pq)} | {aucs.get(arch, 'not in the study')} | "
+                         f"{realistic.get(arch, 'not in the study')} |")
         print(f"wrote the arch table into {write_section('archs', chr(10).join(lines))}")
     return 0
 

@@ -1,9 +1,10 @@
 """CPU precision and compilation: the engine's training step in fp32 against bf16 autocast, side by side.
 
 - ``cpu_bf16_<arch>_<input>``: images/s of :func:`deeplense.engine.train_step` (D4, resize, forward, backward,
-  fused AdamW) under bf16 autocast against fp32, for resnet34, resnet18 and lensnet at the demo input (the central
-  96 px shrunk to 64 px, batch 32; lensnet: the 96 px crop as it is) and at the recipe's (224 px, batch 16;
-  lensnet: the whole 150 px). The two kinds of step alternate on one model, after a warm-up step of each, so a busy
+  fused AdamW) under bf16 autocast against fp32, for resnet34, resnet18, lensnet and d4net at the demo input (the
+  central 96 px shrunk to 64 px, batch 32; lensnet: the 96 px crop as it is; d4net: the 97 px crop as it is) and at
+  the recipe's (224 px, batch 16; the native networks: the whole 150 px). The two kinds of step alternate on one
+  model, after a warm-up step of each, so a busy
   moment of the shared machine hits both; each rate is the batch over the median step time, and the spread is the
   larger relative interquartile range of the two (a ratio within it of 1 is noise). The line says whether this
   CPU has native bf16 (AVX512-BF16 or AMX): without it torch emulates bf16, and ``--precision auto`` keeps fp32.
@@ -31,7 +32,7 @@ from deeplense.model import build_model
 
 from common import emit
 
-INPUTS = {  # name: (image_size, crop, batch) for the ImageNet networks; lensnet takes the crop (or 150) as it is
+INPUTS = {  # name: (image_size, crop, batch) for the ImageNet networks; the native ones take the crop (or 150)
     "demo": (64, 96, 32),
     "recipe": (224, None, 16),
 }
@@ -41,6 +42,8 @@ def _config(arch: str, inp: str, batch: int | None = None):
     size, crop, bs = INPUTS[inp]
     if arch == "lensnet":
         return recipe("default", arch="lensnet", crop=crop, batch_size=batch or bs, weights="none")
+    if arch == "d4net":  # its own odd crop (97 px) where the input crops
+        return recipe("d4net", crop=crop and 97, batch_size=batch or bs, weights="none")
     return recipe("default", arch=arch, image_size=size, crop=crop, batch_size=batch or bs, weights="none")
 
 
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
     fp32, bf16 = Plan(cpu, "fp32"), Plan(cpu, "bf16", "measured whether or not it is native")
     plans = {"bf16": bf16, "fp32": fp32}
     for inp in INPUTS:
-        for arch in ("resnet34", "resnet18", "lensnet"):
+        for arch in ("resnet34", "resnet18", "lensnet", "d4net"):
             name = f"cpu_bf16_{arch}_{inp}"
             if not native and inp == "recipe":
                 emit(name, "skipped (no native bf16 on this CPU: an emulated bf16 step at this input takes "

@@ -33,7 +33,12 @@ Arms (``--arms`` picks a subset):
 - ``default_bf16``: ``default`` under bf16 autocast (on a CPU only where bf16 is native; not in the default arms:
   ``--arms default_bf16`` answers whether bf16 keeps the held-out macro AUC of fp32 within noise);
 - ``lensnet``: ``default`` on the small from-scratch network (2.7 M parameters, 1 channel, the native pixels:
-  the central 96 px at the quick scale, the whole 150 px image on a GPU).
+  the central 96 px at the quick scale, the whole 150 px image on a GPU);
+- ``d4net``: the ``d4net`` recipe (the D4-invariant network, 0.35 M parameters, 1 channel, the central 97 native
+  px at the quick scale; one-cycle to 2e-3, D4 augmentation); ``d4net_no_aug``: the same without augmentation
+  (for an invariant network it should change nothing but float rounding);
+- ``d4net_bf16``, ``lensnet_bf16``: those under bf16 autocast (with ``default_bf16``: does bf16 keep the held-out
+  macro AUC on a CPU with native bf16?).
 
 ``--scale quick`` (the default, for a 2-core CPU): 800 train and 1,000 val images per class, 5 epochs, random
 initial weights (ImageNet weights when the torch hub cache holds them), input = the central 96 px shrunk to 64 px
@@ -46,7 +51,7 @@ or 150 px for ``default_150px`` and ``lensnet``; 20 epochs), every arm.
 
 Writes ``OUT/study.json``, ``OUT/study_auc.png|pdf`` (macro AUC per arm, and each arm's paired difference from
 ``default``) and ``OUT/study_roc.png|pdf`` (class-wise ROC of the best arm against the reference); ``--readme``
-copies study.json into ``experiments/results/``, the table into README.md and the figures into images/.
+copies study.json into ``experiments/results/``, the table into docs/studies.md and the figures into images/.
 Interrupted? Run the same command again: finished runs are kept.
 """
 
@@ -64,14 +69,15 @@ from pathlib import Path
 import numpy as np
 
 from deeplense.checkpoint import load_checkpoint
-from deeplense.config import choices, recipe
+from deeplense.config import NATIVE_ARCHS, choices, recipe
 from deeplense.data import CLASSES
+from deeplense.device import hardware_name
 from deeplense.evaluate import evaluate
 from deeplense.metrics import paired_difference
 from deeplense.report import write_section
 from deeplense.simulate import SimulationConfig, simulate_dataset
 from deeplense.train import resume, train
-from deeplense.util import REPO, atomic_path, hardware_name, read_jsonl, versions, write_json_atomic
+from deeplense.util import REPO, atomic_path, read_jsonl, versions, write_json_atomic
 
 NETWORK_ARMS = ("resnet34_attn_se", "resnet34_attn_cbam", "resnet34_attn_mhsa", "convnext_tiny", "swin_t", "vit_b_16",
                 "efficientnet_b3", "maxvit_t")
@@ -79,17 +85,17 @@ NETWORK_ARMS = ("resnet34_attn_se", "resnet34_attn_cbam", "resnet34_attn_mhsa", 
 ``default`` on that ``--arch`` (``resnet34_attn_<kind>``: ``--arch resnet34_attn --attention <kind>``)."""
 ARMS = ("reference", "default", "default_no_recal", "default_no_d4", "default_tta", "default_150px", "default_ls",
         "default_onecycle", "resnet18", "lensnet", "default_bf16", "default_d2", "default_d2_tta", "default_ema",
-        "default_clip", *NETWORK_ARMS)
-GPU_ONLY = ("default_150px", "reference", "default_bf16", "maxvit_t", "vit_b_16")
+        "default_clip", *NETWORK_ARMS, "d4net", "d4net_no_aug", "d4net_bf16", "lensnet_bf16")
+GPU_ONLY = ("default_150px", "reference", "default_bf16", "maxvit_t", "vit_b_16", "d4net_bf16", "lensnet_bf16")
 """Arms the quick scale leaves out, and why: ``default_150px`` trains 4.7x as long as ``default`` on a CPU;
-``reference`` stays at chance from random weights in 5 epochs; ``default_bf16`` needs native bf16; ``maxvit_t``
+``reference`` stays at chance from random weights in 5 epochs; the ``_bf16`` arms need native bf16; ``maxvit_t``
 takes only multiples of 224 px (20x the quick input's pixels); ``vit_b_16`` trains 7.7 times as long as ``default``
 at the quick input (about 9 minutes a seed on a 2-core AMD EPYC; ``--arms ...,vit_b_16`` runs it, as the committed
 ``study_issue25_cnns`` did)."""
 SCALES = {
     # each study scale: the simulated set, the seeds and arms, and the training scale (deeplense.config.SCALES) that
     # sets every arm's epochs, input and batch
-    "quick": {"training_scale": "demo", "train_per_class": 800, "val_per_class": 1000, "seeds": 4,
+    "quick": {"training_scale": "quick", "train_per_class": 800, "val_per_class": 1000, "seeds": 4,
               "arms": tuple(a for a in ARMS if a not in GPU_ONLY)},
     "gpu": {"training_scale": "full", "train_per_class": 10_000, "val_per_class": 2_500, "seeds": 4, "arms": ARMS},
 }
@@ -120,13 +126,19 @@ def arm_config(arm: str, scale: str, seed: int, protocol: str, epochs: int | Non
     if at_lr:
         return arm_config(at_lr[0], scale, seed, protocol, epochs).replace(lr=at_lr[1])
     training = SCALES[scale]["training_scale"]
-    base = {"seed": seed, "protocol": protocol}
+    # on a CPU every arm but the _bf16 ones trains in fp32, whatever `auto` picks on this CPU, so that the arms
+    # compare the same things on every machine (on a GPU, auto: bf16 or fp16)
+    base = {"seed": seed, "protocol": protocol, "precision": "auto" if training == "full" else "fp32"}
     default = recipe("default", scale=training, **base)
     # the reference recipe's own input is 224 px from 256; at the quick scale the same ratio at 64 px
     reference = (recipe("reference", **base) if training == "full" else
                  recipe("reference", image_size=64, resize_then_crop=73, epochs=default.epochs, **base))
     cfgs = {"reference": reference, "default": default, "default_150px": default.replace(image_size=150, crop=None),
             "lensnet": recipe("default", scale=training, arch="lensnet", **base),
+            "lensnet_bf16": recipe("default", scale=training, arch="lensnet", **{**base, "precision": "bf16"}),
+            "d4net": recipe("d4net", scale=training, **base),
+            "d4net_no_aug": recipe("d4net", scale=training, augmentation="none", **base),
+            "d4net_bf16": recipe("d4net", scale=training, **{**base, "precision": "bf16"}),
             "default_no_d4": default.replace(augmentation="none"),
             "default_ls": default.replace(label_smoothing=0.1),
             "default_onecycle": default.replace(schedule="onecycle"),
@@ -227,7 +239,7 @@ def describe(arm: dict) -> str:
         geometry = f"resize {c['resize_then_crop']} px, centre {size} px"
     else:
         geometry = f"whole image at {size} px"
-    if c.get("arch", "resnet34") == "lensnet":
+    if c.get("arch", "resnet34") in NATIVE_ARCHS:
         geometry = f"native {c.get('crop') or size} px, 1 channel"
     aug = {"d4": "D4", "d2": "D2", "hflip": "h-flips", "none": "no aug."}.get(c["augmentation"], c["augmentation"])
     opt = f"{'AdamW' if c['optimizer'] == 'adamw' else c['optimizer'].upper()} {c['lr']:g}"
@@ -238,7 +250,7 @@ def describe(arm: dict) -> str:
         extra += ", no BN recalibration"
     attention = f"/{c['attention']}" if c.get("attention") else ""
     net = "" if c.get("arch", "resnet34") == "resnet34" else f"{c['arch']}{attention}, "
-    precision = f", {c['precision']}" if c.get("precision", "auto") != "auto" else ""
+    precision = f", {c['precision']}" if c.get("precision", "auto") not in ("auto", "fp32") else ""
     tta = f", {'D2' if c['augmentation'] == 'd2' else 'D4'} TTA" if arm.get("tta") else ""
     return f"{net}{opt}{extra}, {aug}, {geometry}{precision}{tta}"
 
@@ -255,11 +267,14 @@ def _delta(d: dict | None) -> str:
 
 def table(study: dict) -> str:
     s = study["scale"]
-    lines = [f"Scale: {s['description']}; hardware: {s['hardware']}; command: `{s['command']}`. "
-             f"Mean ± std over {s['seeds']} training seeds (same data); test n = {s['n_test']} images per seed "
-             f"({s['test']}). Δ: the arm minus `default` in macro AUC, paired by seed, with its 95% t interval over "
-             f"seeds [ ] and a 95% paired bootstrap interval over test images {{ }}; an arm wins or loses only when "
-             f"both exclude 0. Initial weights: {s['weights']}.", "",
+    lines = [f"- Scale: {s['description']}.",
+             f"- Hardware: {s['hardware']}. Initial weights: {s['weights']}.",
+             f"- Command: `{s['command']}`.",
+             f"- Cells: mean ± std over {s['seeds']} training seeds on the same data; test n = {s['n_test']} images "
+             f"per seed ({s['test']}).",
+             "- Δ: the arm minus `default` in macro AUC, paired by seed. [ ]: its 95% t interval over seeds; { }: a "
+             "95% paired bootstrap interval over test images.",
+             "- An arm wins or loses only when both intervals exclude 0.", "",
              "| arm | recipe | macro AUC | Δ macro AUC vs `default` | verdict | accuracy | AUC no | AUC sphere | "
              "AUC vort | train time | train img/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -342,6 +357,19 @@ def write_readme(study: dict, out: Path, repo: Path, name: str = "study") -> Non
           f"{repo / 'images'}/{name}_auc.png, {name}_roc.png")
 
 
+def rewrite_tables(results: Path = REPO / "experiments" / "results", repo: Path = REPO) -> int:
+    """Rewrite the table of each committed study whose markers a document holds, from its JSON file alone."""
+    from deeplense.util import DeepLenseError
+
+    for path in sorted(results.glob("study*.json")):
+        try:
+            where = write_section(path.stem, table(json.loads(path.read_text())), repo)
+        except DeepLenseError:
+            continue  # a study whose table is kept by hand (the earliest ones) or nowhere
+        print(f"{path.stem}: rewrote its table in {where}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default="quick", help="quick (2-core CPU, default) or gpu")
@@ -358,10 +386,15 @@ def main(argv=None) -> int:
     p.add_argument("--readme", action="store_true",
                    help="copy study.json to experiments/results/, the table into its README section, the figures "
                         "into images/")
+    p.add_argument("--tables", action="store_true",
+                   help="only rewrite the table of every committed study (experiments/results/NAME.json) between its "
+                        "markers; no training")
     p.add_argument("--name", default="study",
                    help="with --readme: the results file experiments/results/NAME.json, the document section between "
                         "the NAME markers and the figures images/NAME_auc|roc (default study)")
     args = p.parse_args(argv)
+    if args.tables:
+        return rewrite_tables()
     scale = SCALES[args.scale]
     arms = [a for a in (args.arms.split(",") if args.arms else scale["arms"]) if a]
     bad = [a for a in arms if a not in ARMS and not learning_rate_arm(a)]

@@ -47,7 +47,7 @@ def _fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The calibration steps as a Markdown table (README, "The benchmark preset")."""
+    """The calibration steps as a Markdown table (docs/simulation.md, "The benchmark preset")."""
     lines = ["| step | preset | settings changed from the preset's | pixels > 0.1 | corner std | ring radius | "
              "test macro AUC [95% CI] | AUC no / sphere / vort |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -77,7 +77,7 @@ def write_readme(out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readme", action="store_true", help="only copy the steps so far into README.md and "
+    p.add_argument("--readme", action="store_true", help="only copy the steps so far into docs/simulation.md and "
                                                          "experiments/results/calibration.jsonl")
     p.add_argument("--name", help="name of this step (its folder under OUT)")
     p.add_argument("--preset", default="benchmark", help="the preset to start from (default benchmark)")
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     look_ok = all(lo <= stats[k] <= hi for k, (lo, hi) in LOOK.items())
     # and against the real sample: the statistics whose median leaves the real 10-90% range (committed targets)
     outside = R.outside_targets(R.statistics(sample), R.load_targets())
-    run_cfg = recipe("default", scale="demo", epochs=args.epochs, weights="none", seed=args.seed, protocol="clean")
+    run_cfg = recipe("default", scale="quick", epochs=args.epochs, weights="none", seed=args.seed, protocol="clean")
     run = out / "run"
     if not (run / "last.pt").exists():
         train(run_cfg, out / "data", run, device=args.device)

@@ -1,7 +1,7 @@
 """Can a network fit one fixed batch? A check that a network which learns nothing in the accuracy study is not
 broken in our pipeline (input transform, head, optimiser step, BatchNorm recalibration).
 
-For each ``arch:lr`` pair: the study's quick-scale recipe (``recipe("default", scale="demo")``: 64 px from the
+For each ``arch:lr`` pair: the study's quick-scale recipe (``recipe("default", scale="quick")``: 64 px from the
 central 96 px, AdamW) with no augmentation, from random weights (seed 0), trained for ``--steps`` steps of the
 engine's own training step on the same 32 training images of the simulated set ``--data``; printed: the training
 loss every 10 steps, and the accuracy on that batch in eval mode with the running BatchNorm statistics and after
@@ -44,7 +44,7 @@ def parse(pair: str) -> tuple[str, float]:
 
 def fit(arch: str, lr: float, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
     """Train ``arch`` at ``lr`` on the batch ``(x, y)`` for ``steps`` steps; its losses and eval-mode accuracies."""
-    cfg = recipe("default", scale="demo", arch=arch).replace(augmentation="none", precision="fp32", lr=lr)
+    cfg = recipe("default", scale="quick", arch=arch).replace(augmentation="none", precision="fp32", lr=lr)
     plan = as_plan(torch.device("cpu"), cfg)
     torch.manual_seed(0)
     model = model_for(cfg, "none")[0]

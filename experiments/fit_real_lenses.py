@@ -14,8 +14,8 @@ already fitted (an interrupted run loses at most the fits in progress).
 
     python experiments/fit_real_lenses.py --readme
 
-only reads the committed ``lens_fits.json`` and ``psf_scan.json`` and writes their tables into README.md (between
-the ``lensfits`` and ``psfscan`` markers).
+only reads the committed ``lens_fits.json`` and ``psf_scan.json`` and writes their tables into docs/simulation.md
+(between the ``lensfits`` and ``psfscan`` markers).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from deeplense.util import REPO, DeepLenseError, progress_bar, versions, write_j
 
 OUT = REPO / "experiments" / "results" / "realism" / "lens_fits.json"
 PSF_SCAN = OUT.with_name("psf_scan.json")
-# the fitted parameters the README's table shows, with the realistic preset's setting each one led to
+# the fitted parameters the table shows (docs/simulation.md), with the realistic preset's setting each one led to
 SHOWN = {
     "lens.theta_E": "lens_mass_range_msun: theta_E 0.95-1.65\"",
     "lens.ellipticity": "lens_e1 = lens_e2 = 0 (round)",
@@ -110,11 +110,12 @@ def format_summary(record: dict) -> str:
 
 
 def readme_tables(fits: dict, scan: dict | None) -> tuple[str, str]:
-    """The README's two tables: the fitted parameters (``fits``, one PSF width) and the PSF scan (``scan``)."""
+    """The two tables of docs/simulation.md: the fitted parameters (``fits``, one PSF width) and the PSF scan
+    (``scan``)."""
     fwhm, s = next(iter(fits["summary"].items()))
-    lines = [f"{s['n']} real files fitted with a PSF of FWHM {fwhm}\" (`{fits['command']}`); per parameter: median "
-             "over the files (10-90%), the median per class, and the Kruskal-Wallis p-value of a difference between "
-             "the classes.", "",
+    lines = [f"- {s['n']} real files fitted with a PSF of FWHM {fwhm}\": `{fits['command']}`.",
+             "- Per parameter: the median over the files (10-90%) and the median per class.",
+             "- p: the Kruskal-Wallis p-value of a difference between the classes.", "",
              "| fitted | median (10-90%) | no / sphere / vort | p | `realistic` preset |", "|---|---|---|---|---|"]
     for k, preset in SHOWN.items():
         v = s["parameters"][k]
@@ -129,9 +130,11 @@ def readme_tables(fits: dict, scan: dict | None) -> tuple[str, str]:
     widths = sorted(by_width)
     common = sorted(set.intersection(*(set(v) for v in by_width.values())))  # paired: files fitted at every width
     best = float(fwhm) if float(fwhm) in by_width else widths[0]
-    rows = [f"PSF scan (`{scan['command']}`): the same fit with each PSF width, on the {len(common)} files fitted "
-            f"at every width; medians over those files, and the median over them of each file's chi-square "
-            f"divided by its chi-square at {best:g}\".", "",
+    rows = [f"- PSF scan: `{scan['command']}`.",
+            f"- The same fit with each PSF width, on the {len(common)} files fitted at every width; medians over "
+            f"those files.",
+            f"- The ratio column: the median over them of each file's chi-square divided by its chi-square at "
+            f"{best:g}\".", "",
             f"| PSF FWHM | reduced chi-square | chi-square / at {best:g}\" | Sersic n | R_sersic (arcsec) |",
             "|---|---|---|---|---|"]
     for w in widths:
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", metavar="DIR", help="folder with {no,sphere,vort}/*.npy below it (required to fit)")
     p.add_argument("--readme", action="store_true", help="fit nothing: write the committed results' tables into "
-                                                         "README.md")
+                                                         "docs/simulation.md")
     p.add_argument("--out", default=str(OUT), metavar="FILE",
                    help=f"the JSON to write (default {OUT.relative_to(REPO)})")
     p.add_argument("--psf-fwhm", type=float, nargs="+", default=[0.2], metavar="ARCSEC",

@@ -1,4 +1,4 @@
-"""The README's "How real is the simulation" table, from the committed realism results of every preset.
+"""The "How real is the simulation" table (docs/simulation.md), from the committed realism results of every preset.
 
 Each ``experiments/results/realism/<preset>/realism.json`` is written by (``make realism REAL=DIR`` runs them all)
 
@@ -6,7 +6,7 @@ Each ``experiments/results/realism/<preset>/realism.json`` is written by (``make
         --out experiments/results/realism/<preset>
 
 This script only reads them: ``python experiments/realism_table.py`` prints the table, ``--readme`` also writes it
-between the README's realism markers. No real image is read or drawn here.
+between the realism markers (docs/simulation.md). No real image is read or drawn here.
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ def table(records: dict[str, dict]) -> str:
         return "(no results yet: run `make realism REAL=DIR`)"
     first = next(iter(records.values()))
     presets = list(records)
-    lines = [f"Real sample: {first['real']['n']} files (`{first['real']['folder']}`); each preset: "
-             f"{records[presets[0]]['simulated'].get('n_per_class', '?')} simulated images per class, seed "
-             f"{first['seed']}. Cells: median over images (10-90% range for the real sample); * marks a simulated "
-             f"median outside the real 10-90% range; KS: the two-sample Kolmogorov-Smirnov distance to the real "
-             f"sample (0: same distribution, 1: disjoint).", "",
+    lines = [f"- Real sample: {first['real']['n']} files (`{first['real']['folder']}`).",
+             f"- Each preset: {records[presets[0]]['simulated'].get('n_per_class', '?')} simulated images per class, "
+             f"seed {first['seed']}.",
+             "- Cells: the median over images (and the 10-90% range for the real sample).",
+             "- `*` marks a simulated median outside the real 10-90% range.",
+             "- KS: the two-sample Kolmogorov-Smirnov distance to the real sample (0: same distribution, 1: disjoint).",
+             "",
              "| statistic | real sample | " + " | ".join(f"`{p}` (KS)" for p in presets) + " |",
              "|---|---|" + "---|" * len(presets)]
     for k in STATISTICS:
@@ -57,9 +59,9 @@ def table(records: dict[str, dict]) -> str:
             mark = "" if c["sim_median_in_real_10_90"] else " *"
             cells.append(f"{_g(c['sim']['median'])}{mark} ({c['ks']:.2f})")
         lines.append(f"| `{k}` | {_g(r['median'])} ({_g(r['p10'])}–{_g(r['p90'])}) | " + " | ".join(cells) + " |")
-    lines += ["", "Classifier two-sample test (can a classifier on these statistics tell simulated from real? "
-              "cross-validated AUC, 0.5: no, 1.0: always), all classes [95% bootstrap interval], then per class "
-              "(real class against the same simulated class):", "",
+    lines += ["", "The classifier two-sample test: can a classifier on these statistics tell simulated from real?",
+              "The cells are cross-validated AUCs (0.5: no, 1.0: always), over all classes with a 95% bootstrap "
+              "interval, then per class (a real class against the same simulated class).", "",
               "| preset | logistic regression | random forest | per class, logistic / forest: no, sphere, vort | "
               "statistics outside the real 10-90% |", "|---|---|---|---|---|"]
     for p in presets:
@@ -78,7 +80,8 @@ def table(records: dict[str, dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readme", action="store_true", help="write the table between README.md's realism markers")
+    p.add_argument("--readme", action="store_true",
+                   help="write the table between the realism markers (docs/simulation.md)")
     args = p.parse_args(argv)
     text = table(load())
     print(text)

@@ -27,10 +27,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Common_Task"))
 
+from deeplense.device import hardware_name  # noqa: E402
 from deeplense.explain import RADIUS_PX, explain_evaluation  # noqa: E402
 from deeplense.plots import METHOD_NAMES  # noqa: E402
 from deeplense.report import format_ci, write_section  # noqa: E402
-from deeplense.util import DeepLenseError, hardware_name, versions, write_json_atomic  # noqa: E402
+from deeplense.util import DeepLenseError, versions, write_json_atomic  # noqa: E402
 
 METHODS = ("gradcam", "integrated_gradients")
 
@@ -57,9 +58,10 @@ def table(result: dict) -> str:
             lines.append(f"| `{arm}` | `{cls}` | " + " | ".join(cells) + f" | {by[METHODS[0]]['ideal_ratio']:.2f} | "
                          f"{by['n']} |")
     s = result["setup"]
-    return "\n".join([f"Command: `{s['command']}`; seed {s['seed']} of each arm, maps for the true class, "
-                      f"{'TTA as evaluated' if s['tta'] else 'no TTA (as evaluated)'}, within {s['radius_px']:g} px; "
-                      f"{s['hardware']}.", "", *lines])
+    return "\n".join([f"- Command: `{s['command']}`.",
+                      f"- Seed {s['seed']} of each arm; maps for the true class, "
+                      f"{'TTA as evaluated' if s['tta'] else 'no TTA (as evaluated)'}; within {s['radius_px']:g} px.",
+                      f"- Hardware: {s['hardware']}.", "", *lines])
 
 
 def main(argv=None) -> int:

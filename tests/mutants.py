@@ -94,8 +94,9 @@ MUTANTS = (
            PKG + "cli.py", "split=args.split, tta=args.tta,", "split=args.split, tta=False,",
            ("tests/test_engine.py::test_tta_is_the_mean_over_the_8_symmetries",)),
     Mutant("tta_ignored_by_engine", "predict_proba(tta=True) averages one view only",
-           ENGINE, "            views = symmetries(config.augmentation) if tta else (0,)\n",
-           "            views = (0,)\n",
+           PKG + "transforms.py",
+           "    return symmetries(config.augmentation) if tta and config.arch not in INVARIANT_ARCHS else (0,)\n",
+           "    return (0,)\n",
            ("tests/test_engine.py::test_tta_is_the_mean_over_the_8_symmetries",)),
     Mutant("bootstrap_constant", "every bootstrap interval is [0, 1]",
            METRICS, "        return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None\n",
@@ -217,6 +218,9 @@ MUTANTS = (
     Mutant("cpu_bf16_emulated", "--precision bf16 on a CPU without native bf16 trains 20x slower without a word",
            DEVICE, "        if not cpu_native_bf16():\n", "        if False:\n",
            (DEV_TESTS + "test_cpu_bf16_only_where_native",)),
+    Mutant("cpu_auto_ignores_native_bf16", "auto stays fp32 on a CPU with native bf16: 1.6-1.8x slower training",
+           DEVICE, "    if cpu_native_bf16():\n        return Plan(dev, \"bf16\"",
+           "    if False:\n        return Plan(dev, \"bf16\"", (DEV_TESTS + "test_cpu_bf16_only_where_native",)),
     Mutant("memory_budgets_apart", "data residency ignores the validation batch: 8-12 GB cards run out of memory",
            DEVICE, "    resident = room_resident >= train_peak and room_resident >= want * eval_per\n",
            "    resident = data_bytes < 0.5 * free_bytes\n",
@@ -298,7 +302,7 @@ MUTANTS = (
            PKG + "util.py", "    if final.is_symlink():\n        final = Path(os.path.realpath(final))\n", "",
            ("tests/test_evaluate.py::test_predict_output_writes_into_special_files_and_through_links",)),
     Mutant("divergence_unnoticed", "a NaN loss trains on silently and saves NaN weights as the run's result",
-           TRAIN, '        if not math.isfinite(rec["train_loss"]):', "        if False:",
+           TRAIN, '    if not math.isfinite(rec["train_loss"]):', "    if False:",
            ("tests/test_cli.py::test_a_diverged_run_is_one_line",)),
     Mutant("batch_of_one_accepted", "--batch-size 1 trains on one image per BatchNorm step (a traceback at 32 px)",
            PKG + "config.py", 'valid=at_least(2, why=" (BatchNorm', 'valid=at_least(1, why=" (BatchNorm',
@@ -452,7 +456,7 @@ MUTANTS = (
            ("tests/test_benchmarks.py::test_arch_table_auc_reads_every_study_and_pairs_each_network_with_its_own_"
             "default",)),
     Mutant("evaluated_listing_unchecked", "report and explain show images other than the ones evaluated when the "
-           "split changed after evaluate", PKG + "report.py",
+           "split changed after evaluate", EVALUATE,
            'if info[split].listing != data.get("listing") or not np.array_equal(all_labels[idx], labels):',
            "if False:",
            ("tests/test_report.py::test_report_draws_the_error_figures_from_the_evaluated_images_and_skips_them_"
@@ -524,8 +528,8 @@ MUTANTS = (
            TRAIN, "rec.update(_validate_on_rank0(used, placed,", "rec.update(_validate_on_rank0(model, placed,",
            ("tests/test_train.py::test_ema_run_selects_evaluates_and_resumes_on_the_averaged_weights",)),
     Mutant("patience_ignored", "--patience is recorded but every epoch is trained",
-           TRAIN, "            if config.patience and epoch - 1 - best_epoch >= config.patience:",
-           "            if False:",
+           TRAIN, "    if config.patience and epoch - 1 - best_epoch >= config.patience:",
+           "    if False:",
            ("tests/test_train.py::test_patience_stops_training_and_a_resume_stays_stopped",)),
     Mutant("bn_recalibration_skipped", "the default recipe records BatchNorm recalibration but validates and saves "
            "the lagging running statistics (the early selection-loss jumps)",
@@ -687,6 +691,23 @@ MUTANTS = (
            "        missing = []",
            ("tests/test_realism.py::test_realism_refuses_what_it_cannot_compare_before_any_work",)),
 
+    # issue 38: the D4-invariant network
+    Mutant("group_action_broken", "d4net's group convolution permutes its input copies by g h instead of g^-1 h: "
+           "the network is no longer invariant", PKG + "equivariant.py",
+           "            w = w[:, :, [D4.compose(D4.inverse(g), h) for h in range(ORDER)]]",
+           "            w = w[:, :, [D4.compose(g, h) for h in range(ORDER)]]",
+           ("tests/test_equivariant.py",)),
+    Mutant("batchnorm_per_copy", "d4net's BatchNorm keeps statistics per copy of a field: invariant only until "
+           "training moves them", PKG + "equivariant.py",
+           "        self.norm = nn.BatchNorm3d(fields)\n\n    def forward(self, x):\n        b, c, h, w = x.shape\n"
+           "        return self.norm(x.view(b, c // ORDER, ORDER, h, w)).view(b, c, h, w)\n",
+           "        self.norm = nn.BatchNorm2d(fields * ORDER)\n\n    def forward(self, x):\n"
+           "        return self.norm(x)\n",
+           ("tests/test_equivariant.py",)),
+    Mutant("no_group_pooling", "d4net reads one copy of each field instead of pooling over the group: its output "
+           "turns with the input", PKG + "equivariant.py",
+           "        return x.view(b, c // ORDER, ORDER, h, w).amax(dim=2)",
+           "        return x.view(b, c // ORDER, ORDER, h, w)[:, :, 0]", ("tests/test_equivariant.py",)),
 )
 
 

@@ -80,6 +80,11 @@ def test_a_scale_sets_the_geometry_and_lensnet_keeps_its_native_pixels():
     assert (lens.image_size, lens.crop, lens.batch_size) == (demo.crop, demo.crop, demo.batch_size)
     assert recipe("default", scale="demo", arch="lensnet", crop=None).image_size == 150
     assert recipe("default", scale="full", arch="lensnet").image_size == 150
+    # d4net takes its own odd crop where the scale crops, and the native pixels as they are
+    d4 = recipe("default", scale="demo", arch="d4net")
+    assert (d4.crop, d4.image_size, d4.in_channels) == (97, 97, 1) and "as it is" in d4.describe()
+    assert recipe("default", scale="demo", arch="d4net", crop=64).image_size == 64
+    assert recipe("default", scale="full", arch="d4net").image_size == 150
     assert recipe("default", scale="demo", epochs=2).epochs == 2  # an override wins over the scale
     with pytest.raises(DeepLenseError, match="unknown scale"):
         recipe("default", scale="huge")

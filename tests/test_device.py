@@ -170,7 +170,8 @@ def test_cpu_bf16_only_where_native(monkeypatch):
         plan_for("cpu", "fp16")
     monkeypatch.setattr(device_mod, "cpu_native_bf16", lambda: True)
     assert plan_for("cpu", "bf16").autocast_dtype == torch.bfloat16
-    assert plan_for("cpu").precision == "fp32"  # opt-in: auto stays fp32 until measured to keep accuracy
+    assert plan_for("cpu").precision == "bf16"  # auto: native bf16 kept the held-out AUC in the paired study
+    assert plan_for("cpu", "fp32").precision == "fp32"  # and fp32 stays one option away
 
 
 @pytest.mark.slow

@@ -33,7 +33,10 @@ def test_a_machine_that_works(small, capsys):
     said = {ln.split(":", 1)[0]: ln for ln in out}
     assert set(said) >= {"versions", "device", "precision", "data", "disk", "memory", "weights", "speed", "doctor"}
     assert said["device"].startswith("device: cpu") and "requested" in said["device"]
-    assert said["precision"].startswith("precision: fp32 on cpu")
+    from deeplense.device import cpu_native_bf16
+
+    assert said["precision"].startswith("precision: bf16 autocast on cpu" if cpu_native_bf16() else
+                                        "precision: fp32 on cpu")
     assert "train 18 images, val 30 images" in said["data"] and "cache not built yet" in said["data"]
     assert str(weights) in said["weights"]
     rate = float(said["speed"].split()[1])
@@ -67,7 +70,10 @@ def test_each_problem_is_one_line_and_exit_2(small, capsys, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(engine, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("MPS backend boom")))
         rc, out, err = _run(capsys, "--device", "cpu", "--steps", "1")
-    assert rc == 2 and err == ["problem: speed: the training step fails on cpu (fp32): RuntimeError: MPS backend boom"]
+    from deeplense.device import plan_for
+
+    assert rc == 2 and err == [f"problem: speed: the training step fails on cpu ({plan_for('cpu').precision}): "
+                               "RuntimeError: MPS backend boom"]
     # a dataset that is not one
     rc, out, err = _run(capsys, "--data", str(small / "nope"), "--device", "cpu", "--steps", "0")
     assert rc == 2 and len(err) == 1 and err[0].startswith("problem: data: ") and "no such folder" in err[0]

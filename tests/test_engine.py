@@ -28,7 +28,7 @@ def test_predictions_use_eval_mode(tmp_path):
             model(torch.randn(8, 3, 32, 32) * 2 + 0.5)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(6, 1, 32, 32)
-    cfg = TrainConfig(image_size=32, eval_batch_size=6)
+    cfg = TrainConfig(image_size=32, eval_batch_size=6, precision="fp32")  # compared with fp32 forward passes below
     model.train()  # as the training loop leaves it before validating
     whole = predict_proba(model, x, cfg, torch.device("cpu"))
     pairs = predict_proba(model.train(), x, cfg, torch.device("cpu"), batch_size=2)
@@ -44,7 +44,7 @@ def test_predictions_use_eval_mode(tmp_path):
 def test_tta_is_the_mean_over_the_8_symmetries(small, tmp_path):
 
     run = tmp_path / "run"
-    train(recipe("default", epochs=1, **FAST), small, run, **quiet())
+    train(recipe("default", epochs=1, precision="fp32", **FAST), small, run, **quiet())  # fp32: exact comparisons
     probs = {}
     for tta in (False, True):
         out = tmp_path / f"ev-tta{tta}"
@@ -177,7 +177,7 @@ def test_recalibrate_bn_is_update_bn_over_the_seeds_drawn_training_images():
     from deeplense.engine import place_data, recalibrate_bn, recalibration_indices
     from deeplense.transforms import input_fn
 
-    cfg = recipe("default", bn_recalibration=21, eval_batch_size=10, **FAST)
+    cfg = recipe("default", bn_recalibration=21, eval_batch_size=10, precision="fp32", **FAST)  # as update_bn
     x, y = torch.rand(40, 1, 32, 32), torch.arange(40) % 3
     torch.manual_seed(0)
     model = build_model("none")[0]

@@ -16,7 +16,7 @@ from deeplense.transforms import d4_transform
 
 
 def _net(arch: str, size: int = 32, **kw):
-    size = {"maxvit_t": 224, "lensnet": 32}.get(arch, size)  # lensnet takes the crop as it is
+    size = {"maxvit_t": 224, "lensnet": 32, "d4net": 32}.get(arch, size)  # the native networks take the crop
     cfg = recipe("default", image_size=size, crop=32, weights="none", arch=arch,
                  **({"attention": "mhsa"} if arch == "resnet34_attn" else {}), **kw)
     torch.manual_seed(0)
@@ -40,7 +40,11 @@ def test_every_arch_gives_grad_cam_maps_on_the_native_image(arch):
         m = saliency(model, cfg, crops, np.array([1, 2]), method=method, native=40)
         assert m.shape == (2, 40, 40) and np.allclose(m.sum(axis=(1, 2)), 1)
         assert (m >= 0).all() and m[:, :4].sum() == 0 and m[:, :, 36:].sum() == 0  # zero outside the central crop
-        assert m[:, 4:36, 4:36].std() > 0  # a map, not a constant
+        # a map, not a constant; except d4net's Grad-CAM with random weights, whose weighted sum of 32 invariant
+        # feature maps is often negative everywhere (so 0 after Grad-CAM's ReLU, uniform here); Grad-CAM++ takes the
+        # positive gradients only, and a trained d4net's maps are in the demo's saliency figure
+        if not (arch == "d4net" and method == "gradcam"):
+            assert m[:, 4:36, 4:36].std() > 0
 
 
 @pytest.mark.parametrize("arch", ["lensnet", "resnet18"])
@@ -146,9 +150,9 @@ def test_explain_files_and_an_evaluation_end_to_end(tmp_path, capsys):
         for m in ("gradcam", "integrated_gradients"):
             e = r["per_class"][cls][m]
             assert e["n"] == 3 and np.isfinite(e["ratio"]) and f"{cls}: {m} enrichment {e['ratio']:.2f}" in said
-    from deeplense.explain import EXAMPLES, draw_examples  # redrawn from what explain kept, byte for byte
+    from deeplense.plots import SALIENCY_EXAMPLES, draw_saliency_examples  # redrawn from what explain kept
 
-    again = draw_examples(tmp_path / "en" / EXAMPLES, tmp_path / "again")
+    again = draw_saliency_examples(tmp_path / "en" / SALIENCY_EXAMPLES, tmp_path / "again")  # byte for byte
     assert [p.read_bytes() for p in again] == [(tmp_path / "en" / p.name).read_bytes() for p in again]
 
     # the per-arch saliency study on a study folder whose set predates substructure.csv: it writes the same file

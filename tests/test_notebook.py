@@ -7,21 +7,13 @@ import json
 import nbformat
 import numpy as np
 import pytest
-import torch
-from torchvision.models import resnet34
 
-from deeplense.model import hub_checkpoint_path
 from deeplense.notebook import NOTEBOOK, output_signature, run_notebook
 from deeplense.report import calibration_table, enrichment_table, report, results_table, update_readme
 
 
 @pytest.mark.slow
 def test_notebook_executes_and_figures_are_stable(tmp_path):
-    cached = hub_checkpoint_path()  # inside this test's temporary $TORCH_HOME
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(resnet34(weights=None).state_dict(), cached)
-
     run, figs = tmp_path / "run", tmp_path / "figures"
     env = {"DEEPLENSE_SCALE": "tiny", "DEEPLENSE_OUTPUT": str(run), "DEEPLENSE_FIGURES": str(figs),
            "DEEPLENSE_SIM_VAL_PER_CLASS": "50", "DEEPLENSE_DEVICE": "cpu", "TQDM_DISABLE": "1"}
@@ -36,7 +28,8 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
     # what make demo leaves behind: metrics.json, predictions.npz and every figure
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["provenance"]["pretrained"] is True  # the planted file went through the real loading path
+    # the demo's (and tiny's) network: d4net from scratch on the native crop; the task's ResNet34 is the full scale's
+    assert metrics["provenance"]["config"]["arch"] == "d4net" and metrics["provenance"]["pretrained"] is False
     assert metrics["provenance"]["tta"] is True  # the cell's TTA = True reaches the evaluation
     # the results the notebook shows are this run's, read from metrics.json, not typed into a cell
     shown = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
@@ -101,7 +94,7 @@ def test_notebook_executes_and_figures_are_stable(tmp_path):
 
 def _cell_values(**changes) -> dict:
     """The parameters cell as shipped, with some values changed."""
-    values = {"DATA": None, "SCALE": None, "RECIPE": "default", "ARCH": "resnet34", "EPOCHS": None,
+    values = {"DATA": None, "SCALE": None, "RECIPE": None, "ARCH": None, "EPOCHS": None,
               "IMAGE_SIZE": None, "CROP": None, "BATCH_SIZE": None, "PROTOCOL": "reference", "WEIGHTS": "auto",
               "SEED": 0, "DEVICE": None, "OUTPUT": None, "FIGURES": None, "SIM_TRAIN_PER_CLASS": None,
               "SIM_VAL_PER_CLASS": None, "TTA": True, "unrelated": object()}
@@ -118,15 +111,19 @@ def test_resolve_gives_one_frozen_config_from_cell_environment_and_scale(monkeyp
         monkeypatch.delenv(f"DEEPLENSE_{name}", raising=False)
     cfg, spec = resolve(_cell_values(SCALE="demo", DEVICE="cpu"))
     demo = SCALES["demo"]
-    assert isinstance(cfg, TrainConfig) and (cfg.epochs, cfg.image_size, cfg.crop, cfg.batch_size) == (
-        demo.epochs, demo.image_size, demo.crop, demo.batch_size)
+    assert demo.recipe == "d4net" and SCALES["full"].recipe == "default"  # each scale's network (notebook intro)
+    assert isinstance(cfg, TrainConfig) and (cfg.arch, cfg.epochs, cfg.image_size, cfg.crop, cfg.batch_size) == (
+        "d4net", demo.epochs, 97, 97, demo.batch_size)
+    task, _ = resolve(_cell_values(SCALE="demo", DEVICE="cpu", RECIPE="default", ARCH="resnet34"))
+    assert (task.arch, task.image_size, task.crop, task.epochs) == ("resnet34", demo.image_size, demo.crop,
+                                                                   demo.epochs)
     assert (spec.scale, spec.device, spec.sim_train_per_class) == ("demo", "cpu", demo.sim_train_per_class)
     assert spec.data is None and "simulated" in spec.data_kind
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
     # the cell's values win over the scale, the environment over the cell; strings are cast by the field's type
-    cfg, _ = resolve(_cell_values(SCALE="demo", DEVICE="cpu", EPOCHS=2, IMAGE_SIZE=48))
-    assert (cfg.epochs, cfg.image_size) == (2, 48)
+    cfg, _ = resolve(_cell_values(SCALE="demo", DEVICE="cpu", EPOCHS=2, CROP=49))
+    assert (cfg.epochs, cfg.image_size) == (2, 49)
     monkeypatch.setenv("DEEPLENSE_EPOCHS", "3")
     monkeypatch.setenv("DEEPLENSE_CROP", "none")  # documented as "no crop"
     monkeypatch.setenv("DEEPLENSE_SEED", "7")

@@ -35,7 +35,7 @@ def test_results_table_and_findings_read_the_metrics(tmp_path):
     assert f"| accuracy | {format_ci(m['accuracy'], m['ci']['accuracy'])} |" in table
     assert f"| macro AUC (mean of per-class one-vs-rest) | {format_ci(m['auc']['macro'], m['ci']['macro_auc'])} |" \
         in table
-    assert "n = 150" in table and "5 epochs, input 64 px (central 96 px crop)" in table
+    assert "n = 150" in table and "5 epochs. Input 64 px (central 96 px crop)" in table
     said = findings(m)
     auc = m["auc"]["per_class"]
     assert min(auc, key=auc.get) == "sphere" and "Hardest class in this run: **subhalos**" in said
@@ -126,14 +126,14 @@ def test_write_section_finds_the_document_that_holds_the_markers(tmp_path):
 
 
 def test_readme_module_table_lists_every_module_and_the_documents_links_resolve():
-    """The README's module table is the layout (each module of the package once), and every relative link or image
-    in the README and docs/ points at a file that exists."""
+    """The module table (docs/development.md) is the layout (each module of the package once), and every relative
+    link or image in the README and docs/ points at a file that exists."""
     import re
 
     from deeplense.report import documents
     from deeplense.util import REPO
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "development.md").read_text()
     table = readme[readme.index("| module | holds |"):]
     listed = re.findall(r"`(\w+\.py)`", table.split("\n\n", 1)[0])
     modules = sorted(p.name for p in (REPO / "Common_Task" / "deeplense").glob("*.py")

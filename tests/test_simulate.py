@@ -544,7 +544,8 @@ def test_variation_table_draws_what_the_simulator_drew_before_it():
     assert len(sphere.subhalo_masses) == 5 and "vortex_mass_msun" not in sphere.drawn  # a vort-only row
     names = {f.name for f in dataclasses.fields(SimulationConfig)}
     for row in VARIATION:  # each row is turned on by a setting and sets settings (or the source position)
-        assert row.setting in names and set(row.sets) <= names | {"source_radius"}, row
+        assert row.setting in names and set(row.sets) <= names | {"source_radius", "vortex_center_x",
+                                                                   "vortex_center_y"}, row
 
 
 def test_simulation_config_is_cast_and_checked_as_the_training_config_is():
@@ -613,3 +614,33 @@ def test_a_subhalos_pixel_position_is_where_it_changes_the_image():
     assert np.hypot(*(at - (column, row))) < 4
     for wrong in (at[::-1], (CFG.num_pix - 1 - at[0], at[1]), (at[0], CFG.num_pix - 1 - at[1])):
         assert np.hypot(*(np.asarray(wrong) - (column, row))) > 10
+
+
+def test_the_ring_vortex_sits_near_the_ring_as_fitted_to_the_real_files(tmp_path):
+    """Issue 38: the realistic_ring_vortex preset's vortex line is centred 0.8-1.5" from the lens centre (Model I's,
+    kept by realistic, passes through it), 2.5e9-1e10 Msun, half-length 0.1-0.95"; substructure.csv and manifest.csv
+    say where each one is, and the `benchmark` preset keeps Model I's centred vortex."""
+    real = SimulationConfig.from_preset("realistic_ring_vortex")
+    assert "vortex_center_x" not in draw_parameters(REAL, 5, "train", "vort", 1).drawn  # realistic: Model I's
+    for i in range(1, 40):
+        p = draw_parameters(real, 5, "train", "vort", i)
+        cx, cy = p.drawn["vortex_center_x"], p.drawn["vortex_center_y"]
+        assert 0.8 <= np.hypot(cx, cy) <= 1.5 and 2.5e9 <= p.drawn["vortex_mass_msun"] <= 1e10
+        assert 0.094 <= p.vortex_half_length <= 0.96
+        points = np.array([[k["center_x"], k["center_y"]] for k in lens_kwargs(real, p)[2:]])
+        np.testing.assert_allclose(points.mean(axis=0), (cx, cy), atol=1e-12)  # the line's middle is its centre
+    bench = draw_parameters(SimulationConfig.from_preset("benchmark"), 5, "train", "vort", 1)
+    ends = np.array([[k["center_x"], k["center_y"]] for k in lens_kwargs(SimulationConfig.from_preset("benchmark"),
+                                                                          bench)[2:]])
+    np.testing.assert_allclose(ends.mean(axis=0), (0, 0), atol=1e-12)
+    small = real.replace(num_pix=40)
+    simulate_dataset(tmp_path, train_per_class=1, val_per_class=1, seed=5, progress=False, config=small)
+    with open(tmp_path / "manifest.csv") as fh:
+        rows = {(r["split"], r["class"]): r for r in csv.DictReader(fh)}
+    p = draw_parameters(small, 5, "train", "vort", 1)
+    assert float(rows["train", "vort"]["vortex_center_x_arcsec"]) == p.drawn["vortex_center_x"]
+    assert rows["train", "no"]["vortex_center_x_arcsec"] == ""
+    with open(tmp_path / "substructure.csv") as fh:
+        ends = [r for r in csv.DictReader(fh) if (r["split"], r["class"]) == ("train", "vort")]
+    middle = np.mean([[float(r["x_arcsec"]), float(r["y_arcsec"])] for r in ends], axis=0)
+    np.testing.assert_allclose(middle, (p.drawn["vortex_center_x"], p.drawn["vortex_center_y"]), atol=1e-9)

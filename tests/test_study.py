@@ -176,3 +176,61 @@ def test_a_one_seed_comparison_has_no_t_interval_and_no_verdict():
     text = study._delta({"mean": -0.3, "t_ci": [nan, nan], "bootstrap_ci": [-0.33, -0.27]})
     assert text == "-0.3000 [no t interval: 1 seed] {-0.3300, -0.2700}"
     assert study._delta({"mean": 0.01, "t_ci": [0.0, 0.02], "bootstrap_ci": None}) == "+0.0100 [+0.0000, +0.0200]"
+
+
+def test_d4net_arms_change_only_augmentation_or_precision():
+    """Issue 38's arms: d4net on its own recipe at the quick scale (the central 97 native px); without augmentation,
+    or under bf16, nothing else changes."""
+    from dataclasses import asdict
+
+    study = _study_module()
+    d4 = asdict(study.arm_config("d4net", "quick", 2, "clean"))
+    assert (d4["arch"], d4["crop"], d4["image_size"], d4["recipe"], d4["epochs"]) == ("d4net", 97, 97, "d4net", 5)
+    for arm, changed in (("d4net_no_aug", {"augmentation"}), ("d4net_bf16", {"precision"})):
+        cfg = asdict(study.arm_config(arm, "quick", 2, "clean"))
+        assert {k for k in cfg if cfg[k] != d4[k]} == changed, arm
+    lens = asdict(study.arm_config("lensnet", "quick", 2, "clean"))
+    lens16 = asdict(study.arm_config("lensnet_bf16", "quick", 2, "clean"))
+    assert {k for k in lens if lens[k] != lens16[k]} == {"precision"}
+    assert study.describe({"config": d4}).startswith("d4net, AdamW 0.002") and "native 97 px" in study.describe(
+        {"config": d4})
+    assert study.arm_config("d4net", "quick", 2, "clean", epochs=15).epochs == 15
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_learning_curve_runs_see_the_same_number_of_images():
+    curves = _script("learning_curves")
+    for n in (100, 300, 1000):
+        for arch in curves.ARCHS:
+            cfg = curves.arch_config(arch, n, 1, 45_000)
+            assert cfg.limit_per_class == n and cfg.protocol == "clean" and cfg.seed == 1 and cfg.arch == arch
+            assert cfg.epochs == -(-45_000 // (3 * n)) and 45_000 <= cfg.epochs * 3 * n < 45_000 + 3 * n
+    runs = [{"arch": "d4net", "n_per_class": 100, "seed": s, "macro_auc": a, "macro_auc_ci": [a - 0.1, a + 0.1],
+             "epochs": 150} for s, a in ((0, 0.7), (1, 0.8))]
+    result = {"sizes": [100, 300], "images": 45_000, "n_test": 1500, "data_seed": 4321, "hardware": "CPU",
+              "command": "python experiments/learning_curves.py", "curves": curves.summarise(runs)}
+    p = result["curves"]["d4net"]["100"]
+    assert p["mean"] == pytest.approx(0.75) and p["std"] == pytest.approx(0.0707, abs=1e-4)
+    table = curves.table(result)
+    assert "| `d4net` | 0.750 ± 0.071 (2 seed(s); seed 0: 0.700 [0.600, 0.800]; 150 epochs) | not run |" in table
+
+
+def test_sim_to_real_reads_a_study_and_named_runs(tmp_path):
+    s2r = _script("sim_to_real")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"scale": {"seed_list": [0, 1]},
+                                                  "arms": {"default": {}, "default_tta": {}, "d4net": {}}}))
+    nets = s2r.networks(study, ["demo=runs/demo"])
+    assert list(nets) == ["default", "d4net", "demo"]  # a TTA arm has no runs of its own
+    assert nets["d4net"] == [(0, study / "runs" / "d4net-seed0" / "best.pt"), (1, study / "runs" / "d4net-seed1" /
+                                                                               "best.pt")]
+    assert nets["demo"] == [(None, Path("runs/demo/best.pt"))]
+    with pytest.raises(DeepLenseError, match="expected NAME=RUN_FOLDER"):
+        s2r.networks(None, ["runs/demo"])

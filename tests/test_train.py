@@ -187,7 +187,7 @@ def test_best_checkpoint_holds_the_peak_epoch_also_across_resume(small, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b3", "convnext_tiny",
                                   "swin_t", "vit_b_16", "maxvit_t", "resnet34_attn:se", "resnet34_attn:cbam",
-                                  "resnet34_attn:mhsa", "lensnet"])
+                                  "resnet34_attn:mhsa", "lensnet", "d4net"])
 def test_every_arch_trains_resumes_evaluates_predicts_and_explains(arch, small, tmp_path, capsys):
     """The network is rebuilt from the checkpoint, fed the input its config records (lensnet: 1 channel, the
     native pixels of the crop, no resizing)."""
@@ -197,7 +197,8 @@ def test_every_arch_trains_resumes_evaluates_predicts_and_explains(arch, small, 
     run = tmp_path / "run"
     arch, _, attention = arch.partition(":")
     side = 224 if arch == "maxvit_t" else 32  # maxvit_t's windows tile only multiples of 224 px
-    size = ["--crop", "48"] if arch == "lensnet" else ["--image-size", str(side)]
+    native = arch in ("lensnet", "d4net")
+    size = ["--crop", "48"] if native else ["--image-size", str(side)]
     size += ["--attention", attention] if attention else []
     # maxvit_t (224 px only, the slowest by far) trains one epoch without the resume: resuming is the same code for
     # every arch and is exercised by the others
@@ -208,10 +209,10 @@ def test_every_arch_trains_resumes_evaluates_predicts_and_explains(arch, small, 
         assert main(["train", "--resume", str(run), "--device", "cpu"]) == 0
     ck = load_checkpoint(run / "last.pt")
     assert ck["epoch"] == epochs and ck["config"]["arch"] == arch and ck["config"]["attention"] == (attention or None)
-    cfg = recipe("default", arch=arch, **({"crop": 48} if arch == "lensnet" else {"image_size": side}))
-    assert ck["config"]["input_channels"] == cfg.in_channels == (1 if arch == "lensnet" else 3)
-    x = input_fn(cfg)(torch.rand(2, 1, 48 if arch == "lensnet" else 150, 48 if arch == "lensnet" else 150))
-    assert x.shape == ((2, 1, 48, 48) if arch == "lensnet" else (2, 3, side, side))
+    cfg = recipe("default", arch=arch, **({"crop": 48} if native else {"image_size": side}))
+    assert ck["config"]["input_channels"] == cfg.in_channels == (1 if native else 3)
+    x = input_fn(cfg)(torch.rand(2, 1, 48 if native else 150, 48 if native else 150))
+    assert x.shape == ((2, 1, 48, 48) if native else (2, 3, side, side))
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "ev"), "--bootstrap", "0",
                  "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["provenance"]["config"]["arch"] == arch

@@ -252,9 +252,10 @@ def _cmd_doctor(args) -> int:
 def _cmd_demo(args) -> int:
     import time
 
+    from .device import hardware_name
     from .notebook import NOTEBOOK, check_environment, check_run_folder, env_name, run_notebook
     from .report import update_readme
-    from .util import REPO, hardware_name
+    from .util import REPO
 
     out_dir = Path(args.out or os.environ.get("DEEPLENSE_OUTPUT") or REPO / "demo_output").resolve()
     _check_writable(out_dir)  # before the run, not after it has drawn over the README's figures
@@ -273,8 +274,8 @@ def _cmd_demo(args) -> int:
     import json
 
     device = json.loads((out_dir / "metrics.json").read_text())["provenance"]["device"]
-    extra = (f"Produced by `make demo` (`python -m deeplense demo`, {minutes:.0f} min) on {hardware_name(device)}; "
-             f"numbers copied from `demo_output/metrics.json` by `deeplense.report.update_readme`.\n\n")
+    extra = (f"Produced by `make demo` (`python -m deeplense demo`, {minutes:.0f} min) on {hardware_name(device)}. "
+             f"The numbers are copied from `demo_output/metrics.json` by `deeplense.report.update_readme`.\n\n")
     update_readme(out_dir / "metrics.json", extra=extra)
     print(f"updated the results table in {REPO / 'README.md'}")
     return 0
@@ -404,7 +405,8 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     tta = argparse.ArgumentParser(add_help=False)
     tta.add_argument("--tta", action="store_true", help="average over the symmetries the run trained with (the 8 "
                                                         "flips and quarter turns of D4; the 4 of D2 for "
-                                                        "--augmentation d2)")
+                                                        "--augmentation d2); d4net's output cannot change under "
+                                                        "them, so for it one pass is made, not 8")
     tta.add_argument("--calibrated", action="store_true",
                      help="scale the probabilities by the temperature fitted on the run's selection images (stored "
                           "in best.pt); the predicted class is unchanged")

@@ -17,8 +17,16 @@ from pathlib import Path
 import torch
 
 from .config import recipe
-from .device import activation_bytes, free_memory, gpu_present_but_unusable, memory_plan, pick_device, plan_for
-from .util import DeepLenseError, cache_dir, hardware_name, versions
+from .device import (
+    activation_bytes,
+    free_memory,
+    gpu_present_but_unusable,
+    hardware_name,
+    memory_plan,
+    pick_device,
+    plan_for,
+)
+from .util import DeepLenseError, cache_dir, versions
 
 FULL_SCALE_BYTES = (30_000 + 6_750) * 150 * 150 * 4
 """The official set's training and selection images as float32 (what a GPU run would place on the device)."""
@@ -66,8 +74,8 @@ def doctor(data: str | None = None, device: str | None = None, precision: str = 
         if err:
             problems.append(f"speed: the training step fails on {plan.device} ({plan.precision}): {err}")
         else:
-            size = "224 px, batch 64" if plan.kind == "cuda" else "the demo input (64 px, batch 32)"
-            say(f"speed: {rate:.1f} training images/s on {plan.device} ({plan.precision}; resnet34 at {size}; "
+            size = "resnet34 at 224 px, batch 64" if plan.kind == "cuda" else "the demo's d4net at 97 px, batch 32"
+            say(f"speed: {rate:.1f} training images/s on {plan.device} ({plan.precision}; {size}; "
                 f"{steps} steps of the real engine after one warm-up)")
     return problems
 
@@ -182,10 +190,11 @@ def _steps(plan, steps: int) -> tuple[float, str | None]:
     from .model import build_model
 
     cuda = plan.kind == "cuda"
-    cfg = recipe("default", weights="none", **({} if cuda else {"image_size": 64, "crop": 96, "batch_size": 32}))
+    # the network each scale trains there: the task's ResNet34 at 224 px on a GPU, the demo's d4net on a CPU
+    cfg = recipe("default", scale="full", weights="none") if cuda else recipe("d4net", scale="demo", weights="none")
     try:
         torch.manual_seed(0)
-        model = build_model("none")[0].to(plan.device).train()
+        model = build_model("none", arch=cfg.arch)[0].to(plan.device).train()
         opt = engine.build_optimizer(model, cfg, plan)
         scaler = plan.grad_scaler()
         side = cfg.crop or 150

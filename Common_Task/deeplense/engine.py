@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .data import CLASSES
 from .device import Plan, free_memory, is_out_of_memory, memory_plan, plan_for
 from .metrics import quick_metrics
-from .transforms import augment, augmentation_draws, d4_transform, input_fn, symmetries
+from .transforms import augment, augmentation_draws, d4_transform, input_fn, tta_views
 from .util import progress_bar
 
 
@@ -66,7 +66,7 @@ def predict_proba(model, x: torch.Tensor, config: TrainConfig, device, *, tta: b
         try:
             xb = plan.layout(fn(plan.to_device(x[s : s + bs])))
             probs, logp = 0, None
-            views = symmetries(config.augmentation) if tta else (0,)
+            views = tta_views(config, tta)
             for k in views:
                 with plan.autocast():
                     logits = model(d4_transform(xb, k) if k else xb)

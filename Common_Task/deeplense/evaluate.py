@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +270,46 @@ def _for_this_run(config, precision: str | None, eval_batch_size: int | None):
     """The checkpoint's config with this command's ``--precision`` and ``--eval-batch-size``, where given."""
     changes = {k: v for k, v in (("precision", precision), ("eval_batch_size", eval_batch_size)) if v is not None}
     return config.replace(**changes) if changes else config
+
+
+@dataclass(frozen=True)
+class EvaluatedSplit:
+    """What :func:`evaluated_split` reads of an evaluation folder: its metrics.json, predictions (labels,
+    probabilities, the evaluated images' indices into the split) and the split itself, read back from the data."""
+
+    metrics: dict
+    labels: np.ndarray
+    probabilities: np.ndarray
+    indices: np.ndarray
+    images: np.ndarray  # the whole split, (N, 1, H, W), as load_splits gives it
+    files: list  # the split's files, in the order of ``images``
+    root: Path
+    split: str
+
+
+def evaluated_split(run: str | Path, need: str = "its images") -> EvaluatedSplit:
+    """The evaluation folder ``run`` (``metrics.json`` and ``predictions.npz`` of ``python -m deeplense evaluate``)
+    and the images it scored, read back from the dataset its metrics.json names and checked to be the ones evaluated
+    (the predictions' hash as recorded, the same listing, the same labels). ``need`` says in the error what wanted the
+    data when it is gone."""
+    run = Path(run)
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        data = metrics["provenance"]["data"]
+        split = data["split"]
+        with np.load(run / "predictions.npz", allow_pickle=False) as z:
+            labels, probs, idx = z["labels"], z["probabilities"], z[f"{split}_indices"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DeepLenseError(f"{run}: not an evaluation folder (metrics.json and predictions.npz from `python -m "
+                             f"deeplense evaluate`): {exc}") from None
+    if metrics.get("predictions_sha256") not in (None, file_sha256(run / "predictions.npz")):
+        raise DeepLenseError(f"{run / 'predictions.npz'}: not the predictions metrics.json was computed from; "
+                             f"evaluate again")
+    root = Path(data["root"])
+    if not root.is_dir():
+        raise DeepLenseError(f"{root}: the data {run} was evaluated on is not here ({need} need it)")
+    info: dict = {}
+    images, all_labels = load_splits(root, (split,), info=info, progress=False)[split]
+    if info[split].listing != data.get("listing") or not np.array_equal(all_labels[idx], labels):
+        raise DeepLenseError(f"{root}: its {split}/ no longer lists the images {run} evaluated; evaluate again")
+    return EvaluatedSplit(metrics, labels, probs, idx, images, list(info[split].files), root, split)

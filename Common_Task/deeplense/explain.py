@@ -56,6 +56,8 @@ def target_layer(model, arch: str):
         return model.encoder.layers[-1].ln_1, tokens
     if arch == "lensnet":
         return model.stages[-1], None
+    if arch == "d4net":  # the maximum over the group: the last map, invariant (turned with the input)
+        return model.pool, None
     raise DeepLenseError(f"explain: no saliency target layer for arch {arch!r}")
 
 
@@ -111,14 +113,14 @@ def saliency(model, config, crops: np.ndarray, targets, *, method: str = "gradca
     central, as :func:`~deeplense.transforms.native_crop` takes it)."""
     import torch
 
-    from .transforms import d4_transform, symmetries
+    from .transforms import d4_transform, tta_views
 
     if method not in METHODS:
         raise DeepLenseError(f"unknown saliency method {method!r} (choose from {', '.join(METHODS)})")
     device = next(model.parameters()).device
     wrapped = _wrapped(model, config)
     layer, reshape = target_layer(model, config.arch)
-    views = symmetries(config.augmentation) if tta else (0,)
+    views = tta_views(config, tta)
     c = crops.shape[-1]
     native = native or c
     o = (native - c) // 2
@@ -322,7 +324,8 @@ def explain_evaluation(evaluation, out, *, per_class: int = 50, methods=METHODS,
     and method for up to ``per_class`` images per class (``sphere`` and ``vort``; the maps are for the true
     class), written to ``OUT/enrichment.json``; a figure of ``draw`` images per class with the true substructure
     marked, ``FIGURES/saliency_examples.png|pdf`` (``figures`` default ``out``)."""
-    from .report import evaluated_split
+    from .evaluate import evaluated_split
+    from .plots import SALIENCY_EXAMPLES, draw_saliency_examples, save_saliency_examples
     from .transforms import native_crop
     from .util import versions, write_json_atomic
 
@@ -364,8 +367,8 @@ def explain_evaluation(evaluation, out, *, per_class: int = 50, methods=METHODS,
     write_json_atomic(out / "enrichment.json", result)
     title = (f"{config.arch}{', TTA' if tta else ''}, maps for the true class, on "
              f"{prov.get('split_description', 'evaluated images')}; true substructure marked")
-    save_examples(out / EXAMPLES, shown, method=methods[0], radius=radius, title=title)
-    draw_examples(out / EXAMPLES, figures or out)
+    save_saliency_examples(out / SALIENCY_EXAMPLES, shown, method=methods[0], radius=radius, title=title)
+    draw_saliency_examples(out / SALIENCY_EXAMPLES, figures or out)
     return result
 
 
@@ -385,46 +388,6 @@ def _check_evaluated_checkpoint(evaluation: Path, prov: dict, ckpt: dict) -> Non
     if not same:
         raise DeepLenseError(f"{path}: not the checkpoint {evaluation} evaluated (replaced since?); evaluate it again "
                              f"before explaining it")
-
-
-EXAMPLES = "saliency_examples.npz"
-"""What ``explain --evaluation`` keeps of the maps it drew, so that ``report`` redraws the figure without the model."""
-
-
-def save_examples(path: Path, shown: dict, *, method: str, radius: float, title: str) -> None:
-    """``shown`` (``{class: (images, maps, structures)}``) as arrays: per class its images and maps, and the
-    structures' kinds, point counts and concatenated points."""
-    from .util import atomic_path
-
-    arrays = {"classes": np.array(list(shown)), "method": np.array(method), "radius": np.array(radius),
-              "title": np.array(title)}
-    for cls, (images, maps, structures) in shown.items():
-        arrays[f"{cls}_images"] = np.asarray(images, dtype=np.float32)
-        arrays[f"{cls}_maps"] = np.asarray(maps, dtype=np.float32)
-        arrays[f"{cls}_kinds"] = np.array([k for k, _ in structures])
-        arrays[f"{cls}_counts"] = np.array([len(p) for _, p in structures], dtype=np.int64)
-        arrays[f"{cls}_points"] = np.concatenate([p for _, p in structures]) if structures else np.zeros((0, 2))
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
-
-
-def draw_examples(path: str | os.PathLike, figures: str | os.PathLike) -> list[Path]:
-    """The saliency examples figure (``FIGURES/saliency_examples.png|pdf``) from what :func:`save_examples` kept."""
-    from . import plots
-
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            shown = {}
-            for cls in z["classes"].tolist():
-                points = np.split(z[f"{cls}_points"], np.cumsum(z[f"{cls}_counts"])[:-1])
-                shown[cls] = (z[f"{cls}_images"], z[f"{cls}_maps"],
-                              list(zip(z[f"{cls}_kinds"].tolist(), points, strict=True)))
-            method, radius, title = str(z["method"]), float(z["radius"]), str(z["title"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise DeepLenseError(f"{path}: unreadable or not written by `explain --evaluation` ({exc})") from None
-    Path(figures).mkdir(parents=True, exist_ok=True)
-    return plots.saliency_examples(shown, Path(figures) / "saliency_examples", method=method, radius=radius,
-                                   title=title)
 
 
 def _relative(file: str, source: str) -> str:

@@ -11,7 +11,7 @@ mean of the corners, in counts) and weighs each pixel by the Poisson variance ``
 it and the residuals keep the rest (a larger reduced chi-square).
 
 Used by ``experiments/fit_real_lenses.py`` to read the real sample's lens and source parameters, from which the
-``realistic`` preset draws its own (README, "How real is the simulation").
+``realistic`` preset draws its own (docs/simulation.md, "How real is the simulation").
 """
 
 from __future__ import annotations

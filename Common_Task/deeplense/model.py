@@ -37,7 +37,7 @@ from .config import ARCHS, ATTENTIONS, INPUT_MULTIPLE
 from .data import CLASSES
 from .util import DeepLenseError
 
-TORCHVISION_ARCHS = tuple(a for a in ARCHS if a not in ("lensnet", "resnet34_attn"))
+TORCHVISION_ARCHS = tuple(a for a in ARCHS if a not in ("lensnet", "d4net", "resnet34_attn"))
 RESNET34_FILE = "resnet34-b627a593.pth"
 
 
@@ -136,10 +136,14 @@ def build_model(weights: str = "auto", num_classes: int = len(CLASSES), arch: st
     """
     _check_arch(arch)
     info = {"requested": str(weights), "source": "random", "pretrained": False, "warning": None, "arch": arch}
-    if arch == "lensnet":
+    if arch in ("lensnet", "d4net"):
         if weights not in ("auto", "none", "random", None):
-            raise DeepLenseError(f"--weights {weights}: lensnet trains from scratch (there are no ImageNet weights "
+            raise DeepLenseError(f"--weights {weights}: {arch} trains from scratch (there are no ImageNet weights "
                                  f"for it); use --weights none")
+        if arch == "d4net":
+            from .equivariant import D4Net
+
+            return D4Net(num_classes), info
         return LensNet(num_classes), info
     if weights in ("imagenet", "auto"):
         cached = hub_checkpoint_path(arch)
@@ -185,8 +189,11 @@ def describe_weights(weights: str = "auto", arch: str = "resnet34") -> str:
     """Where :func:`build_model` will take its initial weights from, said without loading or downloading them."""
     _check_arch(arch)
     name = f"{arch} with a 3-class head"
-    if arch == "lensnet":
-        return f"{name} ({LensNet.__doc__.splitlines()[0].rstrip('.')}); initial weights: random (trained from scratch)"
+    if arch in ("lensnet", "d4net"):
+        from .equivariant import D4Net
+
+        doc = (D4Net if arch == "d4net" else LensNet).__doc__.splitlines()[0].rstrip(".")
+        return f"{name} ({doc}); initial weights: random (trained from scratch)"
     if weights in ("none", "random", None):
         return f"{name}; initial weights: random (weights='none')"
     if weights in ("imagenet", "auto"):

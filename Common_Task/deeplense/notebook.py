@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .config import SCALES, TrainConfig, check_fields, recipe
 from .data import CLASS_LABELS, CLASSES
-from .device import pick_device, plan_for
-from .util import REPO, DeepLenseError, git_commit, hardware_name
+from .device import hardware_name, pick_device, plan_for
+from .util import REPO, DeepLenseError, git_commit
 
 NOTEBOOK = REPO / "Common_Task" / "DeepLense_Classification.ipynb"
 
@@ -107,7 +107,7 @@ def resolve(namespace: dict) -> tuple[TrainConfig, RunSpec]:
     scale = SCALES[scale_name]
     overrides = {field: given[k] for k, field in TRAINING.items()
                  if k != "RECIPE" and (given[k] is not None or k in from_env)}
-    config = recipe(text("RECIPE") or "default", scale=scale_name, **overrides)
+    config = recipe(text("RECIPE") or scale.recipe, scale=scale_name, **overrides)
 
     def given_or(k, default):  # cast and checked by RunSpec, as TrainConfig casts the training parameters
         return default if given[k] is None else given[k]

@@ -6,6 +6,7 @@ physics names of the classes: no substructure, subhalos, vortex.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +316,45 @@ def image_rows(rows: list, stem, *, title: str) -> list[Path]:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, stem)
+
+
+# ----------------------------------------------------------------------------------------------- saliency examples
+SALIENCY_EXAMPLES = "saliency_examples.npz"
+"""What ``explain --evaluation`` keeps of the maps it drew, so that ``report`` redraws the figure without the model."""
+
+
+def save_saliency_examples(path: Path, shown: dict, *, method: str, radius: float, title: str) -> None:
+    """``shown`` (``{class: (images, maps, structures)}``) as arrays: per class its images and maps, and the
+    structures' kinds, point counts and concatenated points."""
+    from .util import atomic_path
+
+    arrays = {"classes": np.array(list(shown)), "method": np.array(method), "radius": np.array(radius),
+              "title": np.array(title)}
+    for cls, (images, maps, structures) in shown.items():
+        arrays[f"{cls}_images"] = np.asarray(images, dtype=np.float32)
+        arrays[f"{cls}_maps"] = np.asarray(maps, dtype=np.float32)
+        arrays[f"{cls}_kinds"] = np.array([k for k, _ in structures])
+        arrays[f"{cls}_counts"] = np.array([len(p) for _, p in structures], dtype=np.int64)
+        arrays[f"{cls}_points"] = np.concatenate([p for _, p in structures]) if structures else np.zeros((0, 2))
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def draw_saliency_examples(path: str | os.PathLike, figures: str | os.PathLike) -> list[Path]:
+    """The saliency examples figure (``FIGURES/saliency_examples.png|pdf``) from what :func:`save_saliency_examples`
+    kept (``explain --evaluation`` saves it; ``report`` redraws it without the model)."""
+    from .util import DeepLenseError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            shown = {}
+            for cls in z["classes"].tolist():
+                points = np.split(z[f"{cls}_points"], np.cumsum(z[f"{cls}_counts"])[:-1])
+                shown[cls] = (z[f"{cls}_images"], z[f"{cls}_maps"],
+                              list(zip(z[f"{cls}_kinds"].tolist(), points, strict=True)))
+            method, radius, title = str(z["method"]), float(z["radius"]), str(z["title"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise DeepLenseError(f"{path}: unreadable or not written by `explain --evaluation` ({exc})") from None
+    Path(figures).mkdir(parents=True, exist_ok=True)
+    return saliency_examples(shown, Path(figures) / "saliency_examples", method=method, radius=radius,
+                                   title=title)

@@ -7,7 +7,6 @@ The notebook draws its figures through the same two functions, so ``report`` rep
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +44,13 @@ def results_table(metrics: dict) -> str:
     cfg = prov.get("config", {})
     if str(prov.get("heldout_check", "")).startswith("NOT"):
         lines += ["", f"**Warning: {prov['heldout_check']}.**"]
-    lines += ["", f"Held-out test set: n = {metrics['n']} ({prov.get('split_description', '')}); "
-                  f"recipe `{prov.get('recipe')}`, {cfg.get('epochs')} epochs, input {cfg.get('image_size')} px"
+    lines += ["", f"Held-out test set: n = {metrics['n']} ({prov.get('split_description', '')}). "
+                  f"Network `{cfg.get('arch', 'resnet34')}`, recipe `{prov.get('recipe')}`, {cfg.get('epochs')} "
+                  f"epochs. "
+                  f"Input {cfg.get('image_size')} px"
                   + (f" (central {cfg.get('crop')} px crop)" if cfg.get("crop") else "")
-                  + f", weights: {'ImageNet' if prov.get('pretrained') else 'random initialisation'}; "
-                  f"device {prov.get('device')}; seed {prov.get('seed')}; TTA {'on' if prov.get('tta') else 'off'}."]
+                  + f"; weights: {'ImageNet' if prov.get('pretrained') else 'random initialisation'}. "
+                  f"Device {prov.get('device')}, seed {prov.get('seed')}, TTA {'on' if prov.get('tta') else 'off'}."]
     return "\n".join(lines)
 
 
@@ -106,9 +107,10 @@ def enrichment_table(result: dict) -> str:
                 lines.append(f"| {CLASS_LABELS[cls]} (`{cls}`) | {METHOD_NAMES.get(m, m)} | "
                              f"{format_ci(e['ratio'], e['ci'], 2, None if e['ci'] else 'one image')} | "
                              f"{e['ideal_ratio']:.2f} | {e['n']} |")
-    return "\n".join(lines + ["", f"Saliency within {result['radius_px']:g} px of the true structure, over the same "
-                                   f"structure turned about the lens centre (1: no preference; ideal: a map spread "
-                                   f"evenly over the true region); maps for the true class"
+    return "\n".join(lines + ["", f"Enrichment: the saliency within {result['radius_px']:g} px of the true "
+                                   f"structure, over that near the same structure turned about the lens centre. 1 "
+                                   f"means no preference; ideal is a map spread evenly over the true region. Maps are "
+                                   f"for the true class"
                                    f"{', averaged over the TTA views' if result.get('tta') else ''}."])
 
 
@@ -212,51 +214,6 @@ def draw_evaluation(run: str | Path, figures: str | Path) -> list[Path]:
     return written
 
 
-@dataclass(frozen=True)
-class EvaluatedSplit:
-    """What :func:`evaluated_split` reads of an evaluation folder: its metrics.json, predictions (labels,
-    probabilities, the evaluated images' indices into the split) and the split itself, read back from the data."""
-
-    metrics: dict
-    labels: np.ndarray
-    probabilities: np.ndarray
-    indices: np.ndarray
-    images: np.ndarray  # the whole split, (N, 1, H, W), as load_splits gives it
-    files: list  # the split's files, in the order of ``images``
-    root: Path
-    split: str
-
-
-def evaluated_split(run: str | Path, need: str = "its images") -> EvaluatedSplit:
-    """The evaluation folder ``run`` (``metrics.json`` and ``predictions.npz`` of ``python -m deeplense evaluate``)
-    and the images it scored, read back from the dataset its metrics.json names and checked to be the ones evaluated
-    (the predictions' hash as recorded, the same listing, the same labels). ``need`` says in the error what wanted the
-    data when it is gone."""
-    from .data import load_splits
-
-    run = Path(run)
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-        data = metrics["provenance"]["data"]
-        split = data["split"]
-        with np.load(run / "predictions.npz", allow_pickle=False) as z:
-            labels, probs, idx = z["labels"], z["probabilities"], z[f"{split}_indices"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DeepLenseError(f"{run}: not an evaluation folder (metrics.json and predictions.npz from `python -m "
-                             f"deeplense evaluate`): {exc}") from None
-    if metrics.get("predictions_sha256") not in (None, file_sha256(run / "predictions.npz")):
-        raise DeepLenseError(f"{run / 'predictions.npz'}: not the predictions metrics.json was computed from; "
-                             f"evaluate again")
-    root = Path(data["root"])
-    if not root.is_dir():
-        raise DeepLenseError(f"{root}: the data {run} was evaluated on is not here ({need} need it)")
-    info: dict = {}
-    images, all_labels = load_splits(root, (split,), info=info, progress=False)[split]
-    if info[split].listing != data.get("listing") or not np.array_equal(all_labels[idx], labels):
-        raise DeepLenseError(f"{root}: its {split}/ no longer lists the images {run} evaluated; evaluate again")
-    return EvaluatedSplit(metrics, labels, probs, idx, images, list(info[split].files), root, split)
-
-
 def error_examples(labels, probabilities, per_class: int = 4) -> tuple[dict, np.ndarray]:
     """``({class index: the indices of its images with the highest loss, highest first}, the indices of the
     wrong predictions made with the highest confidence, most confident first, at most 2 x per_class)``; the loss of
@@ -274,6 +231,8 @@ def error_examples(labels, probabilities, per_class: int = 4) -> tuple[dict, np.
 def draw_errors(run: str | Path, figures: str | Path, per_class: int = 4) -> list[Path]:
     """``hardest``: per true class, the evaluated images with the highest loss; ``confident_errors``: the wrong
     predictions made with the highest confidence; each image with its probabilities."""
+    from .evaluate import evaluated_split
+
     run = Path(run)
     ev = evaluated_split(run, "the error figures")
     metrics, labels, probs, images = ev.metrics, ev.labels, ev.probabilities, np.asarray(ev.images[ev.indices, 0])
@@ -312,8 +271,7 @@ def report(run: str | Path, figures: str | Path | None = None, log=None) -> list
         written += draw_errors(run, out)
     except DeepLenseError as exc:
         (log or (lambda m: print(m, file=sys.stderr)))(f"report: error figures skipped: {exc}")
-    from .explain import EXAMPLES, draw_examples
-
-    if (run / "explain" / EXAMPLES).is_file():  # what `explain --evaluation RUN --out RUN/explain` kept
-        written += draw_examples(run / "explain" / EXAMPLES, out)
+    examples = run / "explain" / plots.SALIENCY_EXAMPLES
+    if examples.is_file():  # what `explain --evaluation RUN --out RUN/explain` kept
+        written += plots.draw_saliency_examples(examples, out)
     return written + draw_training(run, out)

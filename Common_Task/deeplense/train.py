@@ -153,17 +153,12 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
         used = ema.module if ema is not None else model  # what is selected, saved as "model" and evaluated
         stopped_early = None
         for epoch in range(start, min(config.epochs, stop_after_epoch or config.epochs) + 1):
-            if config.patience and epoch - 1 - best_epoch >= config.patience:
-                stopped_early = epoch - 1
-                say(f"stopping after epoch {epoch - 1}: no better selection score in {config.patience} epoch(s) "
-                    f"(patience); best epoch {best_epoch}")
+            if (stopped_early := _out_of_patience(config, epoch, best_epoch, say)) is not None:
                 break
             rec = {"epoch": epoch, **engine.train_one_epoch(net, opt, sched, scaler, placed, config, epoch=epoch,
                                                             rank=rank, world=world, progress=progress, ema=ema,
                                                             model=model)}
-            if not math.isfinite(rec["train_loss"]):  # every rank sees the same all-reduced loss
-                raise DeepLenseError(f"{run}: training diverged at epoch {epoch} (loss {rec['train_loss']}); lower "
-                                     f"--lr (now {config.lr:g}) and start again; the epochs before it are kept")
+            _check_finite(rec, run, config)
             rec.update(_validate_on_rank0(used, placed, y_sel, config, rank, world))
             history.append(rec)
             score = selection_score(rec, config)
@@ -186,6 +181,24 @@ def _run(config: TrainConfig, data, run: Path, ckpt: dict | None, processes: tup
         return {"run": str(run), "best_epoch": best_epoch, "best_metric": best_metric, "history": history,
                 "weights": weights_info, "device": str(dev), "precision": plan.precision, "rank": rank,
                 "config": config.to_dict(), "stopped_early_after": stopped_early}
+
+
+def _out_of_patience(config: TrainConfig, epoch: int, best_epoch: int, say) -> int | None:
+    """The last epoch trained when ``config.patience`` epochs passed without a better selection score (said), else
+    None: train ``epoch``."""
+    if config.patience and epoch - 1 - best_epoch >= config.patience:
+        say(f"stopping after epoch {epoch - 1}: no better selection score in {config.patience} epoch(s) "
+            f"(patience); best epoch {best_epoch}")
+        return epoch - 1
+    return None
+
+
+def _check_finite(rec: dict, run: Path, config: TrainConfig) -> None:
+    """One line, not a run of NaNs, when the training loss is not finite (every rank sees the same all-reduced
+    loss, so every rank stops)."""
+    if not math.isfinite(rec["train_loss"]):
+        raise DeepLenseError(f"{run}: training diverged at epoch {rec['epoch']} (loss {rec['train_loss']}); lower "
+                             f"--lr (now {config.lr:g}) and start again; the epochs before it are kept")
 
 
 def _start_line(config: TrainConfig, dev, world: int, n_train: int, n_sel: int, data_info: dict, weights_info: dict,

@@ -96,6 +96,15 @@ def symmetries(mode: str) -> tuple[int, ...]:
     return D2_ELEMENTS if mode == "d2" else tuple(range(8))
 
 
+def tta_views(config, tta: bool) -> tuple[int, ...]:
+    """The D4 elements a prediction with (``tta``) or without test-time averaging runs ``config``'s network on:
+    :func:`symmetries` of its augmentation, or only the identity without TTA or for a network whose output the
+    symmetries cannot change (:data:`~deeplense.config.INVARIANT_ARCHS`: 8 passes for the same numbers)."""
+    from .config import INVARIANT_ARCHS
+
+    return symmetries(config.augmentation) if tta and config.arch not in INVARIANT_ARCHS else (0,)
+
+
 def augmentation_draws(mode: str, n: int, generator=None):
     """The random choices of ``n`` augmentations, drawn up front (an epoch's worth at once, so that no step waits
     on the host): the D4 element ``k`` (int64, 0..7; one of :data:`D2_ELEMENTS` for ``d2``) per image, a flip flag

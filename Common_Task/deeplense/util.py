@@ -185,21 +185,6 @@ def cpu_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def hardware_name(device=None) -> str:
-    """What ran the work on ``device`` (a ``torch.device`` or its name; None: the one :func:`pick_device`
-    chooses): the GPU's name for CUDA, otherwise the CPU's."""
-    import torch
-
-    from .device import pick_device
-
-    dev = torch.device(device) if device is not None else pick_device(None)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    if dev.type == "mps":
-        return f"Apple MPS ({cpu_name()})"
-    return cpu_name()
-
-
 def versions() -> dict[str, str]:
     """Versions of Python and the packages that determine results, as plain strings."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
