@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ARCHS, ATTENTIONS, INPUT_MULTIPLE
+from .config import ARCHS, ATTENTIONS, INPUT_MULTIPLE, NATIVE_ARCHS
 from .data import CLASSES
 from .util import DeepLenseError
 
-TORCHVISION_ARCHS = tuple(a for a in ARCHS if a not in ("lensnet", "d4net", "resnet34_attn"))
+TORCHVISION_ARCHS = tuple(a for a in ARCHS if a not in (*NATIVE_ARCHS, "resnet34_attn"))
 RESNET34_FILE = "resnet34-b627a593.pth"
 
 
@@ -136,7 +136,7 @@ def build_model(weights: str = "auto", num_classes: int = len(CLASSES), arch: st
     """
     _check_arch(arch)
     info = {"requested": str(weights), "source": "random", "pretrained": False, "warning": None, "arch": arch}
-    if arch in ("lensnet", "d4net"):
+    if arch in NATIVE_ARCHS:  # trained from scratch at the native pixels
         if weights not in ("auto", "none", "random", None):
             raise DeepLenseError(f"--weights {weights}: {arch} trains from scratch (there are no ImageNet weights "
                                  f"for it); use --weights none")
@@ -189,7 +189,7 @@ def describe_weights(weights: str = "auto", arch: str = "resnet34") -> str:
     """Where :func:`build_model` will take its initial weights from, said without loading or downloading them."""
     _check_arch(arch)
     name = f"{arch} with a 3-class head"
-    if arch in ("lensnet", "d4net"):
+    if arch in NATIVE_ARCHS:  # trained from scratch at the native pixels
         from .equivariant import D4Net
 
         doc = (D4Net if arch == "d4net" else LensNet).__doc__.splitlines()[0].rstrip(".")
