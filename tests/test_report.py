@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deeplense.metrics import compute_metrics
-from deeplense.report import findings, format_ci, results_table, update_readme
+from deeplense.report import averaged_words, findings, format_ci, results_table, update_readme
 
 
 def _metrics():
@@ -35,7 +35,7 @@ def test_results_table_and_findings_read_the_metrics(tmp_path):
     assert f"| accuracy | {format_ci(m['accuracy'], m['ci']['accuracy'])} |" in table
     assert f"| macro AUC (mean of per-class one-vs-rest) | {format_ci(m['auc']['macro'], m['ci']['macro_auc'])} |" \
         in table
-    assert "n = 150" in table and "5 epochs. Input 64 px (central 96 px crop)" in table
+    assert "n = 150" in table and "5 epochs. Input 64 px (central 96 px crop)" in table and "TTA off" in table
     said = findings(m)
     auc = m["auc"]["per_class"]
     assert min(auc, key=auc.get) == "sphere" and "Hardest class in this run: **subhalos**" in said
@@ -216,3 +216,15 @@ def test_a_hand_edited_confusion_matrix_is_refused_in_one_line(small, tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is not the one of predictions.npz" in err[0], err
         assert not (tmp_path / "figs" / "confusion_matrix.png").exists()
+
+
+def test_the_table_says_what_tta_did_for_an_invariant_network():
+    # d4net with --tta runs one pass (its 8 views give the same numbers): the README must not say "TTA on"
+    m = _metrics()
+    m["provenance"].update(tta=True, config={**m["provenance"]["config"], "arch": "lensnet"})
+    assert "TTA on." in results_table(m)
+    m["provenance"]["config"]["arch"] = "d4net"
+    table = results_table(m)
+    assert "TTA on" not in table and "TTA not needed (the network is exactly invariant" in table
+    assert averaged_words(True, "d4net") == "" and averaged_words(False, "resnet34") == ""
+    assert averaged_words(True, "resnet34") == ", averaged over the TTA views"

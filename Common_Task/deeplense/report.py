@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
+from .config import INVARIANT_ARCHS
 from .data import CLASS_LABELS, CLASSES
 from .util import REPO, DeepLenseError, file_sha256, read_jsonl, replace_section
 
@@ -26,6 +27,19 @@ def format_ci(value, interval, digits: int = 3, unavailable: str | None = None) 
     if interval:
         return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
     return f"{value:.{digits}f}" + (f" [interval n/a: {unavailable}]" if unavailable else "")
+
+
+def tta_words(tta: bool | None, arch: str | None) -> str:
+    """What test-time averaging did: on, off, or not needed for an exactly invariant network (one pass: the 8
+    views would give the same numbers; :func:`deeplense.transforms.tta_views`)."""
+    if tta and arch in INVARIANT_ARCHS:
+        return "TTA not needed (the network is exactly invariant to the 8 flips and quarter turns: one pass)"
+    return f"TTA {'on' if tta else 'off'}"
+
+
+def averaged_words(tta: bool | None, arch: str | None) -> str:
+    """The saliency caption's tail: averaged over the TTA views only where more than one view ran."""
+    return ", averaged over the TTA views" if tta and arch not in INVARIANT_ARCHS else ""
 
 
 def results_table(metrics: dict) -> str:
@@ -50,7 +64,8 @@ def results_table(metrics: dict) -> str:
                   f"Input {cfg.get('image_size')} px"
                   + (f" (central {cfg.get('crop')} px crop)" if cfg.get("crop") else "")
                   + f"; weights: {'ImageNet' if prov.get('pretrained') else 'random initialisation'}. "
-                  f"Device {prov.get('device')}, seed {prov.get('seed')}, TTA {'on' if prov.get('tta') else 'off'}."]
+                  f"Device {prov.get('device')}, seed {prov.get('seed')}, "
+                  f"{tta_words(prov.get('tta'), cfg.get('arch'))}."]
     return "\n".join(lines)
 
 
@@ -111,7 +126,7 @@ def enrichment_table(result: dict) -> str:
                                    f"structure, over that near the same structure turned about the lens centre. 1 "
                                    f"means no preference; ideal is a map spread evenly over the true region. Maps are "
                                    f"for the true class"
-                                   f"{', averaged over the TTA views' if result.get('tta') else ''}."])
+                                   f"{averaged_words(result.get('tta'), result.get('arch'))}."])
 
 
 def update_readme(metrics_path: str | Path, readme: str | Path = REPO / "README.md", extra: str = "") -> None:
