@@ -36,7 +36,8 @@ Arms (``--arms`` picks a subset):
   the central 96 px at the quick scale, the whole 150 px image on a GPU);
 - ``d4net``: the ``d4net`` recipe (the D4-invariant network, 0.35 M parameters, 1 channel, the central 97 native
   px at the quick scale; one-cycle to 2e-3, D4 augmentation); ``d4net_no_aug``: the same without augmentation
-  (for an invariant network it should change nothing but float rounding);
+  (for an invariant network it changes no loss and no gradient, only the order of the batches from the second
+  epoch on: tests/test_equivariant.py; so it measures seed noise);
 - ``d4net_bf16``, ``lensnet_bf16``: those under bf16 autocast (with ``default_bf16``: does bf16 keep the held-out
   macro AUC on a CPU with native bf16?).
 

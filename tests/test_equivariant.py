@@ -58,6 +58,31 @@ def test_logits_stay_invariant_after_training_steps_in_both_modes():
         assert moved <= 1e-5 * scale, (mode.__name__, moved, scale)
 
 
+def test_d4_augmentation_changes_no_loss_and_no_gradient_in_train_mode():
+    """Why the study does not run ``d4net_no_aug``: a flip or quarter turn drawn per image (what ``--augmentation d4``
+    does) leaves d4net's training loss and every parameter's gradient as they were, batch statistics included; the
+    arm would differ from ``d4net`` only by the order of its batches (the draws share the shuffle's generator)."""
+    torch.manual_seed(3)
+    net = D4Net(dropout=0.0).train()
+    x, y = torch.rand(12, 1, 33, 33) * 2 - 1, torch.arange(12) % 3
+    draws = torch.randint(0, ORDER, (12,), generator=torch.Generator().manual_seed(0))
+    assert len(set(draws.tolist())) > 3
+    moved = torch.stack([d4_transform(img, int(k)) for img, k in zip(x, draws, strict=True)])
+
+    def loss_and_grads(inputs):
+        net.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(inputs), y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    loss, grads = loss_and_grads(x)
+    loss_moved, grads_moved = loss_and_grads(moved)
+    torch.testing.assert_close(loss_moved, loss, atol=1e-6, rtol=1e-5)
+    for g, gm in zip(grads, grads_moved, strict=True):
+        torch.testing.assert_close(gm, g, atol=1e-6, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in grads) > 1e-3  # gradients that are not trivially zero
+
+
 def test_an_intermediate_feature_map_is_equivariant():
     """Turning the input by h turns every feature map by h and permutes its 8 copies: copy g of the turned input's
     map is copy h^-1 g of the original's, turned by h."""

@@ -342,7 +342,7 @@ RECIPES: dict[str, TrainConfig] = {
     # The demo's: the D4-invariant network (deeplense.equivariant) from scratch on the central 97 native px, with
     # the one-cycle schedule to 2e-3 it was first measured with (val macro AUC 0.958 after 15 epochs on 3,000
     # realistic images: ../shared/context/learning-from-little.md); D4 augmentation changes nothing for an
-    # invariant network (the study's d4net_no_aug arm checks it) and costs little
+    # invariant network (tests/test_equivariant.py: no loss or gradient moves) and costs little
     "d4net": TrainConfig(recipe="d4net", arch="d4net", epochs=15, batch_size=32, optimizer="adamw", lr=2e-3,
                          weight_decay=0.05, schedule="onecycle", augmentation="d4", image_size=97, crop=97,
                          select_metric="macro_auc", bn_recalibration=1024),
