@@ -20,6 +20,13 @@ markers (``docs/studies.md``). Interrupted? Run the same command again: finished
 ``--only-seed S`` runs one seed's share, so that two processes (one thread each) can split the work on 2 cores; the
 same command without it then gathers every finished run and writes the results (with ``--gather`` it trains nothing
 more: a point that no run finished shows as "not run").
+
+Another budget on the same images: ``--data`` reuses a set an earlier call simulated (checked: this preset, this
+data seed, enough training images), ``--out`` keeps the new runs apart and ``--name`` the results, e.g. the demo's
+budget (45,000 images seen) at 300 images per class::
+
+    python experiments/learning_curves.py --sizes 300 --archs d4net --images 45000 \
+        --data experiments/out/curves/data --out experiments/out/curves45k --readme --name curves_demo_budget
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 
 from deeplense.checkpoint import load_checkpoint
 from deeplense.config import recipe
+from deeplense.data import CLASSES
 from deeplense.device import hardware_name
 from deeplense.evaluate import evaluate
 from deeplense.report import format_ci, write_section
@@ -77,6 +85,25 @@ def run_one(arch: str, n: int, seed: int, data: Path, out: Path, images: int, de
             "epochs": len(hist), "best_epoch": int(load_checkpoint(run / "best.pt")["epoch"]),
             "train_seconds": float(sum(h["train_seconds"] for h in hist)), "n_test": m["n"],
             "precision": m["provenance"]["precision"]}
+
+
+def reused_data_problem(data: Path, train_per_class: int, val_per_class: int) -> str | None:
+    """Why ``data`` cannot serve as the curves' set (None when it can): it must be a simulated set of the
+    ``realistic`` preset with :data:`DATA_SEED`, at least ``train_per_class`` training images and exactly
+    ``val_per_class`` test images per class (every run tests on all of ``val``)."""
+    try:
+        settings = json.loads((data / "simulation.json").read_text())
+    except (OSError, ValueError):
+        return "no readable simulation.json: not a set this script simulated"
+    want = json.loads(json.dumps(SimulationConfig.from_preset("realistic").to_dict()))
+    if settings.get("seed") != DATA_SEED or {**want, **(settings.get("config") or {})} != want:
+        return f"simulated with another seed or preset (the curves use realistic, data seed {DATA_SEED})"
+    for split, need, exact in (("train", train_per_class, False), ("val", val_per_class, True)):
+        for c in CLASSES:
+            n = len(list((data / split / c).glob("*.npy")))
+            if n < need or (exact and n != need):
+                return f"{split}/{c} holds {n} images, {'exactly ' if exact else 'at least '}{need} needed"
+    return None
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -149,9 +176,15 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=45_000, help="training images seen per run (default 45,000)")
     p.add_argument("--val-per-class", type=int, default=500, help="test images per class (default 500)")
     p.add_argument("--out", default="experiments/out/curves", help="output folder (default experiments/out/curves)")
+    p.add_argument("--data", help="reuse this simulated set (an earlier call's OUT/data; default: OUT/data, simulated "
+                                  "when missing)")
+    p.add_argument("--name", default="curves",
+                   help="with --readme: the results file experiments/results/NAME.json and the section between the "
+                        "NAME markers (default curves: learning_curves.json and the figure images/learning_curves.png; "
+                        "a figure only for more than one size)")
     p.add_argument("--device", help="cpu, cuda, mps (default: pick automatically)")
     p.add_argument("--readme", action="store_true", help="copy the results into experiments/results, images/ and "
-                                                         "docs/studies.md (the curves markers)")
+                                                         "docs/studies.md (the --name markers)")
     args = p.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     archs = [a for a in args.archs.split(",") if a]
@@ -159,9 +192,16 @@ def main(argv=None) -> int:
     if bad or not sizes or min(sizes) < 10 or args.seeds < 1 or args.only_seed not in (None, *range(args.seeds)):
         p.error(f"--archs from {','.join(ARCHS)}; --sizes of at least 10; --seeds at least 1 (got {bad or args})")
     out = Path(args.out).resolve()
-    data = out / "data"
-    simulate_dataset(data, train_per_class=math.ceil(max(sizes) / 0.9), val_per_class=args.val_per_class,
-                     seed=DATA_SEED, workers=os.cpu_count() or 1, config=SimulationConfig.from_preset("realistic"))
+    need = math.ceil(max(sizes) / 0.9)
+    if args.data:
+        data = Path(args.data).resolve()
+        why = reused_data_problem(data, need, args.val_per_class)
+        if why:
+            p.error(f"--data {args.data}: {why}")
+    else:
+        data = out / "data"
+        simulate_dataset(data, train_per_class=need, val_per_class=args.val_per_class, seed=DATA_SEED,
+                         workers=os.cpu_count() or 1, config=SimulationConfig.from_preset("realistic"))
     t0 = time.time()
     runs = []
     for n in dict.fromkeys(int(s) for s in args.sizes.split(",")):  # in the order given; the table sorts them
@@ -185,11 +225,15 @@ def main(argv=None) -> int:
     written = figure(result, out / "learning_curves")
     print(table(result))
     if args.readme:
-        write_json_atomic(REPO / "experiments" / "results" / "learning_curves.json", result)
-        for f in written:
-            with atomic_path(REPO / "images" / f.name) as tmp:
-                shutil.copyfile(f, tmp)
-        print(f"updated {write_section('curves', table(result))} and images/learning_curves.png|pdf")
+        stem = "learning_curves" if args.name == "curves" else args.name
+        write_json_atomic(REPO / "experiments" / "results" / f"{stem}.json", result)
+        figures = ""
+        if len(sizes) > 1:  # a curve; one size is a point: the table says it
+            for f in written:
+                with atomic_path(REPO / "images" / f"{stem}{f.suffix}") as tmp:
+                    shutil.copyfile(f, tmp)
+            figures = f" and images/{stem}.png|pdf"
+        print(f"updated {write_section(args.name, table(result))}{figures}")
     return 0
 
 

@@ -221,6 +221,29 @@ def test_learning_curve_runs_see_the_same_number_of_images():
     assert "| `d4net` | 0.750 ± 0.071 (2 seed(s); seed 0: 0.700 [0.600, 0.800]; 150 epochs) | not run |" in table
 
 
+def test_learning_curves_reuse_only_their_own_simulated_set(tmp_path):
+    """--data: another budget may reuse the curves' images only when they are the realistic preset at the curves'
+    data seed with enough training images and the same test images."""
+    curves = _script("learning_curves")
+    from deeplense.simulate import SimulationConfig
+
+    data = tmp_path / "data"
+    assert "simulation.json" in curves.reused_data_problem(data, 10, 5)
+    for split, n in (("train", 12), ("val", 5)):
+        for c in ("no", "sphere", "vort"):
+            (data / split / c).mkdir(parents=True)
+            for i in range(1, n + 1):
+                (data / split / c / f"{i}.npy").write_bytes(b"")
+    settings = {"seed": curves.DATA_SEED, "config": SimulationConfig.from_preset("realistic").to_dict()}
+    (data / "simulation.json").write_text(json.dumps(settings))
+    assert curves.reused_data_problem(data, 12, 5) is None and curves.reused_data_problem(data, 10, 5) is None
+    assert curves.reused_data_problem(data, 13, 5) == "train/no holds 12 images, at least 13 needed"
+    assert curves.reused_data_problem(data, 10, 4) == "val/no holds 5 images, exactly 4 needed"
+    for other in ({**settings, "seed": 1}, {**settings, "config": SimulationConfig.from_preset("benchmark").to_dict()}):
+        (data / "simulation.json").write_text(json.dumps(other))
+        assert "another seed or preset" in curves.reused_data_problem(data, 10, 5)
+
+
 def test_sim_to_real_reads_a_study_and_named_runs(tmp_path):
     s2r = _script("sim_to_real")
     study = tmp_path / "study"
