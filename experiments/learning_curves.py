@@ -154,6 +154,8 @@ def figure(result: dict, stem: Path) -> list[Path]:
                 ax.plot([n] * len(by_n[str(n)]["per_seed"]), by_n[str(n)]["per_seed"], ".", color="0.5", ms=4)
         ax.axhline(0.5, color="0.6", ls="--", lw=1)
         ax.set_xscale("log")
+        ax.set_xticks(result["sizes"], [f"{n:,}" for n in result["sizes"]])
+        ax.minorticks_off()
         ax.set_xlabel("training images per class")
         ax.set_ylabel("held-out macro AUC (mean; seeds as dots)")
         ax.set_ylim(0.4, 1.0)
