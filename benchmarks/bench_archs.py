@@ -122,12 +122,15 @@ def study_auc(names=STUDIES, results=RESULTS) -> dict:
             continue
         study = json.loads(path.read_text())
         for arm, a in study["arms"].items():
-            net = arm_arch(arm)
+            base = arm.removesuffix("_bf16")
+            if base != arm and base in study["arms"]:
+                continue  # the network's fp32 arm speaks for it; a bf16 arm alone stands in, marked
+            net = arm_arch(base)
             t = a["test"]["macro_auc"]
             if net is None or t["mean"] is None or taken.setdefault(net[0], name) != name:
                 continue
             arch, attention = net
-            cell = f"{t['mean']:.4f} ± {t['std']:.4f} ({a['seeds']} seeds)"
+            cell = f"{'bf16: ' if base != arm else ''}{t['mean']:.4f} ± {t['std']:.4f} ({a['seeds']} seeds)"
             d = a.get("paired_vs_default")
             if d and d["mean"] is not None and d["t_ci"][0] == d["t_ci"][0]:  # NaN: one seed, no interval
                 lo, hi = d["t_ci"]

@@ -104,3 +104,10 @@ def test_arch_table_auc_reads_every_study_and_pairs_each_network_with_its_own_de
     assert cells["convnext_tiny"].startswith("0.6600 ± 0.0100 (4 seeds); Δ -0.0400 [-0.0500, -0.0300]")
     assert cells["convnext_tiny"].endswith("(`b`)")
     assert cells["resnet34_attn"].startswith("se: 0.7100") and "; cbam: 0.7200" in cells["resnet34_attn"]
+    # a bf16 arm: left out beside its network's fp32 arm, marked where it stands alone
+    (tmp_path / "c.json").write_text(json.dumps({"arms": {
+        "default": _arm(0.76), "default_bf16": _arm(0.75, -0.01), "d4net": _arm(0.87, 0.10),
+        "d4net_bf16": _arm(0.86, 0.09), "lensnet_bf16": _arm(0.83, 0.065)}}))
+    cells = bench_archs.study_auc(("c",), tmp_path)
+    assert cells["resnet34"] == "0.7600 ± 0.0100 (4 seeds)" and cells["d4net"].startswith("0.8700 ± 0.0100")
+    assert cells["lensnet"].startswith("bf16: 0.8300 ± 0.0100 (4 seeds); Δ +0.0650")
