@@ -49,7 +49,7 @@ from deeplense.data import CLASSES
 from deeplense.device import hardware_name
 from deeplense.evaluate import evaluate
 from deeplense.report import format_ci, write_section
-from deeplense.simulate import SimulationConfig, simulate_dataset
+from deeplense.simulate import SimulationConfig, same_settings, simulate_dataset
 from deeplense.train import resume, train
 from deeplense.util import REPO, atomic_path, read_jsonl, versions, write_json_atomic
 
@@ -95,8 +95,7 @@ def reused_data_problem(data: Path, train_per_class: int, val_per_class: int) ->
         settings = json.loads((data / "simulation.json").read_text())
     except (OSError, ValueError):
         return "no readable simulation.json: not a set this script simulated"
-    want = json.loads(json.dumps(SimulationConfig.from_preset("realistic").to_dict()))
-    if settings.get("seed") != DATA_SEED or {**want, **(settings.get("config") or {})} != want:
+    if not same_settings(settings, {"seed": DATA_SEED, "config": SimulationConfig.from_preset("realistic").to_dict()}):
         return f"simulated with another seed or preset (the curves use realistic, data seed {DATA_SEED})"
     for split, need, exact in (("train", train_per_class, False), ("val", val_per_class, True)):
         for c in CLASSES:

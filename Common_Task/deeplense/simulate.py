@@ -754,6 +754,15 @@ def _pool_context():
     return mp.get_context("spawn")
 
 
+def same_settings(recorded: dict, settings: dict) -> bool:
+    """Whether a folder's ``simulation.json`` (``recorded``) holds the seed and config of ``settings`` (``{"seed",
+    "config": SimulationConfig.to_dict()}``). Settings a later version added (absent from older files) take their
+    defaults: the behaviour of before."""
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(SimulationConfig)}))
+    old_cfg = {**defaults, **(recorded.get("config") or {})}
+    return recorded.get("seed") == settings["seed"] and old_cfg == json.loads(json.dumps(settings["config"]))
+
+
 def _check_folder(out: Path, counts: dict[str, int], settings: dict) -> None:
     """Refuse a folder that this simulation would not complete correctly: one holding more images than asked for
     (the manifest would not list them), images no simulation wrote, or a set simulated with other settings."""
@@ -774,10 +783,7 @@ def _check_folder(out: Path, counts: dict[str, int], settings: dict) -> None:
             old = json.loads(settings_path.read_text())
         except (OSError, ValueError):
             raise DeepLenseError(f"{settings_path}: unreadable; remove it or choose another --out") from None
-        # settings a later version added (absent from older files) take their defaults: the behaviour of before
-        defaults = json.loads(json.dumps({f.name: f.default for f in fields(SimulationConfig)}))
-        old_cfg = {**defaults, **(old.get("config") or {})}
-        if old.get("seed") != settings["seed"] or old_cfg != json.loads(json.dumps(settings["config"])):
+        if not same_settings(old, settings):
             raise DeepLenseError(f"{settings_path}: this folder was simulated with another seed or config; "
                                  f"choose another --out")
 
